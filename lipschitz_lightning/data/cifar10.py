@@ -1,0 +1,108 @@
+"""CIFAR-10 as the hub's parquet layout, decoded once into a uint8 tensor (SPEC §8, §10)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from lipschitz_lightning.data.common import (
+    ResumableRandomBatches,
+    SequentialBatches,
+    cached_tensors,
+    default_cache_dir,
+    ensure_local,
+)
+from lipschitz_lightning.errors import DataError
+
+HUB_ID = "uoft-cs/cifar10"
+SPLITS = {"train": "train", "val": "test"}  # the paper validates on the test split
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def _download(directory: Path) -> None:
+    import datasets
+
+    hub = datasets.load_dataset(HUB_ID)
+    for split in SPLITS.values():
+        hub[split].to_parquet(str(directory / f"{split}.parquet"))
+
+
+def decode_parquet(path: Path) -> dict[str, torch.Tensor]:
+    """Read ``img`` (PNG/JPEG bytes) and ``label`` with ``datasets``; decode all images once."""
+    import datasets
+    from PIL import Image
+
+    try:
+        table = datasets.Dataset.from_parquet(str(path)).cast_column("img", datasets.Image(decode=False))
+        encoded = table.data.column("img").to_pylist()
+        labels = torch.tensor(table.data.column("label").to_pylist(), dtype=torch.int64)
+        # PIL directly on the bytes: 5x faster than datasets' per-row numpy decode
+        images = np.stack([np.asarray(Image.open(io.BytesIO(e["bytes"])).convert("RGB")) for e in encoded])
+    except Exception as error:
+        raise DataError(
+            f"cannot read CIFAR-10 from {path} ({type(error).__name__}: {error}); "
+            f"the file is corrupt or not the hub's layout (columns img, label): delete it to re-download"
+        ) from error
+    if images.shape[1:] != (32, 32, 3) or labels.min() < 0 or labels.max() >= len(CLASSES):
+        raise DataError(f"{path} does not hold 32x32 RGB images with labels 0..9")
+    return {"images": torch.from_numpy(images), "labels": labels}
+
+
+class CIFAR10DataModule(L.LightningDataModule):
+    """Images stay uint8 (HWC) until they reach the device, then become floats in [0, 1]."""
+
+    def __init__(
+        self,
+        data_dir: str,
+        batch_size: int = 512,
+        val_batch_size: int = 512,
+        seed: int = 0,
+        cache_dir: str | None = None,
+    ):
+        super().__init__()
+        self.directory = Path(data_dir) / "cifar10"
+        self.batch_size, self.val_batch_size, self.seed = batch_size, val_batch_size, seed
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.splits: dict[str, TensorDataset] = {}
+
+    def files(self) -> dict[str, Path]:
+        return {name: self.directory / f"{split}.parquet" for name, split in SPLITS.items()}
+
+    def prepare_data(self) -> None:
+        files = self.files()
+        ensure_local(list(files.values()), lambda: _download(self.directory), "CIFAR-10 parquet files", f"{HUB_ID} from the Hugging Face hub")
+        for path in files.values():
+            cached_tensors(path, "uint8", lambda: decode_parquet(path), self.cache_dir)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        for name, path in self.files().items():
+            tensors = cached_tensors(path, "uint8", lambda: decode_parquet(path), self.cache_dir)
+            self.splits[name] = TensorDataset(tensors["images"], tensors["labels"])
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._rank_world()
+        sampler = ResumableRandomBatches(len(self.splits["train"]), self.batch_size, self.seed, rank, world)
+        if self.trainer is not None:
+            # resume at the micro-batch the checkpointed run stopped at
+            sampler.start_batch = self.trainer.global_step * self.trainer.accumulate_grad_batches
+        return DataLoader(self.splits["train"], sampler=sampler, batch_size=None)
+
+    def val_dataloader(self) -> DataLoader:
+        rank, world = self._rank_world()
+        sampler = SequentialBatches(len(self.splits["val"]), self.val_batch_size, rank, world)
+        return DataLoader(self.splits["val"], sampler=sampler, batch_size=None)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        images, labels = batch
+        return images.float().div_(255), labels

@@ -1,0 +1,107 @@
+"""What every datamodule shares: finding or fetching files, a decode cache, resumable batches."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch.utils.data import Sampler
+
+from lipschitz_lightning.errors import DataError
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("LIPSCHITZ_CACHE_DIR", Path.home() / ".cache" / "lipschitz_lightning"))
+
+
+def ensure_local(files: list[Path], download: Callable[[], None], what: str, source: str) -> None:
+    """Make sure ``files`` exist, downloading them with ``download`` when they do not.
+
+    Offline with no local copy, one error that says both ways to fix it.
+    """
+    if all(f.is_file() for f in files):
+        return
+    directory = files[0].parent
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        download()
+    except Exception as error:  # the hub client raises many kinds when offline
+        names = ", ".join(f.name for f in files)
+        raise DataError(
+            f"{what} not found in {directory} and the download of {source} failed "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
+            f"Fix: put {names} there and point paths.data_dir (or $LIPSCHITZ_DATA_DIR) at its parent, "
+            f"or run once with network access so it is downloaded into paths.data_dir"
+        ) from error
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise DataError(f"download of {source} did not produce {missing}")
+
+
+def cached_tensors(source: Path, tag: str, decode: Callable[[], dict[str, torch.Tensor]], cache_dir: Path) -> dict[str, torch.Tensor]:
+    """``decode()`` once per source file version, then load the tensors from the cache."""
+    stat = source.stat()
+    key = hashlib.sha1(f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{tag}".encode()).hexdigest()[:16]
+    path = cache_dir / f"{source.stem}-{tag}-{key}.pt"
+    if path.is_file():
+        try:
+            return torch.load(path, weights_only=True)
+        except Exception:
+            pass  # a cache file cut short by a killed run: decode again
+    tensors = decode()
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".tmp")
+        torch.save(tensors, partial)
+        partial.replace(path)  # atomic: a reader never sees half a file
+    except OSError:
+        pass  # a read-only cache only costs the decode next time
+    return tensors
+
+
+class ResumableRandomBatches(Sampler[torch.Tensor]):
+    """An endless stream of index batches, a fresh permutation each epoch, seeded by epoch.
+
+    Batch ``i`` is a pure function of ``(seed, i)``, so a resumed run that starts at the batch it
+    stopped at sees exactly the batches the uninterrupted run saw. Under DDP, rank ``r`` of ``w``
+    takes global batches ``r, r + w, ...``.
+    """
+
+    def __init__(self, num_examples: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        if batch_size > num_examples:
+            raise DataError(f"data.batch_size={batch_size} is larger than the {num_examples} training examples")
+        self.num_examples, self.batch_size, self.seed = num_examples, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.start_batch = 0
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.num_examples, generator=generator)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        per_epoch = self.num_examples // self.batch_size
+        local = self.start_batch
+        epoch, permutation = -1, None
+        while True:
+            global_batch = local * self.world_size + self.rank
+            batch_epoch, position = divmod(global_batch, per_epoch)
+            if batch_epoch != epoch:
+                epoch, permutation = batch_epoch, self._permutation(batch_epoch)
+            yield permutation[position * self.batch_size : (position + 1) * self.batch_size]
+            local += 1
+
+
+class SequentialBatches(Sampler[torch.Tensor]):
+    """Index batches over the whole split in order, the last one possibly short."""
+
+    def __init__(self, num_examples: int, batch_size: int, rank: int = 0, world_size: int = 1):
+        self.batches = list(torch.arange(num_examples).split(batch_size))[rank::world_size]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)

@@ -1,0 +1,5 @@
+"""Networks, one file each. Each exposes ``param_specs()``, ``layer_norms()`` and ``certified_bound()``."""
+
+from lipschitz_lightning.models.mlp import MLP
+
+__all__ = ["MLP"]

@@ -1,0 +1,65 @@
+"""The MLP of the paper's CIFAR-10 warmups (SPEC §8): no biases, ReLU, every layer constrained."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from lipschitz_lightning.lipschitz import mlp_bound, rms_norm
+from lipschitz_lightning.optim.roles import ParamSpec, Role, mlp_target_norms
+
+
+def relu(x: Tensor) -> Tensor:
+    # torch.maximum gives slope 1/2 at exactly 0, as JAX's does; torch.relu gives 0 there. With
+    # zero_init the first layer's outputs are all exactly 0, so with torch.relu no gradient would
+    # ever reach any layer and the network could not start training.
+    return torch.maximum(x, x.new_zeros(()))
+
+
+class MLP(nn.Module):
+    def __init__(
+        self,
+        input_dim: int = 3072,
+        width: int = 256,
+        num_layers: int = 3,
+        num_classes: int = 10,
+        zero_init: bool = True,
+        final_scale: float = 1.0,
+    ):
+        super().__init__()
+        if num_layers < 2:
+            raise ValueError(f"model.net.num_layers must be at least 2, got {num_layers}")
+        dims = [input_dim] + [width] * (num_layers - 1) + [num_classes]
+        self.layers = nn.ModuleList(nn.Linear(i, o, bias=False) for i, o in zip(dims[:-1], dims[1:]))
+        self.final_scale = final_scale
+        with torch.no_grad():
+            for layer in self.layers:
+                # orth(normal) * scale: every singular value sqrt(fanout/fanin), i.e. RMS->RMS norm 1
+                nn.init.orthogonal_(layer.weight)
+                layer.weight.mul_(math.sqrt(layer.out_features / layer.in_features))
+            if zero_init:
+                self.layers[0].weight.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.flatten(1)
+        for layer in self.layers[:-1]:
+            x = relu(layer(x))
+        return self.layers[-1](x) * self.final_scale
+
+    def param_specs(self) -> list[ParamSpec]:
+        targets = mlp_target_norms(len(self.layers))
+        last = len(self.layers) - 1
+        return [
+            ParamSpec(f"layers.{i}.weight", layer.weight, Role.HEAD if i == last else Role.HIDDEN, t)
+            for i, (layer, t) in enumerate(zip(self.layers, targets))
+        ]
+
+    def layer_norms(self) -> dict[str, float]:
+        """Exact RMS->RMS norm of every layer, input first."""
+        return {f"layers.{i}": rms_norm(layer.weight) for i, layer in enumerate(self.layers)}
+
+    def certified_bound(self, norms: dict[str, float] | None = None) -> float:
+        """Lipschitz bound of the logits w.r.t. the flattened pixels, both in RMS units."""
+        return mlp_bound(norms if norms is not None else self.layer_norms(), self.final_scale)

@@ -1,0 +1,71 @@
+"""Parameter roles and target norms (SPEC §5): what the optimizer and the constraint need per weight."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from torch import nn
+
+
+class Role(str, Enum):
+    HIDDEN = "hidden"  # a linear layer's (fanout, fanin) matrix
+    EMBEDDING = "embedding"  # a (num_tokens, d) table whose rows are token vectors
+    HEAD = "head"  # the output layer: a matrix, with its own w_max where the recipe asks for one
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    param: nn.Parameter
+    role: Role
+    target_norm: float
+
+
+def mlp_target_norms(num_layers: int) -> list[float]:
+    """Modula's mass algebra gives every layer of an n-layer MLP the same share, ``1/n``."""
+    return [1.0 / num_layers] * num_layers
+
+
+def gpt_target_norms(blocks_mass: float) -> dict[str, float]:
+    """Target norm per GPT role, independent of the number of blocks (``M = blocks_mass + 2``)."""
+    total = blocks_mass + 2
+    return {
+        "embedding": 1 / total,
+        "head": 1 / total,
+        "qkv": blocks_mass / total,
+        "attention_out": blocks_mass / (3 * total),
+        "mlp_up": blocks_mass / (3 * total),
+        "mlp_down": blocks_mass / (3 * total),
+    }
+
+
+def param_groups(specs: list[ParamSpec]) -> list[dict]:
+    """One optimizer group per weight, carrying its name, role and target norm."""
+    return [
+        {"params": [spec.param], "name": spec.name, "role": spec.role.value, "target_norm": spec.target_norm}
+        for spec in specs
+    ]
+
+
+def with_target_weight_decay(groups, weight_decay: float) -> list[dict]:
+    """Store each group's weight decay premultiplied by its target norm.
+
+    Every optimizer here (and ``torch.optim.AdamW``) then decays by ``lr * group["weight_decay"]``,
+    which is SPEC §3's ``wd * lr * t``, and the constraint callback reads the step's ``wd_eff``
+    from the same key. Groups without a target norm (plain parameter lists) count as ``t = 1``.
+    """
+    groups = list(groups)
+    if groups and not isinstance(groups[0], dict):
+        groups = [{"params": groups}]
+    return [{**g, "weight_decay": weight_decay * g.get("target_norm", 1.0)} for g in groups]
+
+
+def step_coefficients(group: dict) -> tuple[float, float]:
+    """``(lr * t, wd * lr * t)`` of the step a group just took: what the soft cap's coupling needs."""
+    lr = float(group["lr"])
+    return lr * group["target_norm"], lr * group["weight_decay"]
+
+
+def is_matrix_role(role: str) -> bool:
+    return role in (Role.HIDDEN.value, Role.HEAD.value)
