@@ -141,7 +141,10 @@ def top_singular_triplet(
         x = (gram @ x.unsqueeze(-1)).squeeze(-1)
         x = x / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) + 1e-30)
     if state is not None:
-        state.copy_(x)
+        # a zero matrix (a zero-initialised layer) gives a zero iterate: keep the old start then,
+        # or every later warm start would be stuck at zero
+        alive = torch.linalg.vector_norm(x, dim=-1, keepdim=True) > 0
+        state.copy_(torch.where(alive, x, state))
     Ax = (A @ x.unsqueeze(-1)).squeeze(-1)
     sigma = torch.linalg.vector_norm(Ax, dim=-1)
     y = Ax / (sigma.unsqueeze(-1) + 1e-30)
@@ -258,12 +261,17 @@ class StepContext:
     wd_eff: float  # wd * lr * target_norm of the step
     spectral_wd: float
     scale: float  # sqrt(fanout / fanin)
+    coupling: str
     max_update_norm: float  # u of §6.1, in W / scale units
     power_iters: int
     power_state: Tensor | None
 
 
 def _soft_cap_step(M: Tensor, ctx: StepContext) -> Tensor:
+    if ctx.coupling == "exact" and ctx.w_max * (1 - ctx.wd_eff) + ctx.max_update_norm <= ctx.w_max:
+        # decay outweighs the step: nothing can leave the ball, and the coupling's fallback
+        # alpha = 1 (no root) would inflate every singular value above 1
+        return M
     alpha = soft_cap_coupling(ctx.w_max, ctx.wd_eff, ctx.max_update_norm)
     return soft_cap(M, alpha)
 
@@ -334,6 +342,7 @@ def project_linear(
         wd_eff=wd_eff,
         spectral_wd=spectral_wd,
         scale=scale,
+        coupling=coupling,
         max_update_norm=max_update_norm(lr_t, scale, coupling, update_sigma_max),
         power_iters=power_iters,
         power_state=power_state,

@@ -26,7 +26,7 @@ class ClassificationModule(L.LightningModule):
         num_classes: int = 10,
     ):
         super().__init__()
-        self.save_hyperparameters(logger=False, ignore=["net"])
+        self.save_hyperparameters(logger=False, ignore=["net", "optimizer", "scheduler"])
         self.net = net
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")

@@ -6,11 +6,13 @@ import json
 import logging
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from lipschitz_lightning.callbacks import LipschitzMonitor
@@ -26,20 +28,37 @@ def _instantiate_all(section: DictConfig | None) -> list:
     return [instantiate(item) for item in (section or {}).values() if item is not None]
 
 
-def train(cfg: DictConfig) -> dict:
-    """Train one run; return (and write to ``summary.json``) its final metrics."""
+@dataclass
+class Run:
+    """Everything one training run is made of, built from the config."""
+
+    cfg: DictConfig
+    datamodule: L.LightningDataModule
+    module: L.LightningModule
+    callbacks: list
+    loggers: list
+    trainer: L.Trainer
+
+
+def build(cfg: DictConfig) -> Run:
+    """Check the config, then build data, module, callbacks, loggers and trainer."""
     validate_config(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-
     datamodule = instantiate(cfg.data)
-    datamodule.prepare_data()  # missing or corrupt data fails here, before anything is built
-
+    datamodule.prepare_data()  # missing or corrupt data fails here, before anything else is built
     module = instantiate(cfg.model, optimizer=instantiate(cfg.optimizer), scheduler=instantiate(cfg.scheduler))
     callbacks = _instantiate_all(cfg.get("callbacks")) + [instantiate(cfg.constraint)]
     loggers = _instantiate_all(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    return Run(cfg, datamodule, module, callbacks, loggers, trainer)
+
+
+def train(cfg: DictConfig, run: Run | None = None) -> dict:
+    """Train one run; return (and write to ``summary.json``) its final metrics."""
+    run = run or build(cfg)
+    trainer, module, datamodule, callbacks = run.trainer, run.module, run.datamodule, run.callbacks
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    for logger in loggers:
+    for logger in run.loggers:
         logger.log_hyperparams(resolved)
 
     started = time.perf_counter()
@@ -49,6 +68,10 @@ def train(cfg: DictConfig) -> dict:
     monitor = next((c for c in callbacks if isinstance(c, LipschitzMonitor)), None)
     if monitor is None or monitor.last_validated_step != trainer.global_step:
         trainer.validate(module, datamodule=datamodule, verbose=False)
+
+    for logger in run.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()  # one run per job, also inside a multirun
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "lipschitz/", "norm/"))}
     checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)

@@ -1,0 +1,336 @@
+"""What the Lightning pipeline costs over a plain PyTorch loop, and what each constraint costs.
+
+    LIPSCHITZ_DATA_DIR=../shared/data python -m lipschitz_lightning.benchmark
+    python -m lipschitz_lightning.benchmark --steps 20 --repeats 1 --methods none svd_cap
+
+Part 1 trains the default config (MLP on CIFAR-10, Muon + spectral soft cap) for ``--steps``
+steps through ``training.build`` + ``trainer.fit``, and through a plain loop over the same model,
+optimizer, scheduler, batches and projection, alternating the two ``--repeats`` times. Part 2
+runs the plain loop once per constraint method and times the projection on its own.
+
+Step times are the gaps between consecutive batch starts (so a step includes fetching the next
+batch and every hook); the first ``WARMUP`` steps are left out and medians are reported.
+The last line printed is one JSON object with every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from lipschitz_lightning.constraints import (
+    LINEAR_METHODS,
+    POWER_ITERATION_METHODS,
+    ns_max_singular_value,
+    project_linear,
+    random_start_vector,
+)
+from lipschitz_lightning.data.common import ResumableRandomBatches
+from lipschitz_lightning.lipschitz import rms_norm
+from lipschitz_lightning.optim.roles import Role, param_groups, step_coefficients
+from lipschitz_lightning.training import build
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+WARMUP = 5  # the first steps pay for allocator growth and lazy initialisation, not for the loop
+
+# The real pipeline minus what would only add noise to a timing: validation, checkpoints and the
+# progress bar. The CSV logger stays, since every real run has one.
+PIPELINE_OVERRIDES = [
+    "~callbacks.progress_bar",
+    "~callbacks.model_checkpoint",
+    "+trainer.enable_progress_bar=false",
+    "+trainer.enable_model_summary=false",
+    "+trainer.enable_checkpointing=false",
+    "+trainer.limit_val_batches=0",
+    "logger=csv",
+]
+
+
+def compose_config(output_dir: str, steps: int, batch_size: int, constraint: str | None = None) -> DictConfig:
+    overrides = [
+        f"paths.output_dir={output_dir}",
+        f"trainer.max_steps={steps}",
+        f"data.batch_size={batch_size}",
+        *PIPELINE_OVERRIDES,
+    ]
+    if constraint is not None:
+        overrides.append(f"constraint={constraint}")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+def make_sync(device: torch.device):
+    # CUDA kernels run asynchronously: without a sync the clock would time the launches only
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+@dataclass
+class Timing:
+    stamps: list[float]  # perf_counter at every batch start, then once at the end of training
+    projection_s: list[float] = field(default_factory=list)
+    final_loss: float = float("nan")
+    fit_s: float = float("nan")  # the whole trainer.fit call, setup and teardown included
+
+    def step_times(self) -> list[float]:
+        gaps = [b - a for a, b in zip(self.stamps[:-1], self.stamps[1:])]
+        return gaps[WARMUP:] if len(gaps) > WARMUP else gaps
+
+    def median_step(self) -> float:
+        return statistics.median(self.step_times())
+
+    def loop_s(self) -> float:
+        return self.stamps[-1] - self.stamps[0]
+
+
+# ---------------------------------------------------------------------------------- (a) pipeline
+
+
+class StepClock(L.Callback):
+    def __init__(self, sync):
+        self.sync, self.stamps = sync, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.sync()
+        self.stamps.append(time.perf_counter())
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.sync()
+        self.stamps.append(time.perf_counter())
+
+
+def run_pipeline(cfg: DictConfig, sync) -> Timing:
+    # a fresh log directory per run: the CSV logger warns about (and clears) one already used
+    cfg = OmegaConf.merge(cfg, {"paths": {"output_dir": tempfile.mkdtemp(dir=cfg.paths.output_dir)}})
+    torch.manual_seed(cfg.seed)  # build seeds again from cfg.seed; this is for symmetry with the plain loop
+    run = build(cfg)
+    clock = StepClock(sync)
+    run.trainer.callbacks.append(clock)
+    started = time.perf_counter()
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    fit_s = time.perf_counter() - started
+    loss = float(run.trainer.callback_metrics.get("train/loss", float("nan")))
+    return Timing(clock.stamps, final_loss=loss, fit_s=fit_s)
+
+
+# ---------------------------------------------------------------------------------- (b) plain loop
+
+
+def load_train_tensors(cfg: DictConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    images, labels = datamodule.splits["train"].tensors
+    return images, labels
+
+
+class Projection:
+    """``WeightConstraint._after_optimizer_step`` without the hook: the same ``project_linear`` calls.
+
+    The settings come from the instantiated callback, so the yaml defaults are the ones it uses.
+    The MLP has no embedding tables, so the embedding branch is left out.
+    """
+
+    def __init__(self, constraint, optimizer: torch.optim.Optimizer):
+        self.c, self.optimizer = constraint, optimizer
+        coefficients = getattr(optimizer, "ns_coefficients", None)
+        self.sigma_max = ns_max_singular_value(coefficients) if coefficients is not None else 1.0
+        self.power_states: dict[str, torch.Tensor] = {}
+
+    def cap(self, group: dict) -> float:
+        return self.c.head_w_max if group.get("role") == Role.HEAD.value else self.c.w_max
+
+    @torch.no_grad()
+    def scale_into_ball(self) -> None:
+        if self.c.method in ("none", "spectral_weight_decay"):
+            return
+        for group in self.optimizer.param_groups:
+            for W in group["params"]:
+                norm = rms_norm(W)
+                if norm > self.cap(group):
+                    W.mul_(self.cap(group) / norm)
+
+    @torch.no_grad()
+    def __call__(self) -> None:
+        if self.c.method == "none":
+            return
+        for group in self.optimizer.param_groups:
+            lr_t, wd_eff = step_coefficients(group)
+            for index, W in enumerate(group["params"]):
+                state = None
+                if self.c.method in POWER_ITERATION_METHODS:
+                    name = f"{group['name']}.{index}"
+                    if name not in self.power_states:
+                        self.power_states[name] = random_start_vector(W.float())
+                    state = self.power_states[name]
+                W.copy_(
+                    project_linear(
+                        W.float(),
+                        self.c.method,
+                        w_max=self.cap(group),
+                        lr_t=lr_t,
+                        wd_eff=wd_eff,
+                        spectral_wd=self.c.spectral_wd,
+                        coupling=self.c.coupling,
+                        update_sigma_max=self.sigma_max,
+                        power_iters=self.c.power_iters,
+                        power_state=state,
+                    )
+                )
+
+
+def run_plain(cfg: DictConfig, data, device: torch.device, sync, time_projection: bool = False) -> Timing:
+    torch.manual_seed(cfg.seed)
+    images, labels = data
+    net = instantiate(cfg.model.net).to(device)
+    optimizer = instantiate(cfg.optimizer)(param_groups(net.param_specs()))
+    scheduler = instantiate(cfg.scheduler)(optimizer)
+    project = Projection(instantiate(cfg.constraint), optimizer)
+    project.scale_into_ball()
+    batches = iter(ResumableRandomBatches(len(images), cfg.data.batch_size, cfg.data.seed))
+
+    stamps, projection_s = [], []
+    for _ in range(cfg.trainer.max_steps):
+        sync()
+        stamps.append(time.perf_counter())
+        index = next(batches)
+        x = images[index].to(device).float().div_(255)
+        y = labels[index].to(device)
+        loss = F.cross_entropy(net(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if time_projection:
+            sync()
+            started = time.perf_counter()
+        project()
+        if time_projection:
+            sync()
+            projection_s.append(time.perf_counter() - started)
+        scheduler.step()
+    sync()
+    stamps.append(time.perf_counter())
+    return Timing(stamps, projection_s, final_loss=loss.item())
+
+
+# ---------------------------------------------------------------------------------- main
+
+
+def quiet() -> None:
+    # Lightning's banner ("GPU available ...", "max_steps reached") would bury the tables
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    # lightning's own deprecation notice under newer torch, and its hints about validation we turned off
+    warnings.filterwarnings("ignore", message=r".*(LeafSpec|limit_val_batches|val_dataloader|num_workers).*")
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=200, help="training steps per run (default 200)")
+    parser.add_argument("--repeats", type=int, default=3, help="pipeline/plain pairs in part 1 (default 3)")
+    parser.add_argument("--methods", nargs="+", default=list(LINEAR_METHODS), choices=list(LINEAR_METHODS), metavar="METHOD",
+                        help=f"constraint methods for part 2 (default all: {', '.join(LINEAR_METHODS)})")
+    parser.add_argument("--batch-size", type=int, default=512)
+    args = parser.parse_args()
+    if args.steps <= WARMUP + 1:
+        parser.error(f"--steps must be more than {WARMUP + 1} (the first {WARMUP} steps are warm-up)")
+    quiet()
+
+    with tempfile.TemporaryDirectory(prefix="lipschitz-benchmark-") as output_dir:
+        cfg = compose_config(output_dir, args.steps, args.batch_size)
+        method_cfgs = {m: compose_config(output_dir, args.steps, args.batch_size, m) for m in args.methods}
+        data = load_train_tensors(cfg)
+
+        # the device the pipeline picks (accelerator: auto), so the plain loop runs on the same one
+        device = instantiate(cfg.trainer, logger=False).strategy.root_device
+        sync = make_sync(device)
+        print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+              f"steps {args.steps} (first {WARMUP} not counted), batch {args.batch_size}, "
+              f"{cfg.optimizer._target_.rsplit('.', 1)[-1]} + {cfg.constraint.method}", flush=True)
+
+        # ---- part 1: pipeline vs plain, interleaved so that drifting machine load hits both
+        pipeline, plain = [], []
+        for repeat in range(args.repeats):
+            pipeline.append(run_pipeline(cfg, sync))
+            plain.append(run_plain(cfg, data, device, sync))
+            print(f"  repeat {repeat + 1}/{args.repeats}: pipeline {pipeline[-1].median_step() * 1e3:.2f} ms/step, "
+                  f"plain {plain[-1].median_step() * 1e3:.2f} ms/step", flush=True)
+
+        pipeline_s = median([t.median_step() for t in pipeline])
+        plain_s = median([t.median_step() for t in plain])
+        ratio = pipeline_s / plain_s
+        part1 = {
+            "pipeline_s_per_step": pipeline_s,
+            "plain_s_per_step": plain_s,
+            "ratio": ratio,
+            "framework_overhead_pct": (ratio - 1) * 100,
+            "pipeline_runs_s_per_step": [t.median_step() for t in pipeline],
+            "plain_runs_s_per_step": [t.median_step() for t in plain],
+            # mean over the whole loop, warm-up and any slow outlier steps included
+            "pipeline_mean_s_per_step": median([t.loop_s() / args.steps for t in pipeline]),
+            "plain_mean_s_per_step": median([t.loop_s() / args.steps for t in plain]),
+            # trainer.fit minus the training loop: setup, configure_optimizers, teardown
+            "pipeline_fit_outside_loop_s": median([t.fit_s - t.loop_s() for t in pipeline]),
+            # the same seed, batches and steps: these should agree, or the comparison is unfair
+            "pipeline_final_loss": pipeline[0].final_loss,
+            "plain_final_loss": plain[0].final_loss,
+        }
+
+        # ---- part 2: the projection's share of a plain step, per method
+        part2 = {}
+        for method, method_cfg in method_cfgs.items():
+            timing = run_plain(method_cfg, data, device, sync, time_projection=True)
+            step_s = timing.median_step()
+            projection_s = median(timing.projection_s[WARMUP:])
+            part2[method] = {"step_ms": step_s * 1e3, "projection_ms": projection_s * 1e3,
+                             "share_pct": projection_s / step_s * 100}
+            print(f"  {method}: {step_s * 1e3:.2f} ms/step", flush=True)
+
+    print()
+    print("framework overhead (median over repeats of each run's median step)")
+    print(f"  {'':<10}{'ms/step':>10}{'mean ms':>10}{'final loss':>12}")
+    for name in ("pipeline", "plain"):
+        print(f"  {name:<10}{part1[f'{name}_s_per_step'] * 1e3:>10.2f}{part1[f'{name}_mean_s_per_step'] * 1e3:>10.2f}"
+              f"{part1[f'{name}_final_loss']:>12.5f}")
+    print(f"  ratio pipeline/plain {ratio:.3f}: framework cost {(ratio - 1) * 100:+.1f}%")
+    print(f"  trainer.fit outside the training loop: {part1['pipeline_fit_outside_loop_s']:.2f} s per run")
+    print()
+    print("constraint cost in the plain loop (medians)")
+    print(f"  {'method':<24}{'step ms':>10}{'proj ms':>10}{'share %':>10}")
+    for method, row in part2.items():
+        print(f"  {method:<24}{row['step_ms']:>10.2f}{row['projection_ms']:>10.3f}{row['share_pct']:>10.1f}")
+    print()
+    print(json.dumps({
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "steps": args.steps,
+        "warmup_steps": WARMUP,
+        "repeats": args.repeats,
+        "batch_size": args.batch_size,
+        **part1,
+        "methods": part2,
+    }))
+
+
+if __name__ == "__main__":
+    main()
