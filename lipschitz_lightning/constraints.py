@@ -128,7 +128,9 @@ def top_singular_triplet(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(u, sigma, v)`` with ``M v ~ sigma u`` for the largest singular value, by power iteration.
 
-    Iterates on the smaller Gram matrix from a seeded random start. ``state`` (a vector on the
+    Iterates on the smaller Gram matrix from a seeded random start; ``iters`` counts powers of
+    the Gram matrix (above 16 they are taken by repeated squaring, so ``iters`` is then rounded
+    down to 16 times a power of two). ``state`` (a vector on the
     smaller side, e.g. from ``random_start_vector``) is used as the start instead and overwritten
     with the converged vector, so a caller that keeps it between optimizer steps warm-starts the
     next call (Miyato et al.'s persistent ``u``). ``sigma`` has shape ``M.shape[:-2]``.
@@ -137,7 +139,13 @@ def top_singular_triplet(
     A = M.mT if wide else M  # tall: the Gram side A^T A is the small one
     x = random_start_vector(M) if state is None else state.to(M.dtype)
     gram = A.mT @ A
-    for _ in range(iters):
+    # Past 16 iterations, square the Gram matrix instead: 16 products with G^(2^s) are 16 * 2^s
+    # power steps for s matrix products, not a long chain of tiny kernels (slow on GPUs).
+    squarings = max(0, int(math.log2(iters)) - 4) if iters > 0 else 0
+    for _ in range(squarings):
+        gram = gram @ gram
+        gram = gram / torch.linalg.matrix_norm(gram, keepdim=True).clamp(min=1e-30)
+    for _ in range(iters >> squarings):
         x = (gram @ x.unsqueeze(-1)).squeeze(-1)
         x = x / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) + 1e-30)
     if state is not None:

@@ -8,6 +8,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import pytest
+import torch
 
 
 def shared_dir() -> Path:
@@ -30,6 +31,29 @@ def load_reference_fixtures() -> dict:
         raise FileNotFoundError(f"reference fixtures not found at {path}; set LIPSCHITZ_SHARED_DIR")
     with path.open() as handle:
         return json.load(handle)
+
+
+# The methods of the SPEC §6 table, written out rather than read from the package.
+SPEC_METHODS = (
+    "none",
+    "spectral_normalize",
+    "spectral_soft_cap",
+    "spectral_hard_cap",
+    "spectral_hammer",
+    "spectral_weight_decay",
+    "orthogonalize",
+    "svd_cap",
+)
+
+
+@pytest.fixture(scope="module")
+def single_torch_thread():
+    # Tiny matrices: with several OpenMP threads a 10x24 matmul costs milliseconds of thread
+    # hand-off (far worse on a busy machine), with one it costs microseconds.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

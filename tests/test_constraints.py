@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import SPEC_METHODS
 from lipschitz_lightning import constraints as C
 
 # Tolerances of shared/reference/README.md: the polynomial methods and the SVD cap are
@@ -33,18 +34,6 @@ PAPER_TO_OURS = {
 }
 POWER_ITERATION_METHODS = {"spectral_normalize", "spectral_hammer", "spectral_weight_decay"}
 
-# The methods of the SPEC §6 table, written out rather than read from the package.
-SPEC_METHODS = (
-    "none",
-    "spectral_normalize",
-    "spectral_soft_cap",
-    "spectral_hard_cap",
-    "spectral_hammer",
-    "spectral_weight_decay",
-    "orthogonalize",
-    "svd_cap",
-)
-
 SMALL_NS = [(a / 1024, b / 1024, c / 1024) for a, b, c in [
     (3955, -8306, 5008), (3735, -6681, 3463), (3799, -6499, 3211),
     (4019, -6385, 2906), (2677, -3029, 1162), (2172, -1833, 682),
@@ -56,14 +45,7 @@ HARD_CAP = [
     (1.004384, -0.183490, 0.014413),
 ]
 
-@pytest.fixture(autouse=True, scope="module")
-def single_torch_thread():
-    # These matrices are tiny: with several OpenMP threads a 10x24 matmul costs milliseconds of
-    # thread hand-off (far worse on a busy machine), with one it costs microseconds.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 SHAPES = [(24, 10), (10, 24), (16, 16), (3, 12, 7), (3, 7, 12)]

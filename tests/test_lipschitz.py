@@ -12,13 +12,7 @@ from lipschitz_lightning import lipschitz as Lip
 GELU_MAX_SLOPE = 1.1289  # SPEC §7, written out rather than read from the package
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_torch_thread():
-    # tiny matrices: OpenMP thread hand-off would cost more than the work itself
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 # --------------------------------------------------------------------------------------------
