@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import time
 import warnings
 from dataclasses import dataclass
@@ -17,8 +16,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from lipschitz_lightning.callbacks import LipschitzMonitor
 from lipschitz_lightning.config import validate_config
-
-log = logging.getLogger(__name__)
 
 # The data already sits in memory as tensors; worker processes would only add start-up cost.
 warnings.filterwarnings("ignore", message=r".*does not have many workers.*")

@@ -29,7 +29,9 @@ def _download(directory: Path) -> None:
 
     hub = datasets.load_dataset(HUB_ID)
     for split in SPLITS.values():
-        hub[split].to_parquet(str(directory / f"{split}.parquet"))
+        partial = directory / f"{split}.parquet.partial"
+        hub[split].to_parquet(str(partial))
+        partial.replace(directory / f"{split}.parquet")  # an interrupted download leaves no parquet
 
 
 def decode_parquet(path: Path) -> dict[str, torch.Tensor]:
