@@ -51,7 +51,8 @@ WARMUP = 5  # the first steps pay for allocator growth and lazy initialisation, 
 # progress bar. The CSV logger stays, since every real run has one.
 PIPELINE_OVERRIDES = [
     "~callbacks.progress_bar",
-    "~callbacks.model_checkpoint",
+    "~callbacks.best_checkpoint",
+    "~callbacks.last_checkpoint",
     "+trainer.enable_progress_bar=false",
     "+trainer.enable_model_summary=false",
     "+trainer.enable_checkpointing=false",

@@ -71,13 +71,14 @@ def train(cfg: DictConfig, run: Run | None = None) -> dict:
             logger.experiment.finish()  # one run per job, also inside a multirun
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "lipschitz/", "norm/"))}
-    checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
+    checkpoints = {c.monitor: c.best_model_path or None for c in callbacks if isinstance(c, ModelCheckpoint)}
     summary = {
         "step": trainer.global_step,
         **metrics,
         "wall_time_s": wall_time,
         "output_dir": str(cfg.paths.output_dir),
-        "checkpoint": (checkpoint.last_model_path or checkpoint.best_model_path) if checkpoint else None,
+        "checkpoint": checkpoints.get("step"),  # the latest state, to resume from
+        "best_checkpoint": checkpoints.get("val/acc"),
         "config": resolved,
     }
     if trainer.is_global_zero:

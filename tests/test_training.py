@@ -93,6 +93,17 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(make_config, tmp_pa
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 
 
+def test_last_checkpoint_holds_the_final_step_even_when_it_is_not_the_best(make_config):
+    # mode=min makes an early validation "best"; Lightning's own save_last would then stop
+    # following the run, and resuming from last.ckpt would silently go back in time
+    cfg = make_config("trainer.max_steps=6", "trainer.val_check_interval=2", "callbacks.best_checkpoint.mode=min")
+    summary = train(cfg)
+    assert Path(summary["checkpoint"]).name == "last.ckpt"
+    assert torch.load(summary["checkpoint"], weights_only=True)["global_step"] == 6
+    assert summary["best_checkpoint"] and Path(summary["best_checkpoint"]).is_file()
+    assert torch.load(summary["best_checkpoint"], weights_only=True)["global_step"] < 6
+
+
 @pytest.mark.parametrize(
     "override, key",
     [
