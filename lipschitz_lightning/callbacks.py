@@ -125,9 +125,10 @@ class WeightConstraint(Callback):
                 if role == Role.EMBEDDING.value:
                     W.copy_(project_embedding(W, self.embed_w_max))
                     continue
+                W32 = W.float()
                 W.copy_(
                     project_linear(
-                        W.float(),
+                        W32,
                         self.method,
                         w_max=self._cap(role),
                         lr_t=lr_t,
@@ -136,7 +137,7 @@ class WeightConstraint(Callback):
                         coupling=self.coupling,
                         update_sigma_max=sigma_max,
                         power_iters=self.power_iters,
-                        power_state=self._power_state(name, W.float()),
+                        power_state=self._power_state(name, W32),
                     )
                 )
         self.steps_applied += 1

@@ -19,6 +19,8 @@ from lipschitz_lightning.config import validate_config
 
 # The data already sits in memory as tensors; worker processes would only add start-up cost.
 warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+# Lightning 2.6 under torch >= 2.10 warns about its own pytree use on every run; nothing to act on.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
 def _instantiate_all(section: DictConfig | None) -> list:
