@@ -206,3 +206,9 @@ def test_wandb_offline_writes_metrics_and_config(make_config, tmp_path, monkeypa
     assert history["val/acc"][-1] == pytest.approx(summary["val/acc"])
     assert history["lipschitz/bound"][-1] == pytest.approx(summary["lipschitz/bound"])
     assert any(r.HasField("exit") for r in records), "the run must be finished, not left open"
+
+
+def test_tensorboard_logger_writes_event_files(make_config, tmp_path):
+    out = tmp_path / "run"
+    train(make_config("logger=tensorboard", output_dir=out))
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
