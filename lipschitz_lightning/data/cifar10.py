@@ -79,7 +79,7 @@ class CIFAR10DataModule(L.LightningDataModule):
         files = self.files()
         ensure_local(list(files.values()), lambda: _download(self.directory), "CIFAR-10 parquet files", f"{HUB_ID} from the Hugging Face hub")
         for path in files.values():
-            cached_tensors(path, "uint8", lambda: decode_parquet(path), self.cache_dir)
+            cached_tensors(path, "uint8", lambda: decode_parquet(path), self.cache_dir, load=False)
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:

@@ -41,11 +41,18 @@ def ensure_local(files: list[Path], download: Callable[[], None], what: str, sou
         raise DataError(f"download of {source} did not produce {missing}")
 
 
-def cached_tensors(source: Path, tag: str, decode: Callable[[], dict[str, torch.Tensor]], cache_dir: Path) -> dict[str, torch.Tensor]:
-    """``decode()`` once per source file version, then load the tensors from the cache."""
+def cached_tensors(
+    source: Path, tag: str, decode: Callable[[], dict[str, torch.Tensor]], cache_dir: Path, load: bool = True
+) -> dict[str, torch.Tensor] | None:
+    """``decode()`` once per source file version, then load the tensors from the cache.
+
+    With ``load=False`` (``prepare_data``: make sure the cache exists) a cached file is not read.
+    """
     stat = source.stat()
     key = hashlib.sha1(f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{tag}".encode()).hexdigest()[:16]
     path = cache_dir / f"{source.stem}-{tag}-{key}.pt"
+    if path.is_file() and not load:
+        return None
     if path.is_file():
         try:
             return torch.load(path, weights_only=True)
