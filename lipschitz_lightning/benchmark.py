@@ -32,16 +32,9 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lipschitz_lightning.constraints import (
-    LINEAR_METHODS,
-    POWER_ITERATION_METHODS,
-    ns_max_singular_value,
-    project_linear,
-    random_start_vector,
-)
+from lipschitz_lightning.constraints import LINEAR_METHODS
 from lipschitz_lightning.data.common import ResumableRandomBatches
-from lipschitz_lightning.lipschitz import rms_norm
-from lipschitz_lightning.optim.roles import Role, param_groups, step_coefficients
+from lipschitz_lightning.optim.roles import param_groups
 from lipschitz_lightning.training import build
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -144,69 +137,15 @@ def load_train_tensors(cfg: DictConfig) -> tuple[torch.Tensor, torch.Tensor]:
     return images, labels
 
 
-class Projection:
-    """``WeightConstraint._after_optimizer_step`` without the hook: the same ``project_linear`` calls.
-
-    The settings come from the instantiated callback, so the yaml defaults are the ones it uses.
-    The MLP has no embedding tables, so the embedding branch is left out.
-    """
-
-    def __init__(self, constraint, optimizer: torch.optim.Optimizer):
-        self.c, self.optimizer = constraint, optimizer
-        coefficients = getattr(optimizer, "ns_coefficients", None)
-        self.sigma_max = ns_max_singular_value(coefficients) if coefficients is not None else 1.0
-        self.power_states: dict[str, torch.Tensor] = {}
-
-    def cap(self, group: dict) -> float:
-        return self.c.head_w_max if group.get("role") == Role.HEAD.value else self.c.w_max
-
-    @torch.no_grad()
-    def scale_into_ball(self) -> None:
-        if self.c.method in ("none", "spectral_weight_decay"):
-            return
-        for group in self.optimizer.param_groups:
-            for W in group["params"]:
-                norm = rms_norm(W)
-                if norm > self.cap(group):
-                    W.mul_(self.cap(group) / norm)
-
-    @torch.no_grad()
-    def __call__(self) -> None:
-        if self.c.method == "none":
-            return
-        for group in self.optimizer.param_groups:
-            lr_t, wd_eff = step_coefficients(group)
-            for index, W in enumerate(group["params"]):
-                state = None
-                if self.c.method in POWER_ITERATION_METHODS:
-                    name = f"{group['name']}.{index}"
-                    if name not in self.power_states:
-                        self.power_states[name] = random_start_vector(W.float())
-                    state = self.power_states[name]
-                W.copy_(
-                    project_linear(
-                        W.float(),
-                        self.c.method,
-                        w_max=self.cap(group),
-                        lr_t=lr_t,
-                        wd_eff=wd_eff,
-                        spectral_wd=self.c.spectral_wd,
-                        coupling=self.c.coupling,
-                        update_sigma_max=self.sigma_max,
-                        power_iters=self.c.power_iters,
-                        power_state=state,
-                    )
-                )
-
-
 def run_plain(cfg: DictConfig, data, device: torch.device, sync, time_projection: bool = False) -> Timing:
     torch.manual_seed(cfg.seed)
     images, labels = data
     net = instantiate(cfg.model.net).to(device)
     optimizer = instantiate(cfg.optimizer)(param_groups(net.param_specs()))
     scheduler = instantiate(cfg.scheduler)(optimizer)
-    project = Projection(instantiate(cfg.constraint), optimizer)
-    project.scale_into_ball()
+    # the callback's own projection, called directly instead of through the optimizer hook
+    constraint = instantiate(cfg.constraint)
+    constraint.scale_into_ball([optimizer])
     batches = iter(ResumableRandomBatches(len(images), cfg.data.batch_size, cfg.data.seed))
 
     stamps, projection_s = [], []
@@ -223,7 +162,7 @@ def run_plain(cfg: DictConfig, data, device: torch.device, sync, time_projection
         if time_projection:
             sync()
             started = time.perf_counter()
-        project()
+        constraint.project(optimizer)
         if time_projection:
             sync()
             projection_s.append(time.perf_counter() - started)

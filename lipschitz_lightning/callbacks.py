@@ -62,7 +62,7 @@ class WeightConstraint(Callback):
             self._warn_if_step_unbounded(optimizer)
             self._hooks.append(optimizer.register_step_post_hook(self._after_optimizer_step))
         if trainer.global_step == 0:
-            self._scale_into_ball(trainer.optimizers)
+            self.scale_into_ball(trainer.optimizers)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._remove_hooks()
@@ -111,8 +111,12 @@ class WeightConstraint(Callback):
         self.power_states[name] = state
         return state
 
-    @torch.no_grad()
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+        self.project(optimizer)
+
+    @torch.no_grad()
+    def project(self, optimizer: torch.optim.Optimizer) -> None:
+        """Project every weight of ``optimizer`` after the step it just took (usable without a Trainer)."""
         if self.method == "none":
             self.steps_applied += 1
             return
@@ -143,7 +147,7 @@ class WeightConstraint(Callback):
         self.steps_applied += 1
 
     @torch.no_grad()
-    def _scale_into_ball(self, optimizers) -> None:
+    def scale_into_ball(self, optimizers) -> None:
         """Start inside the ball: a layer initialised above its cap is scaled down to it once."""
         if self.method in ("none", "spectral_weight_decay"):
             return
