@@ -2,9 +2,11 @@
 
     LIPSCHITZ_DATA_DIR=../shared/data python -m lipschitz_lightning.benchmark
     python -m lipschitz_lightning.benchmark --steps 20 --repeats 1 --methods none svd_cap
+    python -m lipschitz_lightning.benchmark --experiment shakespeare_gpt_cpu --steps 12 --methods
+    python -m lipschitz_lightning.benchmark model.net.width=512 --experiment shakespeare_gpt_cpu  # overrides first
 
-Part 1 trains the default config (MLP on CIFAR-10, Muon + spectral soft cap) for ``--steps``
-steps through ``training.build`` + ``trainer.fit``, and through a plain loop over the same model,
+Part 1 trains the default config (MLP on CIFAR-10, Muon + spectral soft cap) or ``--experiment``
+for ``--steps`` steps through ``training.build`` + ``trainer.fit``, and through a plain loop over the same model,
 optimizer, scheduler, batches and projection, alternating the two ``--repeats`` times. Part 2
 runs the plain loop once per constraint method and times the projection on its own.
 
@@ -34,6 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lipschitz_lightning.constraints import LINEAR_METHODS
 from lipschitz_lightning.data.common import ResumableRandomBatches
+from lipschitz_lightning.modules import _flat
 from lipschitz_lightning.optim.roles import param_groups
 from lipschitz_lightning.training import build
 
@@ -54,13 +57,20 @@ PIPELINE_OVERRIDES = [
 ]
 
 
-def compose_config(output_dir: str, steps: int, batch_size: int, constraint: str | None = None) -> DictConfig:
-    overrides = [
-        f"paths.output_dir={output_dir}",
-        f"trainer.max_steps={steps}",
-        f"data.batch_size={batch_size}",
-        *PIPELINE_OVERRIDES,
-    ]
+def compose_config(
+    output_dir: str,
+    steps: int,
+    batch_size: int | None,
+    constraint: str | None = None,
+    experiment: str | None = None,
+    extra: list[str] = (),
+) -> DictConfig:
+    overrides = [f"paths.output_dir={output_dir}", f"trainer.max_steps={steps}", *PIPELINE_OVERRIDES]
+    if experiment is not None:
+        overrides.append(f"experiment={experiment}")
+    overrides += list(extra)
+    if batch_size is not None:
+        overrides.append(f"data.batch_size={batch_size}")
     if constraint is not None:
         overrides.append(f"constraint={constraint}")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -129,33 +139,32 @@ def run_pipeline(cfg: DictConfig, sync) -> Timing:
 # ---------------------------------------------------------------------------------- (b) plain loop
 
 
-def load_train_tensors(cfg: DictConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def load_train_data(cfg: DictConfig):
+    """The datamodule (for its on-device batch transform) and its training set, indexed by batches."""
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    images, labels = datamodule.splits["train"].tensors
-    return images, labels
+    return datamodule, datamodule.splits["train"]
 
 
 def run_plain(cfg: DictConfig, data, device: torch.device, sync, time_projection: bool = False) -> Timing:
     torch.manual_seed(cfg.seed)
-    images, labels = data
+    datamodule, dataset = data
     net = instantiate(cfg.model.net).to(device)
     optimizer = instantiate(cfg.optimizer)(param_groups(net.param_specs()))
     scheduler = instantiate(cfg.scheduler)(optimizer)
     # the callback's own projection, called directly instead of through the optimizer hook
     constraint = instantiate(cfg.constraint)
     constraint.scale_into_ball([optimizer])
-    batches = iter(ResumableRandomBatches(len(images), cfg.data.batch_size, cfg.data.seed))
+    batches = iter(ResumableRandomBatches(len(dataset), cfg.data.batch_size, cfg.data.seed))
 
     stamps, projection_s = [], []
     for _ in range(cfg.trainer.max_steps):
         sync()
         stamps.append(time.perf_counter())
-        index = next(batches)
-        x = images[index].to(device).float().div_(255)
-        y = labels[index].to(device)
-        loss = F.cross_entropy(net(x), y)
+        x, y = (t.to(device) for t in dataset[next(batches)])
+        x, y = datamodule.on_after_batch_transfer((x, y), 0)
+        loss = F.cross_entropy(*_flat(net(x), y))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -191,24 +200,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=200, help="training steps per run (default 200)")
     parser.add_argument("--repeats", type=int, default=3, help="pipeline/plain pairs in part 1 (default 3)")
-    parser.add_argument("--methods", nargs="+", default=list(LINEAR_METHODS), choices=list(LINEAR_METHODS), metavar="METHOD",
-                        help=f"constraint methods for part 2 (default all: {', '.join(LINEAR_METHODS)})")
-    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--experiment", default=None, help="an experiment config to time instead of the default")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for the timed config, e.g. model.net.width=512")
+    parser.add_argument("--methods", nargs="*", default=list(LINEAR_METHODS), choices=list(LINEAR_METHODS), metavar="METHOD",
+                        help=f"constraint methods for part 2 (default all: {', '.join(LINEAR_METHODS)}; none given: skip)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the config's")
     args = parser.parse_args()
     if args.steps <= WARMUP + 1:
         parser.error(f"--steps must be more than {WARMUP + 1} (the first {WARMUP} steps are warm-up)")
     quiet()
 
     with tempfile.TemporaryDirectory(prefix="lipschitz-benchmark-") as output_dir:
-        cfg = compose_config(output_dir, args.steps, args.batch_size)
-        method_cfgs = {m: compose_config(output_dir, args.steps, args.batch_size, m) for m in args.methods}
-        data = load_train_tensors(cfg)
+        cfg = compose_config(output_dir, args.steps, args.batch_size, None, args.experiment, args.overrides)
+        method_cfgs = {m: compose_config(output_dir, args.steps, args.batch_size, m, args.experiment, args.overrides) for m in args.methods}
+        data = load_train_data(cfg)
+        sample_x, _ = data[1][torch.arange(cfg.data.batch_size)]
+        items_per_step = sample_x.shape[0] * (sample_x.shape[1] if sample_x.ndim == 2 else 1)  # tokens for a language model
 
         # the device the pipeline picks (accelerator: auto), so the plain loop runs on the same one
         device = instantiate(cfg.trainer, logger=False).strategy.root_device
         sync = make_sync(device)
         print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-              f"steps {args.steps} (first {WARMUP} not counted), batch {args.batch_size}, "
+              f"steps {args.steps} (first {WARMUP} not counted), batch {cfg.data.batch_size}, "
               f"{cfg.optimizer._target_.rsplit('.', 1)[-1]} + {cfg.constraint.method}", flush=True)
 
         # ---- part 1: pipeline vs plain, interleaved so that drifting machine load hits both
@@ -225,6 +238,9 @@ def main() -> None:
         part1 = {
             "pipeline_s_per_step": pipeline_s,
             "plain_s_per_step": plain_s,
+            "items_per_step": items_per_step,
+            "pipeline_items_per_s": items_per_step / pipeline_s,
+            "plain_items_per_s": items_per_step / plain_s,
             "ratio": ratio,
             "framework_overhead_pct": (ratio - 1) * 100,
             "pipeline_runs_s_per_step": [t.median_step() for t in pipeline],
@@ -256,6 +272,8 @@ def main() -> None:
         print(f"  {name:<10}{part1[f'{name}_s_per_step'] * 1e3:>10.2f}{part1[f'{name}_mean_s_per_step'] * 1e3:>10.2f}"
               f"{part1[f'{name}_final_loss']:>12.5f}")
     print(f"  ratio pipeline/plain {ratio:.3f}: framework cost {(ratio - 1) * 100:+.1f}%")
+    print(f"  throughput: pipeline {part1['pipeline_items_per_s']:.0f}, plain {part1['plain_items_per_s']:.0f} "
+          f"{'tokens' if items_per_step > cfg.data.batch_size else 'examples'}/s")
     print(f"  trainer.fit outside the training loop: {part1['pipeline_fit_outside_loop_s']:.2f} s per run")
     print()
     print("constraint cost in the plain loop (medians)")
@@ -270,7 +288,8 @@ def main() -> None:
         "steps": args.steps,
         "warmup_steps": WARMUP,
         "repeats": args.repeats,
-        "batch_size": args.batch_size,
+        "experiment": args.experiment,
+        "batch_size": cfg.data.batch_size,
         **part1,
         "methods": part2,
     }))

@@ -15,6 +15,11 @@ from lipschitz_lightning.errors import TrainingDiverged
 from lipschitz_lightning.optim.roles import param_groups
 
 
+def _flat(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every position of a sequence is one classification: (..., classes) -> (N, classes)."""
+    return logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+
+
 class ClassificationModule(L.LightningModule):
     """Cross-entropy classification. ``net`` provides ``param_specs()`` (roles, target norms)."""
 
@@ -39,7 +44,7 @@ class ClassificationModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
-        logits = self.net(x)
+        logits, y = _flat(self.net(x), y)
         loss = F.cross_entropy(logits, y)
         self.train_acc.update(logits.detach(), y)
         self._unchecked_losses.append((self.global_step, loss.detach()))
@@ -70,7 +75,10 @@ class ClassificationModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx: int) -> None:
         x, y = batch
-        logits = self.net(x)
+        logits, y = _flat(self.net(x), y)
+        self._log_validation(logits, y)
+
+    def _log_validation(self, logits: torch.Tensor, y: torch.Tensor) -> None:
         self.val_loss(F.cross_entropy(logits, y, reduction="none"))
         self.val_acc(logits, y)
         self.log("val/loss", self.val_loss, prog_bar=True)
@@ -82,3 +90,47 @@ class ClassificationModule(L.LightningModule):
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class LanguageModelModule(ClassificationModule):
+    """Next-token prediction: mean token cross-entropy and token accuracy over ``vocab_size`` classes.
+
+    Validation also runs the network's instrumented forward (``net(x, stats=...)``) and logs, as
+    maxima over the validation set, each block's largest activation RMS and entry and each
+    layer's largest pre-softmax attention logit: the quantities that blow up without constraints.
+    Checkpoints carry the network's constructor arguments and the vocabulary, so that
+    ``lipschitz_lightning.sample`` rebuilds the model from the checkpoint alone.
+    """
+
+    def __init__(self, net: nn.Module, optimizer, scheduler=None, vocab_size: int = 65):
+        super().__init__(net, optimizer, scheduler, num_classes=vocab_size)
+        self.vocab_chars: str | None = None
+        self._stat_maxima: dict[str, torch.Tensor] = {}
+
+    def on_fit_start(self) -> None:
+        vocab = getattr(self.trainer.datamodule, "vocab", None)
+        self.vocab_chars = vocab.chars if vocab is not None else self.vocab_chars
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        x, y = batch
+        stats: dict[str, torch.Tensor] = {}
+        logits, y = _flat(self.net(x, stats=stats), y)
+        for name, value in stats.items():
+            previous = self._stat_maxima.get(name)
+            self._stat_maxima[name] = value if previous is None else torch.maximum(previous, value)
+        self._log_validation(logits, y)
+
+    def on_validation_epoch_end(self) -> None:
+        if self._stat_maxima:
+            self.log_dict({k: v.float() for k, v in self._stat_maxima.items()}, reduce_fx="max", sync_dist=True)
+        self._stat_maxima = {}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["network"] = {
+            "target": f"{type(self.net).__module__}.{type(self.net).__qualname__}",
+            "config": self.net.config_dict(),
+            "vocab": self.vocab_chars,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.vocab_chars = checkpoint.get("network", {}).get("vocab", self.vocab_chars)

@@ -11,11 +11,11 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lipschitz_lightning.data.common import (
-    ResumableRandomBatches,
-    SequentialBatches,
     cached_tensors,
     default_cache_dir,
     ensure_local,
+    training_batches,
+    validation_batches,
 )
 from lipschitz_lightning.errors import DataError
 
@@ -88,21 +88,12 @@ class CIFAR10DataModule(L.LightningDataModule):
             tensors = cached_tensors(path, "uint8", lambda: decode_parquet(path), self.cache_dir)
             self.splits[name] = TensorDataset(tensors["images"], tensors["labels"])
 
-    def _rank_world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-
     def train_dataloader(self) -> DataLoader:
-        rank, world = self._rank_world()
-        sampler = ResumableRandomBatches(len(self.splits["train"]), self.batch_size, self.seed, rank, world)
-        if self.trainer is not None:
-            # resume at the micro-batch the checkpointed run stopped at
-            sampler.start_batch = self.trainer.global_step * self.trainer.accumulate_grad_batches
+        sampler = training_batches(len(self.splits["train"]), self.batch_size, self.seed, self.trainer)
         return DataLoader(self.splits["train"], sampler=sampler, batch_size=None)
 
     def val_dataloader(self) -> DataLoader:
-        rank, world = self._rank_world()
-        sampler = SequentialBatches(len(self.splits["val"]), self.val_batch_size, rank, world)
+        sampler = validation_batches(len(self.splits["val"]), self.val_batch_size, self.trainer)
         return DataLoader(self.splits["val"], sampler=sampler, batch_size=None)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):

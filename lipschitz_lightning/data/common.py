@@ -112,3 +112,19 @@ class SequentialBatches(Sampler[torch.Tensor]):
 
     def __len__(self) -> int:
         return len(self.batches)
+
+
+def _rank_world(trainer) -> tuple[int, int]:
+    return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+
+def training_batches(num_examples: int, batch_size: int, seed: int, trainer) -> ResumableRandomBatches:
+    """This rank's share of the endless training stream, starting where a resumed run stopped."""
+    sampler = ResumableRandomBatches(num_examples, batch_size, seed, *_rank_world(trainer))
+    if trainer is not None:
+        sampler.start_batch = trainer.global_step * trainer.accumulate_grad_batches
+    return sampler
+
+
+def validation_batches(num_examples: int, batch_size: int, trainer) -> SequentialBatches:
+    return SequentialBatches(num_examples, batch_size, *_rank_world(trainer))

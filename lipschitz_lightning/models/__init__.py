@@ -1,5 +1,6 @@
 """Networks, one file each. Each exposes ``param_specs()``, ``layer_norms()`` and ``certified_bound()``."""
 
+from lipschitz_lightning.models.gpt import GPT
 from lipschitz_lightning.models.mlp import MLP
 
-__all__ = ["MLP"]
+__all__ = ["GPT", "MLP"]

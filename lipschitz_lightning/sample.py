@@ -1,0 +1,83 @@
+"""Generate text from a language-model checkpoint (Hydra-style overrides, defaults in conf/sample.yaml):
+
+    python -m lipschitz_lightning.sample ckpt_path=logs/.../checkpoints/last.ckpt prompt="ROMEO:" \\
+        num_tokens=200 temperature=0.8 seed=0
+
+The checkpoint alone is enough: it carries the network's constructor arguments and the vocabulary.
+Prints the prompt followed by the continuation.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from lipschitz_lightning.data.shakespeare import CharVocab
+from lipschitz_lightning.errors import ConfigError, LipschitzLightningError
+from lipschitz_lightning.models.gpt import GPT
+
+
+def load_language_model(ckpt_path: str | Path, device: str = "cpu") -> tuple[GPT, CharVocab]:
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise ConfigError(f"ckpt_path must be an existing checkpoint file, got {str(path)!r}")
+    checkpoint = torch.load(path, map_location=device, weights_only=True)
+    network = checkpoint.get("network")
+    if not network or not network.get("vocab"):
+        raise ConfigError(f"ckpt_path must be a language-model checkpoint (model=gpt), got {str(path)!r}, which has no vocabulary")
+    if network["target"] != f"{GPT.__module__}.{GPT.__qualname__}":
+        raise ConfigError(f"ckpt_path holds a {network['target']}, not a GPT")
+    model = GPT(**network["config"])
+    prefix = "net."
+    model.load_state_dict({k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)})
+    return model.to(device).eval(), CharVocab(network["vocab"])
+
+
+@torch.no_grad()
+def generate(model: GPT, prompt: torch.Tensor, num_tokens: int, temperature: float, generator: torch.Generator) -> torch.Tensor:
+    """Autoregressive sampling; the context is cropped to the model's ``seq_len`` (RoPE's trained range)."""
+    tokens = prompt.clone()
+    for _ in range(num_tokens):
+        logits = model(tokens[-model.config.seq_len :][None])[0, -1]
+        if temperature == 0:
+            next_token = logits.argmax()
+        else:
+            probabilities = torch.softmax(logits.float() / temperature, dim=-1)
+            next_token = torch.multinomial(probabilities, 1, generator=generator)[0]
+        tokens = torch.cat((tokens, next_token.view(1)))
+    return tokens[len(prompt) :]
+
+
+def sample(cfg: DictConfig) -> str:
+    if cfg.num_tokens < 0:
+        raise ConfigError(f"num_tokens must be an integer >= 0, got {cfg.num_tokens}")
+    if cfg.temperature < 0:
+        raise ConfigError(f"temperature must be a number >= 0 (0: greedy), got {cfg.temperature}")
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model, vocab = load_language_model(cfg.ckpt_path, device)
+    prompt = str(cfg.prompt)
+    if not prompt:
+        raise ConfigError("prompt must hold at least one character")
+    try:
+        prompt_tokens = vocab.encode(prompt).to(device)
+    except ValueError as error:
+        raise ConfigError(f"prompt has characters outside the checkpoint's vocabulary: {error}") from None
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    return prompt + vocab.decode(generate(model, prompt_tokens, cfg.num_tokens, cfg.temperature, generator))
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
+def main(cfg: DictConfig) -> None:
+    try:
+        print(sample(cfg), flush=True)
+    except LipschitzLightningError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

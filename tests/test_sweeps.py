@@ -1,0 +1,146 @@
+"""Hydra multirun sweeps (sweeps/), the report that gathers them, and W&B tags and groups."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from lipschitz_lightning import report
+from lipschitz_lightning.tradeoff import describe
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_RUN = [
+    "trainer.max_steps=3",
+    "trainer.val_check_interval=3",
+    "data.batch_size=32",
+    "data.val_batch_size=64",
+    "model.net.width=32",
+    "~callbacks.progress_bar",
+    "+trainer.enable_progress_bar=false",
+    "+trainer.enable_model_summary=false",
+]
+
+
+def multirun(tmp_path: Path, data_dir: Path, *overrides: str, env: dict | None = None) -> Path:
+    """Run ``train.py`` as a Hydra multirun into ``tmp_path``; return its sweep directory."""
+    result = subprocess.run(
+        [sys.executable, "train.py", *overrides, f"paths.data_dir={data_dir}", f"paths.cache_dir={data_dir / 'cache'}",
+         f"paths.log_dir={tmp_path}", *TINY_RUN],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (sweep_dir,) = {p.parent for p in tmp_path.rglob("multirun.yaml")}
+    return sweep_dir
+
+
+@pytest.fixture(scope="module")
+def smoke_sweep(tiny_cifar, tmp_path_factory) -> Path:
+    """The smoke grid cut to 2 pairs x 2 levels, logging to W&B offline."""
+    return multirun(
+        tmp_path_factory.mktemp("smoke"), tiny_cifar,
+        "+sweep=smoke", "+pair=adamw_spectral_normalize,muon_spectral_soft_cap", "logger=wandb",
+        env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"},
+    )
+
+
+def test_every_run_of_the_multirun_writes_a_summary(smoke_sweep):
+    summaries = [json.loads(p.read_text()) for p in sorted(smoke_sweep.glob("*/summary.json"))]
+    assert len(summaries) == 4
+    grid = {(s["config"]["optimizer"]["_target_"].rsplit(".", 1)[-1], s["config"]["constraint"]["w_max"]) for s in summaries}
+    assert grid == {("AdamW", 4.0), ("AdamW", 1.0), ("Muon", 4.0), ("Muon", 1.0)}
+    for s in summaries:
+        assert s["status"] == "completed" and s["step"] == 3
+        assert {"val/acc", "val/loss", "lipschitz/bound", "wall_time_s", "norm/layers.0"} <= s.keys()
+        assert s["config"]["constraint"]["method"] in ("spectral_normalize", "spectral_soft_cap")
+
+
+def test_report_builds_the_table_and_a_plot_with_one_point_per_run(smoke_sweep, tmp_path, capsys):
+    assert report.main([str(smoke_sweep), "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "| muon + spectral_soft_cap | 4 |" in printed and "4 completed, 0 failed" in printed
+    with (tmp_path / "tradeoff.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 4 and {r["pair"] for r in rows} == {"adamw + spectral_normalize", "muon + spectral_soft_cap"}
+    image = Image.open(tmp_path / "tradeoff.png")
+    image.load()  # decodes
+    assert image.size[0] > 300 and image.size[1] > 200
+    figure = report.plot(report.collect([smoke_sweep]), tmp_path / "again.png")
+    points = sum(len(c.get_offsets()) for c in figure.axes[0].collections)
+    assert points == 4
+
+
+def test_wandb_runs_are_tagged_and_grouped_by_sweep(smoke_sweep):
+    from test_training import wandb_records
+
+    run_files = sorted(smoke_sweep.glob("*/wandb/offline-run-*/run-*.wandb"))
+    assert len(run_files) == 4
+    groups = set()
+    for run_file in run_files:
+        records = list(wandb_records(run_file))
+        (run,) = [r.run for r in records if r.HasField("run")][:1]
+        groups.add(run.run_group)
+        tags = set(run.tags)
+        assert {"smoke", "constraint:spectral_normalize", "constraint:spectral_soft_cap"} & tags
+        assert any(t.startswith("optimizer:") for t in tags) and any(t.startswith("w_max:") for t in tags)
+        logged = {item.key or "/".join(item.nested_key) for r in records if r.HasField("history") for item in r.history.item}
+        assert {"val/acc", "val/loss", "lipschitz/bound"} <= logged
+        # the run summary (last values) is what a W&B scatter panel of bound vs accuracy plots
+        summary = {item.key or "/".join(item.nested_key) for r in records if r.HasField("summary") for item in r.summary.update}
+        assert {"val/acc", "lipschitz/bound"} <= summary
+    assert groups == {f"smoke/{smoke_sweep.name}"}
+
+
+def test_a_failed_run_is_listed_not_dropped(tiny_cifar, tmp_path):
+    sweep_dir = multirun(
+        tmp_path, tiny_cifar, "+sweep=smoke", "+pair=muon_spectral_soft_cap", "tradeoff.level=0", "model.net.final_scale=1.0,nan",
+    )
+    statuses = sorted(json.loads(p.read_text())["status"] for p in sweep_dir.glob("*/summary.json"))
+    assert statuses == ["completed", "failed"]
+    rows = report.collect([sweep_dir])
+    (failed,) = [r for r in rows if r.status == "failed"]
+    assert "TrainingDiverged" in failed.error and "step 0" in failed.error
+    table = report.markdown(rows)
+    assert "1 completed, 1 failed or incomplete" in table and "- failed:" in table
+
+
+def test_a_run_without_summary_is_reported_incomplete(tmp_path):
+    (tmp_path / "0" / ".hydra").mkdir(parents=True)
+    (tmp_path / "0" / ".hydra" / "config.yaml").write_text(
+        "optimizer: {_target_: lipschitz_lightning.optim.Muon, lr: 0.2, weight_decay: 0.0}\n"
+        "constraint: {method: spectral_soft_cap, w_max: 2.0}\n"
+    )
+    (row,) = report.collect([tmp_path])
+    assert row.status == "incomplete" and row.pair == "muon + spectral_soft_cap" and row.w_max == 2.0
+
+
+def test_pareto_frontier_keeps_only_undominated_points():
+    points = [(1.0, 0.30), (2.0, 0.50), (3.0, 0.45), (4.0, 0.55), (4.0, 0.52), (0.5, 0.10)]
+    assert report.pareto_frontier(points) == [5, 0, 1, 3]
+
+
+@pytest.mark.parametrize("sweep", ["smoke", "cifar_tradeoff", "shakespeare_tradeoff"])
+def test_every_grid_point_of_every_sweep_composes_and_validates(sweep):
+    """Each (pair, level) of a shipped sweep resolves to a config that passes validation."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from lipschitz_lightning.config import validate_config
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        base = compose("train", overrides=[f"+sweep={sweep}"], return_hydra_config=True)
+        params = base.hydra.sweeper.params
+        pairs, levels = params["+pair"].split(","), params["tradeoff.level"].split(",")
+        assert len(pairs) * len(levels) >= (4 if sweep == "smoke" else 24)
+        for pair in pairs:
+            for level in levels:
+                cfg = compose("train", overrides=[f"+sweep={sweep}", f"+pair={pair}", f"tradeoff.level={level}", "paths.output_dir=unused"])
+                validate_config(cfg)
+                label = describe(OmegaConf.to_container(cfg, resolve=True))
+                assert label.pair.replace(" + ", "_") == pair.replace("weight_decay", label.constraint)
