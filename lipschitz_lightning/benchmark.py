@@ -36,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lipschitz_lightning.constraints import LINEAR_METHODS
 from lipschitz_lightning.data.common import ResumableRandomBatches
-from lipschitz_lightning.modules import _flat
+from lipschitz_lightning.modules import flatten_positions
 from lipschitz_lightning.optim.roles import param_groups
 from lipschitz_lightning.training import build
 
@@ -164,7 +164,7 @@ def run_plain(cfg: DictConfig, data, device: torch.device, sync, time_projection
         stamps.append(time.perf_counter())
         x, y = (t.to(device) for t in dataset[next(batches)])
         x, y = datamodule.on_after_batch_transfer((x, y), 0)
-        loss = F.cross_entropy(*_flat(net(x), y))
+        loss = F.cross_entropy(*flatten_positions(net(x), y))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -15,7 +15,7 @@ from lipschitz_lightning.errors import TrainingDiverged
 from lipschitz_lightning.optim.roles import param_groups
 
 
-def _flat(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def flatten_positions(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Every position of a sequence is one classification: (..., classes) -> (N, classes)."""
     return logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
 
@@ -44,7 +44,7 @@ class ClassificationModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
-        logits, y = _flat(self.net(x), y)
+        logits, y = flatten_positions(self.net(x), y)
         loss = F.cross_entropy(logits, y)
         self.train_acc.update(logits.detach(), y)
         self._unchecked_losses.append((self.global_step, loss.detach()))
@@ -75,7 +75,7 @@ class ClassificationModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx: int) -> None:
         x, y = batch
-        logits, y = _flat(self.net(x), y)
+        logits, y = flatten_positions(self.net(x), y)
         self._log_validation(logits, y)
 
     def _log_validation(self, logits: torch.Tensor, y: torch.Tensor) -> None:
@@ -114,7 +114,7 @@ class LanguageModelModule(ClassificationModule):
     def validation_step(self, batch, batch_idx: int) -> None:
         x, y = batch
         stats: dict[str, torch.Tensor] = {}
-        logits, y = _flat(self.net(x, stats=stats), y)
+        logits, y = flatten_positions(self.net(x, stats=stats), y)
         for name, value in stats.items():
             previous = self._stat_maxima.get(name)
             self._stat_maxima[name] = value if previous is None else torch.maximum(previous, value)

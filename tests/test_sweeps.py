@@ -144,3 +144,15 @@ def test_every_grid_point_of_every_sweep_composes_and_validates(sweep):
                 validate_config(cfg)
                 label = describe(OmegaConf.to_container(cfg, resolve=True))
                 assert label.pair.replace(" + ", "_") == pair.replace("weight_decay", label.constraint)
+
+
+def test_slurm_launcher_config_composes():
+    """The documented cluster launch: the sweep fanned out by hydra-submitit-launcher, one GPU per run."""
+    from hydra import compose, initialize_config_dir
+
+    overrides = ["+sweep=cifar_tradeoff", "hydra/launcher=slurm", "trainer=gpu", "hydra.launcher.partition=gpu"]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    assert cfg.hydra.launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert cfg.hydra.launcher.partition == "gpu" and cfg.hydra.launcher.gpus_per_node == 1
+    assert cfg.trainer.accelerator == "gpu"
