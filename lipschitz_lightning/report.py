@@ -91,7 +91,9 @@ def _read_run(directory: Path, root: Path) -> RunRow:
 def collect(roots: list[Path]) -> list[RunRow]:
     rows = []
     for root in roots:
-        rows += [_read_run(directory, root) for directory in _run_dirs([root])]
+        # with several sweeps, "0" alone would not say which sweep's job 0 a row is
+        anchor = root.parent if len(roots) > 1 else root
+        rows += [_read_run(directory, anchor) for directory in _run_dirs([root])]
     mark_frontiers(rows)
     return rows
 
