@@ -18,7 +18,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import yaml
+from omegaconf import OmegaConf
 
 from lipschitz_lightning.tradeoff import describe
 
@@ -61,6 +61,15 @@ def _run_dirs(roots: list[Path]) -> list[Path]:
     return sorted(found, key=lambda p: [int(part) if part.isdigit() else part for part in p.parts])
 
 
+def _hydra_config(path: Path) -> dict:
+    """The sections a label needs, resolved: Hydra stores the job's config with its interpolations
+    (a sweep's knob is one), and only Hydra's own ``${hydra:...}`` cannot be resolved here."""
+    if not path.is_file():
+        return {}
+    config = OmegaConf.load(path)
+    return {key: OmegaConf.to_container(config[key], resolve=True) for key in ("optimizer", "constraint") if key in config}
+
+
 def _read_run(directory: Path, root: Path) -> RunRow:
     name = str(directory.relative_to(root)) if directory.is_relative_to(root) else str(directory)
     summary_path = directory / "summary.json"
@@ -70,8 +79,7 @@ def _read_run(directory: Path, root: Path) -> RunRow:
     else:
         # killed, or still running: only Hydra's record of the composed config is there
         summary = {"status": "incomplete", "error": "no summary.json: the run was killed, crashed or is still running"}
-        config_path = directory / ".hydra" / "config.yaml"
-        config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
+        config = _hydra_config(directory / ".hydra" / "config.yaml")
     row = RunRow(run=name, status=summary.get("status", "completed"), error=summary.get("error", ""))
     try:
         label = describe(config)
@@ -150,7 +158,8 @@ def markdown(rows: list[RunRow]) -> str:
     lines.append("")
     lines.append(f"{len(done)} completed, {len(not_done)} failed or incomplete.")
     for r in not_done:
-        lines.append(f"- {r.status}: {r.run} ({r.pair or 'config unreadable'}) at step {r.step}: {r.error}")
+        where = f" at step {r.step}" if r.step is not None else ""
+        lines.append(f"- {r.status}: {r.run} ({r.pair or 'config unreadable'}){where}: {r.error}")
     return "\n".join(lines)
 
 
@@ -166,6 +175,8 @@ CONSTRAINT_MARKERS = {
     "orthogonalize": "P",
     "svd_cap": "h",
 }
+# the frontier lines of one optimizer's pairs share a colour, so the line style tells them apart
+CONSTRAINT_LINESTYLES = {"weight_decay": ":", "spectral_normalize": "--", "spectral_hammer": "-.", "spectral_soft_cap": "-"}
 
 
 def plot(rows: list[RunRow], path: Path, title: str = ""):
@@ -190,7 +201,7 @@ def plot(rows: list[RunRow], path: Path, title: str = ""):
         frontier = sorted((r for r in members if r.on_frontier), key=lambda r: r.bound)
         axes.plot(
             [r.bound for r in frontier], [100 * r.val_acc for r in frontier],
-            color=colour, linestyle="-" if members[0].optimizer == "muon" else "--", linewidth=1.2, alpha=0.8,
+            color=colour, linestyle=CONSTRAINT_LINESTYLES.get(members[0].constraint, "-"), linewidth=1.2, alpha=0.8,
         )
     axes.set_xscale("log")
     axes.set_xlabel("certified Lipschitz bound (log scale)")
