@@ -53,11 +53,9 @@ class RunRow:
         )
 
 
-def _run_dirs(roots: list[Path]) -> list[Path]:
-    found = set()
-    for root in roots:
-        for marker in ("summary.json", ".hydra/config.yaml"):
-            found.update(path.parent if marker == "summary.json" else path.parent.parent for path in root.rglob(marker))
+def _run_dirs(root: Path) -> list[Path]:
+    found = {path.parent for path in root.rglob("summary.json")}
+    found |= {path.parent.parent for path in root.rglob(".hydra/config.yaml")}
     return sorted(found, key=lambda p: [int(part) if part.isdigit() else part for part in p.parts])
 
 
@@ -101,7 +99,7 @@ def collect(roots: list[Path]) -> list[RunRow]:
     for root in roots:
         # with several sweeps, "0" alone would not say which sweep's job 0 a row is
         anchor = root.parent if len(roots) > 1 else root
-        rows += [_read_run(directory, anchor) for directory in _run_dirs([root])]
+        rows += [_read_run(directory, anchor) for directory in _run_dirs(root)]
     mark_frontiers(rows)
     return rows
 

@@ -5,17 +5,15 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from lipschitz_lightning.data.common import (
+    IndexedSplitsDataModule,
     cached_tensors,
     default_cache_dir,
     ensure_local,
-    training_batches,
-    validation_batches,
 )
 from lipschitz_lightning.errors import DataError
 
@@ -55,7 +53,7 @@ def decode_parquet(path: Path) -> dict[str, torch.Tensor]:
     return {"images": torch.from_numpy(images), "labels": labels}
 
 
-class CIFAR10DataModule(L.LightningDataModule):
+class CIFAR10DataModule(IndexedSplitsDataModule):
     """Images stay uint8 (HWC) until they reach the device, then become floats in [0, 1]."""
 
     def __init__(
@@ -87,14 +85,6 @@ class CIFAR10DataModule(L.LightningDataModule):
         for name, path in self.files().items():
             tensors = cached_tensors(path, "uint8", lambda: decode_parquet(path), self.cache_dir)
             self.splits[name] = TensorDataset(tensors["images"], tensors["labels"])
-
-    def train_dataloader(self) -> DataLoader:
-        sampler = training_batches(len(self.splits["train"]), self.batch_size, self.seed, self.trainer)
-        return DataLoader(self.splits["train"], sampler=sampler, batch_size=None)
-
-    def val_dataloader(self) -> DataLoader:
-        sampler = validation_batches(len(self.splits["val"]), self.val_batch_size, self.trainer)
-        return DataLoader(self.splits["val"], sampler=sampler, batch_size=None)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, labels = batch

@@ -7,8 +7,9 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import lightning as L
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
 from lipschitz_lightning.errors import DataError
 
@@ -114,17 +115,28 @@ class SequentialBatches(Sampler[torch.Tensor]):
         return len(self.batches)
 
 
-def _rank_world(trainer) -> tuple[int, int]:
-    return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
+class IndexedSplitsDataModule(L.LightningDataModule):
+    """The dataloaders every datamodule here shares. A subclass fills ``self.splits`` (``train``,
+    ``val``: datasets indexed by a whole batch of indices at once) in ``setup`` and sets
+    ``batch_size``, ``val_batch_size`` and ``seed``."""
 
-def training_batches(num_examples: int, batch_size: int, seed: int, trainer) -> ResumableRandomBatches:
-    """This rank's share of the endless training stream, starting where a resumed run stopped."""
-    sampler = ResumableRandomBatches(num_examples, batch_size, seed, *_rank_world(trainer))
-    if trainer is not None:
-        sampler.start_batch = trainer.global_step * trainer.accumulate_grad_batches
-    return sampler
+    splits: dict
+    batch_size: int
+    val_batch_size: int
+    seed: int
 
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
-def validation_batches(num_examples: int, batch_size: int, trainer) -> SequentialBatches:
-    return SequentialBatches(num_examples, batch_size, *_rank_world(trainer))
+    def train_dataloader(self) -> DataLoader:
+        sampler = ResumableRandomBatches(len(self.splits["train"]), self.batch_size, self.seed, *self._rank_world())
+        if self.trainer is not None:
+            # resume at the micro-batch the checkpointed run stopped at
+            sampler.start_batch = self.trainer.global_step * self.trainer.accumulate_grad_batches
+        return DataLoader(self.splits["train"], sampler=sampler, batch_size=None)
+
+    def val_dataloader(self) -> DataLoader:
+        sampler = SequentialBatches(len(self.splits["val"]), self.val_batch_size, *self._rank_world())
+        return DataLoader(self.splits["val"], sampler=sampler, batch_size=None)

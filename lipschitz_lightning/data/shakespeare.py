@@ -10,12 +10,11 @@ from __future__ import annotations
 import urllib.request
 from pathlib import Path
 
-import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from lipschitz_lightning.data.common import ensure_local, training_batches, validation_batches
+from lipschitz_lightning.data.common import IndexedSplitsDataModule, ensure_local
 from lipschitz_lightning.errors import ConfigError, DataError
 
 SOURCE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -70,7 +69,7 @@ class Windows(Dataset):
         return windows[:, :-1], windows[:, 1:]
 
 
-class ShakespeareDataModule(L.LightningDataModule):
+class ShakespeareDataModule(IndexedSplitsDataModule):
     def __init__(
         self,
         data_dir: str,
@@ -97,7 +96,8 @@ class ShakespeareDataModule(L.LightningDataModule):
         ensure_local([self.path], lambda: _download(self.path), "Tiny Shakespeare (input.txt)", SOURCE_URL)
         self._check(self._read())
 
-    def _check(self, text: str) -> None:
+    def _check(self, text: str) -> CharVocab:
+        """The text's vocabulary, once it is known to fit the configured sizes."""
         vocab = CharVocab.from_text(text)
         if len(vocab) != self.vocab_size:
             raise ConfigError(
@@ -108,24 +108,16 @@ class ShakespeareDataModule(L.LightningDataModule):
             raise ConfigError(
                 f"data.seq_len must be shorter than the validation text ({validation_length} characters), got {self.seq_len}"
             )
+        return vocab
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
         text = self._read()
-        self._check(text)
-        self.vocab = CharVocab.from_text(text)
+        self.vocab = self._check(text)  # again: under DDP, prepare_data runs on one rank only
         tokens = self.vocab.encode(text)
         split = int(TRAIN_FRACTION * len(tokens))
         self.splits = {
             "train": Windows(tokens[:split], self.seq_len, stride=1),
             "val": Windows(tokens[split:], self.seq_len, stride=self.seq_len),
         }
-
-    def train_dataloader(self) -> DataLoader:
-        sampler = training_batches(len(self.splits["train"]), self.batch_size, self.seed, self.trainer)
-        return DataLoader(self.splits["train"], sampler=sampler, batch_size=None)
-
-    def val_dataloader(self) -> DataLoader:
-        sampler = validation_batches(len(self.splits["val"]), self.val_batch_size, self.trainer)
-        return DataLoader(self.splits["val"], sampler=sampler, batch_size=None)
