@@ -11,6 +11,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from lipschitz_lightning.checkpoints import network_record
 from lipschitz_lightning.errors import TrainingDiverged
 from lipschitz_lightning.optim.roles import param_groups
 
@@ -84,6 +85,9 @@ class ClassificationModule(L.LightningModule):
         self.log("val/loss", self.val_loss, prog_bar=True)
         self.log("val/acc", self.val_acc, prog_bar=True)
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["network"] = network_record(self.net)
+
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(param_groups(self.net.param_specs()))
         if self.scheduler_factory is None:
@@ -126,11 +130,7 @@ class LanguageModelModule(ClassificationModule):
         self._stat_maxima = {}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["network"] = {
-            "target": f"{type(self.net).__module__}.{type(self.net).__qualname__}",
-            "config": self.net.config_dict(),
-            "vocab": self.vocab_chars,
-        }
+        checkpoint["network"] = network_record(self.net, self.vocab_chars)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.vocab_chars = checkpoint.get("network", {}).get("vocab", self.vocab_chars)

@@ -16,25 +16,19 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from lipschitz_lightning.checkpoints import load_network
 from lipschitz_lightning.data.shakespeare import CharVocab
 from lipschitz_lightning.errors import ConfigError, LipschitzLightningError
 from lipschitz_lightning.models.gpt import GPT
 
 
 def load_language_model(ckpt_path: str | Path, device: str = "cpu") -> tuple[GPT, CharVocab]:
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise ConfigError(f"ckpt_path must be an existing checkpoint file, got {str(path)!r}")
-    checkpoint = torch.load(path, map_location=device, weights_only=True)
-    network = checkpoint.get("network")
-    if not network or not network.get("vocab"):
-        raise ConfigError(f"ckpt_path must be a language-model checkpoint (model=gpt), got {str(path)!r}, which has no vocabulary")
-    if network["target"] != f"{GPT.__module__}.{GPT.__qualname__}":
-        raise ConfigError(f"ckpt_path holds a {network['target']}, not a GPT")
-    model = GPT(**network["config"])
-    prefix = "net."
-    model.load_state_dict({k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)})
-    return model.to(device).eval(), CharVocab(network["vocab"])
+    saved = load_network(ckpt_path, device)
+    if not isinstance(saved.net, GPT):
+        raise ConfigError(f"ckpt_path must be a language-model checkpoint (model=gpt), got {str(saved.path)!r}, which holds a {saved.target}")
+    if not saved.vocab:
+        raise ConfigError(f"ckpt_path {str(saved.path)!r} holds no character vocabulary: sampling decodes characters (model=gpt on data=shakespeare)")
+    return saved.net, CharVocab(saved.vocab)
 
 
 @torch.no_grad()

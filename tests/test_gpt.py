@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from lipschitz_lightning.data.shakespeare import CharVocab, ShakespeareDataModule
 from lipschitz_lightning.errors import ConfigError
-from lipschitz_lightning.lipschitz import gpt_bound, rms_norm
+from lipschitz_lightning.lipschitz import rms_norm
 from lipschitz_lightning.models import GPT
 from lipschitz_lightning.optim import Role, gpt_target_norms
 from lipschitz_lightning.sample import load_language_model, sample
@@ -121,7 +121,7 @@ def test_layer_names_and_bound_follow_the_reference(ref_transformer_bound):
     norms, num_blocks = entry["rms_to_rms_norms"], entry["num_blocks"]
     net = GPT(**{**TINY, "num_blocks": num_blocks, "softmax_scale": entry["softmax_scale"]})
     assert sorted(net.layer_norms()) == sorted(norms)
-    assert net.certified_bound(norms) == pytest.approx(entry["bound"], rel=1e-6)
+    assert net.paper_formula_bound(norms) == pytest.approx(entry["bound"], rel=1e-6)
 
 
 @pytest.mark.parametrize("mass", [16.0, 5.0])
@@ -170,7 +170,7 @@ def test_no_pair_of_embedded_inputs_beats_the_certified_bound(layernorm_substitu
     for p in net.parameters():
         p.requires_grad_(False)
     # per unit of embedding norm: the network after the embedding, inputs with token RMS <= 1
-    bound = gpt_bound({**net.layer_norms(), "embed": 1.0}, 2, softmax_scale=4.0)
+    bound = net.certified_bound({**net.layer_norms(), "embed": 1.0})
 
     def ratio(x, y):
         return token_rms_max(net.forward_embedded(x) - net.forward_embedded(y)) / token_rms_max(x - y)

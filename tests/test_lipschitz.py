@@ -88,7 +88,7 @@ def test_mlp_bound_final_scale_multiplies(ref_mlp_bound):
 
 def test_gpt_bound_matches_reference(ref_transformer_bound):
     entry = ref_transformer_bound
-    bound = Lip.gpt_bound(entry["rms_to_rms_norms"], entry["num_blocks"], entry["softmax_scale"])
+    bound = Lip.gpt_bound_paper_formula(entry["rms_to_rms_norms"], entry["num_blocks"], entry["softmax_scale"])
     assert bound == pytest.approx(entry["bound"], rel=1e-9)
 
 
@@ -130,7 +130,7 @@ def test_spec_reimplementation_agrees_with_reference(ref_transformer_bound):
 def test_gpt_bound_residual_scale_matches_spec(ref_transformer_bound, residual_scale):
     entry = ref_transformer_bound
     args = (entry["rms_to_rms_norms"], entry["num_blocks"], entry["softmax_scale"])
-    bound = Lip.gpt_bound(*args, residual_scale=residual_scale)
+    bound = Lip.gpt_bound_paper_formula(*args, residual_scale=residual_scale)
     assert bound == pytest.approx(spec_gpt_bound(*args, residual_scale=residual_scale), rel=1e-9)
     # the residual scale changes the bound: it is really used
     assert bound != pytest.approx(entry["bound"], rel=1e-6)
@@ -148,11 +148,11 @@ def _random_gpt_norms(num_blocks, seed):
 @pytest.mark.parametrize("residual_scale", [0.25, 1.5])
 def test_gpt_bound_residual_scale_random_norms(num_blocks, softmax_scale, residual_scale):
     norms = _random_gpt_norms(num_blocks, seed=num_blocks)
-    bound = Lip.gpt_bound(norms, num_blocks, softmax_scale, residual_scale)
+    bound = Lip.gpt_bound_paper_formula(norms, num_blocks, softmax_scale, residual_scale)
     assert bound == pytest.approx(spec_gpt_bound(norms, num_blocks, softmax_scale, residual_scale), rel=1e-9)
 
 
 def test_gpt_bound_without_residual_branches_is_embed_times_head():
     # a = 0: every block is the identity
     norms = _random_gpt_norms(3, seed=6)
-    assert Lip.gpt_bound(norms, 3, residual_scale=0.0) == pytest.approx(norms["embed"] * norms["out"], rel=1e-12)
+    assert Lip.gpt_bound_paper_formula(norms, 3, residual_scale=0.0) == pytest.approx(norms["embed"] * norms["out"], rel=1e-12)

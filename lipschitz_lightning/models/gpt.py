@@ -1,5 +1,6 @@
 """The Modula-parametrised GPT of the paper (SPEC §8): every weight constrained, no biases, no
-layer norm, no QK norm, no logit soft-capping. Read top to bottom:
+layer norm, no QK norm, no logit soft-capping. One class, sized by config: the 2M-parameter
+Shakespeare transformer and the 145M NanoGPT are two configs of it. Read top to bottom:
 
     tokens -> embedding (token vectors of RMS 1)
            -> L blocks, each   x <- (1-a) x + a Attn(x);   x <- (1-a) x + a MLP(x),   a = r / (2L)
@@ -7,12 +8,19 @@ layer norm, no QK norm, no logit soft-capping. Read top to bottom:
 
 Attention: q, k, v (d -> d) split into heads, RoPE on q and k, scores ``q k^T * softmax_scale / d_head``
 (1/d_head, not 1/sqrt(d_head)), causal softmax, output ``(1/3) * scores v``, merged, projected (d -> d).
-MLP: d -> 4d, ``gelu_tanh(x) / 1.1289`` (GeLU's largest slope, so the nonlinearity is 1-Lipschitz),
+MLP: d -> 4d, ``gelu(x) / 1.1289`` (GeLU's largest slope, so the nonlinearity is ~1-Lipschitz),
 4d -> d. With ``zero_init`` the attention output, MLP down and head matrices start at zero, so the
 initial logits are exactly 0.
 
+The NanoGPT recipe adds, all as config: a causal mask restricted to the token's document (a
+``document_token`` starts one) and to a sliding window that grows over training (per block long
+or short, ``window_pattern``), RoPE on half the frequencies, exact GeLU, and an embedding
+lookup that caps each token vector's RMS (``embed_max_rms``). Masks only remove keys, so the
+certificate holds for all of them.
+
 The scaling factors (1/3, 1/d_head, 1/1.1289, the convex residual mix) are what make every piece's
-Lipschitz constant computable from the weights' RMS->RMS norms; ``certified_bound`` does that.
+Lipschitz constant computable from the weights' RMS->RMS norms; ``certificate`` does that
+(docs/certificate.md).
 """
 
 from __future__ import annotations
@@ -25,11 +33,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lipschitz_lightning.lipschitz import GELU_MAX_SLOPE, embedding_norm, gpt_bound, rms_norm
+from lipschitz_lightning.lipschitz import (
+    GELU_DIVISOR,
+    GPTCertificate,
+    embedding_norm,
+    gpt_bound_paper_formula,
+    gpt_certificate,
+    rms_norm,
+)
 from lipschitz_lightning.optim.roles import ParamSpec, Role, gpt_target_norms
 
 LAYERNORM_SUBSTITUTES = ("none", "rmsnorm", "layernorm", "tanh")
+GELUS = ("tanh", "exact")
+ROPES = ("standard", "half_truncated")
+TARGET_NORMS = ("modula", "unit")
 ATTENTION_OUTPUT_SCALE = 1 / 3  # Modula's functional attention: (1/3) softmax(...) v
+WINDOW_GRANULE = 128  # sliding windows grow in steps of this many tokens (flex attention's block)
 
 
 @dataclass(frozen=True)
@@ -38,42 +57,127 @@ class GPTConfig:
     width: int = 256
     num_heads: int = 4
     num_blocks: int = 3
-    seq_len: int = 256
+    seq_len: int = 256  # the longest sequence (training or validation) the model accepts
     softmax_scale: float = 1.0
     final_scale: float = 1.0
     residual_scale: float = 1.0
     blocks_mass: float = 16.0
+    # modula: SPEC §5's per-role target norms; unit: every weight 1 (NanoGPT, where per-role
+    # learning rates take their place)
+    target_norms: str = "modula"
     layernorm_substitute: str = "none"
     zero_init: bool = True
+    gelu: str = "tanh"
+    rope: str = "standard"
     rope_base: float = 10000.0
     attention: str = "sdpa"
+    # token that starts a document (GPT-2's <|endoftext|> is 50256); null: no document mask
+    document_token: int | None = None
+    # one letter per block, L (long) or S (short: half the window); null: no sliding window
+    window_pattern: str | None = None
+    window_min: int = 128
+    window_max: int = 1792
+    # token vectors are looked up with RMS at most this (nn.Embedding's max_norm); null: as stored
+    embed_max_rms: float | None = None
+
+
+# ---------------------------------------------------------------------------- masks
+# Which keys a query may attend to: causal, within the query's document, within the window.
+# One predicate builds both the dense mask (CPU, and the explicit path) and flex attention's
+# block mask (CUDA), so the two kernels compute the same maths.
+
+
+@dataclass(frozen=True)
+class AttentionMask:
+    documents: Tensor | None = None  # (batch, seq) document index of every token
+    window: int | None = None  # a query sees at most this many keys, itself included
+
+    @property
+    def is_causal_only(self) -> bool:
+        return self.documents is None and self.window is None
+
+    def allows(self, batch: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        allowed = q_idx >= kv_idx
+        if self.window is not None:
+            allowed = allowed & (q_idx - kv_idx < self.window)
+        if self.documents is not None:
+            allowed = allowed & (self.documents[batch, q_idx] == self.documents[batch, kv_idx])
+        return allowed
+
+    def dense(self, batch: int, seq: int, device: torch.device) -> Tensor:
+        """``(batch or 1, 1, seq, seq)`` booleans, True where attention is allowed."""
+        b = torch.arange(batch if self.documents is not None else 1, device=device)[:, None, None]
+        positions = torch.arange(seq, device=device)
+        return self.allows(b, positions[None, :, None], positions[None, None, :])[:, None]
 
 
 # ---------------------------------------------------------------------------- attention kernels
-# (q, k, v) of shape (batch, heads, seq, head_dim) and the score scale -> (batch, heads, seq, head_dim).
-# The bound does not depend on how the softmax is computed; a GPU recipe swaps in flex attention here.
+# (q, k, v) of shape (batch, heads, seq, head_dim), the score scale and the mask -> (batch, heads,
+# seq, head_dim). The bound does not depend on how the softmax is computed.
 
 
-def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: AttentionMask) -> Tensor:
+    if mask.is_causal_only:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense(q.shape[0], q.shape[-2], q.device), scale=scale)
 
 
-def explicit_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, stats: dict | None = None, name: str = "") -> Tensor:
-    """The same causal softmax written out; it also exposes the pre-softmax logits to ``stats``."""
-    seq = q.shape[-2]
+def explicit_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: AttentionMask, stats: dict | None = None, name: str = "") -> Tensor:
+    """The same masked softmax written out; it also exposes the pre-softmax logits to ``stats``."""
     logits = (q @ k.transpose(-2, -1)) * scale
-    causal = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril()
+    allowed = mask.dense(q.shape[0], q.shape[-2], q.device)
     if stats is not None:
-        stats[f"attention/max_logit_{name}"] = logits.masked_select(causal).max().detach()
-    logits = logits.masked_fill(~causal, float("-inf"))
-    return logits.softmax(dim=-1) @ v
+        stats[f"attention/max_logit_{name}"] = logits.masked_fill(~allowed, float("-inf")).amax().detach()
+    return logits.masked_fill(~allowed, float("-inf")).softmax(dim=-1) @ v
 
 
-ATTENTION_KERNELS: dict[str, Callable[..., Tensor]] = {"sdpa": sdpa_attention, "explicit": explicit_attention}
+_compiled_flex = None
 
 
-def rotary_tables(seq_len: int, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
-    frequencies = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+def flex_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: AttentionMask) -> Tensor:
+    """Flex attention with a block mask from the same predicate; compiled once, as it must be to be fast."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
+    global _compiled_flex
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex, dynamic=False) if q.is_cuda else flex
+    batch, seq = q.shape[0], q.shape[-2]
+    block_mask = create_block_mask(
+        lambda b, h, q_idx, kv_idx: mask.allows(b, q_idx, kv_idx),
+        batch if mask.documents is not None else None, None, seq, seq, device=q.device, _compile=q.is_cuda,
+    )
+    return _compiled_flex(q, k, v, block_mask=block_mask, scale=scale)
+
+
+def auto_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: AttentionMask) -> Tensor:
+    """Flex attention on CUDA (fused, sparse in the mask), SDPA with the dense mask elsewhere."""
+    return (flex_attention if q.is_cuda else sdpa_attention)(q, k, v, scale, mask)
+
+
+ATTENTION_KERNELS: dict[str, Callable[..., Tensor]] = {
+    "sdpa": sdpa_attention,
+    "explicit": explicit_attention,
+    "flex": flex_attention,
+    "auto": auto_attention,
+}
+
+
+# ---------------------------------------------------------------------------- RoPE
+
+
+def rotary_tables(seq_len: int, head_dim: int, base: float, kind: str = "standard") -> tuple[Tensor, Tensor]:
+    """cos and sin of each position's angle for each (first half, second half) coordinate pair.
+
+    ``standard``: frequencies ``base^(-2i / head_dim)``. ``half_truncated`` (modded-nanogpt): a
+    quarter of the head's size spread from 1 to ``1 / base``, the other quarter at frequency 0,
+    so half the coordinates carry no position.
+    """
+    if kind == "standard":
+        frequencies = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    else:
+        spread = (1 / base) ** torch.linspace(0, 1, steps=head_dim // 4, dtype=torch.float32)
+        frequencies = torch.cat([spread, spread.new_zeros(head_dim // 2 - head_dim // 4)])
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), frequencies)
     return angles.cos(), angles.sin()
 
@@ -116,14 +220,14 @@ class Attention(nn.Module):
         self.scale = cfg.softmax_scale / self.head_dim
         self.kernel = ATTENTION_KERNELS[cfg.attention]
 
-    def forward(self, x: Tensor, rotary: tuple[Tensor, Tensor], stats: dict | None, name: str) -> Tensor:
+    def forward(self, x: Tensor, rotary: tuple[Tensor, Tensor], mask: AttentionMask, stats: dict | None, name: str) -> Tensor:
         batch, seq, width = x.shape
         q, k, v = (proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2) for proj in (self.q, self.k, self.v))
         q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if stats is None:
-            y = self.kernel(q, k, v, self.scale)
+            y = self.kernel(q, k, v, self.scale, mask)
         else:
-            y = explicit_attention(q, k, v, self.scale, stats, name)
+            y = explicit_attention(q, k, v, self.scale, mask, stats, name)
         y = y.transpose(1, 2).reshape(batch, seq, width) * ATTENTION_OUTPUT_SCALE
         return self.out(y)
 
@@ -133,9 +237,10 @@ class MLP(nn.Module):
         super().__init__()
         self.up = nn.Linear(cfg.width, 4 * cfg.width, bias=False)
         self.down = nn.Linear(4 * cfg.width, cfg.width, bias=False)
+        self.approximate = "tanh" if cfg.gelu == "tanh" else "none"
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down(F.gelu(self.up(x), approximate="tanh") / GELU_MAX_SLOPE)
+        return self.down(F.gelu(self.up(x), approximate=self.approximate) / GELU_DIVISOR)
 
 
 class Block(nn.Module):
@@ -145,30 +250,42 @@ class Block(nn.Module):
         self.norm = layernorm_substitute(cfg.layernorm_substitute)
         self.mix = cfg.residual_scale / (2 * cfg.num_blocks)
 
-    def forward(self, x: Tensor, rotary, stats: dict | None, name: str) -> Tensor:
+    def forward(self, x: Tensor, rotary, mask: AttentionMask, stats: dict | None, name: str) -> Tensor:
         a = self.mix
-        x = (1 - a) * x + a * self.attention(self.norm(x), rotary, stats, name)
+        x = (1 - a) * x + a * self.attention(self.norm(x), rotary, mask, stats, name)
         x = (1 - a) * x + a * self.mlp(self.norm(x))
         return x
+
+
+def check_config(cfg: GPTConfig) -> None:
+    """What the dataclass's types cannot say: relations between the settings."""
+    if cfg.width % cfg.num_heads:
+        raise ValueError(f"model.net.num_heads={cfg.num_heads} must divide model.net.width={cfg.width}")
+    if (cfg.width // cfg.num_heads) % 2:
+        raise ValueError(f"model.net.width / model.net.num_heads = {cfg.width // cfg.num_heads} must be even for RoPE")
+    for key, allowed in (("layernorm_substitute", LAYERNORM_SUBSTITUTES), ("attention", tuple(ATTENTION_KERNELS)),
+                         ("gelu", GELUS), ("rope", ROPES), ("target_norms", TARGET_NORMS)):
+        if getattr(cfg, key) not in allowed:
+            raise ValueError(f"model.net.{key} must be one of {list(allowed)}, got {getattr(cfg, key)!r}")
+    pattern = cfg.window_pattern
+    if pattern is not None and (len(pattern) != cfg.num_blocks or set(pattern) - {"L", "S"}):
+        example = ("L" + "S" * (cfg.num_blocks - 2) + "L")[: cfg.num_blocks]
+        raise ValueError(
+            f"model.net.window_pattern must give one letter per block, L (long window) or S (short), for "
+            f"model.net.num_blocks={cfg.num_blocks} (e.g. {example}), or be null for no window; got {pattern!r}"
+        )
 
 
 class GPT(nn.Module):
     def __init__(self, **config):
         super().__init__()
         cfg = GPTConfig(**config)
-        if cfg.width % cfg.num_heads:
-            raise ValueError(f"model.net.num_heads={cfg.num_heads} must divide model.net.width={cfg.width}")
-        if (cfg.width // cfg.num_heads) % 2:
-            raise ValueError(f"model.net.width / model.net.num_heads = {cfg.width // cfg.num_heads} must be even for RoPE")
-        if cfg.layernorm_substitute not in LAYERNORM_SUBSTITUTES:
-            raise ValueError(f"model.net.layernorm_substitute must be one of {list(LAYERNORM_SUBSTITUTES)}, got {cfg.layernorm_substitute!r}")
-        if cfg.attention not in ATTENTION_KERNELS:
-            raise ValueError(f"model.net.attention must be one of {list(ATTENTION_KERNELS)}, got {cfg.attention!r}")
+        check_config(cfg)
         self.config = cfg
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_blocks))
         self.head = nn.Linear(cfg.width, cfg.vocab_size, bias=False)
-        cos, sin = rotary_tables(cfg.seq_len, cfg.width // cfg.num_heads, cfg.rope_base)
+        cos, sin = rotary_tables(cfg.seq_len, cfg.width // cfg.num_heads, cfg.rope_base, cfg.rope)
         self.register_buffer("rotary_cos", cos, persistent=False)
         self.register_buffer("rotary_sin", sin, persistent=False)
         self.reset_parameters()
@@ -186,23 +303,55 @@ class GPT(nn.Module):
                 block.mlp.down.weight.zero_()
             self.head.weight.zero_()
 
-    def forward(self, tokens: Tensor, stats: dict | None = None) -> Tensor:
+    def window_size(self, progress: float) -> int | None:
+        """The sliding window at a fraction ``progress`` of training: from ``window_min`` up to
+        ``window_max`` tokens, linearly, in steps of 128 (modded-nanogpt's schedule)."""
+        if self.config.window_pattern is None:
+            return None
+        cfg = self.config
+        grown = cfg.window_min + (cfg.window_max - cfg.window_min) * min(max(progress, 0.0), 1.0)
+        return min(cfg.window_max, WINDOW_GRANULE * max(1, math.ceil(grown / WINDOW_GRANULE)))
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        x = self.embedding(tokens)
+        if self.config.embed_max_rms is not None:
+            # nn.Embedding(max_norm=...) would rescale the stored rows in place, differently on each
+            # DDP rank (each sees other tokens); scaling the looked-up copy gives the same forward
+            # pass and gradient, and leaves the weights alone
+            rms = x.detach().float().pow(2).mean(dim=-1, keepdim=True).sqrt()
+            x = x * (self.config.embed_max_rms / rms.clamp(min=self.config.embed_max_rms)).to(x.dtype)
+        return x
+
+    def forward(self, tokens: Tensor, stats: dict | None = None, window: int | None = None) -> Tensor:
         """Logits ``(batch, seq, vocab)``. With a ``stats`` dict, also record the activations the
         paper watches: each block's largest token RMS and largest entry, each layer's largest
-        pre-softmax attention logit (this path writes the softmax out, so keep it for evaluation)."""
-        return self.forward_embedded(self.embedding(tokens), stats)
+        pre-softmax attention logit (this path writes the softmax out, so keep it short)."""
+        documents = None
+        if self.config.document_token is not None:
+            documents = (tokens == self.config.document_token).cumsum(dim=-1)
+        return self.forward_embedded(self.embed(tokens), stats, AttentionMask(documents, window))
 
-    def forward_embedded(self, x: Tensor, stats: dict | None = None) -> Tensor:
-        """The network after the embedding: what the certified bound speaks about, per embedding norm."""
+    def forward_embedded(self, x: Tensor, stats: dict | None = None, mask: AttentionMask | None = None) -> Tensor:
+        """The network after the embedding: what the certified bound speaks about."""
         if x.shape[1] > self.config.seq_len:
             raise ValueError(f"sequence of {x.shape[1]} tokens is longer than model.net.seq_len={self.config.seq_len}")
+        mask = mask or AttentionMask()
         rotary = (self.rotary_cos, self.rotary_sin)
+        pattern = self.config.window_pattern
         for l, block in enumerate(self.blocks):
-            x = block(x, rotary, stats, str(l))
+            block_mask = mask
+            if mask.window is not None and pattern is not None and pattern[l] == "S":
+                block_mask = AttentionMask(mask.documents, max(WINDOW_GRANULE, mask.window // 2 // WINDOW_GRANULE * WINDOW_GRANULE))
+            x = block(x, rotary, block_mask, stats, str(l))
             if stats is not None:
-                stats[f"activation/rms_max_block{l}"] = x.pow(2).mean(dim=-1).sqrt().max().detach()
-                stats[f"activation/abs_max_block{l}"] = x.abs().max().detach()
+                stats[f"activation/rms_max_block{l}"] = x.detach().float().pow(2).mean(dim=-1).sqrt().max()
+                stats[f"activation/abs_max_block{l}"] = x.detach().abs().max().float()
         return self.head(x) * self.config.final_scale
+
+    def stat_names(self) -> list[str]:
+        """The keys ``forward(..., stats=...)`` fills."""
+        return [f"{kind}{l}" for l in range(self.config.num_blocks)
+                for kind in ("attention/max_logit_", "activation/rms_max_block", "activation/abs_max_block")]
 
     # ------------------------------------------------------------------ what the framework needs
 
@@ -222,7 +371,10 @@ class GPT(nn.Module):
         return matrices
 
     def param_specs(self) -> list[ParamSpec]:
-        targets = gpt_target_norms(self.config.blocks_mass)
+        if self.config.target_norms == "modula":
+            targets = gpt_target_norms(self.config.blocks_mass)
+        else:
+            targets = dict.fromkeys(gpt_target_norms(self.config.blocks_mass), 1.0)
         role_of = {"q": "qkv", "k": "qkv", "v": "qkv", "w": "attention_out", "mlp_in": "mlp_up", "mlp_out": "mlp_down"}
         specs = [ParamSpec("embed", self.embedding.weight, Role.EMBEDDING, targets["embedding"])]
         for name, weight in self.named_matrices().items():
@@ -236,17 +388,34 @@ class GPT(nn.Module):
         """RMS->RMS norm of every matrix and the embedding's largest token RMS, in the bound's names."""
         return {"embed": embedding_norm(self.embedding.weight), **{n: rms_norm(w) for n, w in self.named_matrices().items()}}
 
-    def certified_bound(self, norms: dict[str, float] | None = None) -> float:
-        """Lipschitz bound of the logits (per-token RMS, max over positions) in the one-hot tokens.
+    def certificate(self, norms: dict[str, float] | None = None) -> GPTCertificate:
+        """The sound certificate of docs/certificate.md for ``forward_embedded``.
 
-        Normalisation layers are not Lipschitz near 0, so with ``rmsnorm`` / ``layernorm`` there is
-        no certificate (inf). ``tanh`` is 1-Lipschitz and keeps activations' RMS below 1, so the
-        bound stands.
+        It holds on inputs of token RMS at most 1, or at most the embedding's largest token RMS
+        where that is larger, so every input the embedding can produce is covered. With
+        ``rmsnorm`` / ``layernorm`` there is no certificate (inf): normalisation is not Lipschitz
+        near 0. ``tanh`` is 1-Lipschitz and keeps a branch's input RMS below 1.
         """
+        norms = dict(norms if norms is not None else self.layer_norms())
+        if self.config.embed_max_rms is not None:  # the lookup caps every token vector's RMS
+            norms["embed"] = min(norms["embed"], self.config.embed_max_rms)
+        cfg = self.config
+        return gpt_certificate(
+            norms, num_blocks=cfg.num_blocks, num_heads=cfg.num_heads, softmax_scale=cfg.softmax_scale,
+            residual_scale=cfg.residual_scale, final_scale=cfg.final_scale,
+            layernorm_substitute=cfg.layernorm_substitute, gelu=cfg.gelu,
+        )
+
+    def certified_bound(self, norms: dict[str, float] | None = None) -> float:
+        """Lipschitz bound of the logits (per-token RMS, max over positions) in the embedded input."""
+        return self.certificate(norms).bound
+
+    def paper_formula_bound(self, norms: dict[str, float] | None = None) -> float:
+        """SPEC §7's formula, for parity with the paper's code only: not a certificate (see lipschitz.py)."""
         if self.config.layernorm_substitute in ("rmsnorm", "layernorm"):
             return math.inf
         norms = norms if norms is not None else self.layer_norms()
-        bound = gpt_bound(norms, self.config.num_blocks, self.config.softmax_scale, self.config.residual_scale)
+        bound = gpt_bound_paper_formula(norms, self.config.num_blocks, self.config.softmax_scale, self.config.residual_scale)
         return bound * self.config.final_scale
 
     def config_dict(self) -> dict:

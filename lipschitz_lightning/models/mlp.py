@@ -29,6 +29,8 @@ class MLP(nn.Module):
         final_scale: float = 1.0,
     ):
         super().__init__()
+        self.config = dict(input_dim=input_dim, width=width, num_layers=num_layers, num_classes=num_classes,
+                           zero_init=zero_init, final_scale=final_scale)
         if num_layers < 2:
             raise ValueError(f"model.net.num_layers must be at least 2, got {num_layers}")
         dims = [input_dim] + [width] * (num_layers - 1) + [num_classes]
@@ -63,3 +65,6 @@ class MLP(nn.Module):
     def certified_bound(self, norms: dict[str, float] | None = None) -> float:
         """Lipschitz bound of the logits w.r.t. the flattened pixels, both in RMS units."""
         return mlp_bound(norms if norms is not None else self.layer_norms(), self.final_scale)
+
+    def config_dict(self) -> dict:
+        return dict(self.config)

@@ -1,0 +1,51 @@
+"""Rebuild a trained network from a checkpoint alone (no config, no data), for sampling,
+evaluation and certification.
+
+Every checkpoint written by a run carries ``checkpoint["network"]``: the network class, its
+constructor arguments and, for character-level language models, the vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from hydra.utils import get_class
+from torch import nn
+
+from lipschitz_lightning.errors import ConfigError
+
+STATE_PREFIX = "net."  # the LightningModules keep the network as ``self.net``
+
+
+@dataclass
+class SavedNetwork:
+    net: nn.Module  # in eval mode, on the requested device
+    target: str  # "package.module.Class" of the network
+    config: dict  # its constructor arguments
+    vocab: str | None  # the characters of a character-level language model, else None
+    path: Path
+    checkpoint: dict  # everything else the checkpoint holds (global_step, hyper_parameters, ...)
+
+
+def network_record(net: nn.Module, vocab: str | None = None) -> dict:
+    """What ``on_save_checkpoint`` stores so that ``load_network`` can rebuild ``net``."""
+    return {"target": f"{type(net).__module__}.{type(net).__qualname__}", "config": net.config_dict(), "vocab": vocab}
+
+
+def load_network(ckpt_path: str | Path, device: str | torch.device = "cpu") -> SavedNetwork:
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise ConfigError(f"ckpt_path must be an existing checkpoint file, got {str(path)!r}")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:
+        raise ConfigError(f"ckpt_path {str(path)!r} is not a readable checkpoint ({type(error).__name__}: {error})") from None
+    record = checkpoint.get("network") if isinstance(checkpoint, dict) else None
+    if not record:
+        raise ConfigError(f"ckpt_path {str(path)!r} has no network record: it was not written by this project's train.py")
+    net = get_class(record["target"])(**record["config"])
+    state = {k[len(STATE_PREFIX):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(STATE_PREFIX)}
+    net.load_state_dict(state)
+    return SavedNetwork(net.to(device).eval(), record["target"], record["config"], record.get("vocab"), path, checkpoint)
