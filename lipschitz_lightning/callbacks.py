@@ -175,5 +175,8 @@ class LipschitzMonitor(Callback):
         net = pl_module.net
         norms = net.layer_norms()
         pl_module.log_dict({f"norm/{name}": value for name, value in norms.items()}, sync_dist=False)
-        pl_module.log("lipschitz/bound", net.certified_bound(norms), sync_dist=False)
+        pl_module.log("lipschitz/bound", net.certified_bound(norms), sync_dist=False, prog_bar=True)
+        if hasattr(net, "paper_formula_bound"):
+            # SPEC §7's formula, for comparison with the paper's numbers: not a certificate
+            pl_module.log("lipschitz/bound_paper_formula", net.paper_formula_bound(norms), sync_dist=False)
         self.last_validated_step = trainer.global_step

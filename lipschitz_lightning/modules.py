@@ -39,6 +39,9 @@ class ClassificationModule(L.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_loss = MeanMetric()
         self._unchecked_losses: list[tuple[int, torch.Tensor]] = []
+        # the run's resolved config, set by training.build: checkpoints carry it, so that a
+        # checkpoint alone says which data and settings it was trained with
+        self.run_config: dict | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -87,6 +90,7 @@ class ClassificationModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["network"] = network_record(self.net)
+        checkpoint["run_config"] = self.run_config
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(param_groups(self.net.param_specs()))
@@ -130,6 +134,7 @@ class LanguageModelModule(ClassificationModule):
         self._stat_maxima = {}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["network"] = network_record(self.net, self.vocab_chars)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

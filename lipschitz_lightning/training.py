@@ -77,6 +77,7 @@ def build(cfg: DictConfig) -> Run:
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()  # missing or corrupt data fails here, before anything else is built
     module = instantiate(cfg.model, optimizer=instantiate(cfg.optimizer), scheduler=instantiate(cfg.scheduler))
+    module.run_config = OmegaConf.to_container(cfg, resolve=True)
     callbacks = _instantiate_all(cfg.get("callbacks")) + [instantiate(cfg.constraint)]
     loggers = _instantiate_loggers(cfg)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
