@@ -5,23 +5,18 @@ The math lives in ``constraints`` and ``lipschitz``; this file only decides when
 
 from __future__ import annotations
 
+import time
 import warnings
+from typing import Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lipschitz_lightning.constraints import (
-    COUPLINGS,
-    LINEAR_METHODS,
-    POWER_ITERATION_METHODS,
-    ns_max_singular_value,
-    project_embedding,
-    project_linear,
-    random_start_vector,
-)
-from lipschitz_lightning.lipschitz import rms_norm
-from lipschitz_lightning.optim.roles import Role, step_coefficients
+from lipschitz_lightning.constraints import COUPLINGS, LINEAR_METHODS, POLYNOMIAL_FORMS, ns_max_singular_value
+from lipschitz_lightning.errors import ConfigError, TrainingDiverged
+from lipschitz_lightning.projection import Projector, constrained_weights
+from lipschitz_lightning.schema import Positive, PositiveInt, UnitInterval
 
 
 class WeightConstraint(Callback):
@@ -30,18 +25,20 @@ class WeightConstraint(Callback):
     It hooks the optimizer's own ``step`` (``register_step_post_hook``), so it runs exactly once
     per optimizer step whatever the gradient accumulation, precision plugin or strategy, and it
     reads the ``lr`` and weight decay of the step that just happened from the parameter groups
-    (the LR scheduler moves on only after the hook).
+    (the LR scheduler moves on only after the hook). The projection itself is a
+    ``projection.Projector``: batched by shape, shared out across DDP ranks.
     """
 
     def __init__(
         self,
-        method: str,
-        w_max: float = 1.0,
-        coupling: str = "exact",
-        spectral_wd: float = 0.0,
-        head_w_max: float | None = None,
-        embed_w_max: float = 1.0,
-        power_iters: int = 16,
+        method: Literal[tuple(LINEAR_METHODS)],
+        w_max: Positive = 1.0,
+        coupling: Literal[COUPLINGS] = "exact",
+        spectral_wd: UnitInterval = 0.0,
+        head_w_max: Positive | None = None,
+        embed_w_max: Positive = 1.0,
+        power_iters: PositiveInt = 16,
+        polynomial_form: Literal[POLYNOMIAL_FORMS] = "auto",
     ):
         if method not in LINEAR_METHODS:
             raise ValueError(f"constraint.method must be one of {sorted(LINEAR_METHODS)}, got {method!r}")
@@ -49,10 +46,10 @@ class WeightConstraint(Callback):
             raise ValueError(f"constraint.coupling must be one of {list(COUPLINGS)}, got {coupling!r}")
         self.method, self.w_max, self.coupling, self.spectral_wd = method, w_max, coupling, spectral_wd
         self.head_w_max = w_max if head_w_max is None else head_w_max
-        self.embed_w_max, self.power_iters = embed_w_max, power_iters
+        self.embed_w_max, self.power_iters, self.polynomial_form = embed_w_max, power_iters, polynomial_form
         self.steps_applied = 0
-        # persistent power-iteration vectors: warm starts converge, and every DDP rank holds the same
-        self.power_states: dict[str, torch.Tensor] = {}
+        self.projector: Projector | None = None
+        self._restored: dict | None = None  # projector state from a checkpoint, applied once it exists
         self._hooks: list = []
 
     # ---------------------------------------------------------------- Lightning hooks
@@ -61,8 +58,9 @@ class WeightConstraint(Callback):
         for optimizer in trainer.optimizers:
             self._warn_if_step_unbounded(optimizer)
             self._hooks.append(optimizer.register_step_post_hook(self._after_optimizer_step))
+        self.projector = self.build_projector(trainer.optimizers)
         if trainer.global_step == 0:
-            self.scale_into_ball(trainer.optimizers)
+            self.projector.scale_into_ball()
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._remove_hooks()
@@ -71,45 +69,55 @@ class WeightConstraint(Callback):
         self._remove_hooks()
 
     def state_dict(self) -> dict:
-        return {"steps_applied": self.steps_applied, "power_states": {k: v.cpu() for k, v in self.power_states.items()}}
+        projector = self.projector
+        return {
+            "steps_applied": self.steps_applied,
+            "power_states": {k: v.cpu() for k, v in projector.power_states.items()} if projector else {},
+            "fallbacks": int(projector.fallbacks) if projector else 0,
+        }
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.steps_applied = state_dict["steps_applied"]
-        self.power_states = dict(state_dict["power_states"])
+        self._restored = state_dict
 
     # ---------------------------------------------------------------- the projection
+
+    def build_projector(self, optimizers) -> Projector:
+        """The projector over every weight of ``optimizers`` (usable without a Trainer)."""
+        for optimizer in optimizers:
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    if self.method != "none" and param.dtype not in (torch.float32, torch.float64):
+                        raise ConfigError(
+                            f"constraint={self.method} needs float32 or float64 weights, got {param.dtype}: rounding a "
+                            f"projected weight to {param.dtype} can push it past w_max (use trainer.precision=bf16-mixed)"
+                        )
+        projector = Projector(
+            constrained_weights(optimizers), self.method, w_max=self.w_max, head_w_max=self.head_w_max,
+            embed_w_max=self.embed_w_max, coupling=self.coupling, spectral_wd=self.spectral_wd,
+            power_iters=self.power_iters, update_sigma_max=max(update_sigma_max(o) for o in optimizers),
+            form=self.polynomial_form,
+        )
+        if self._restored is not None:
+            projector.power_states = dict(self._restored["power_states"])
+            projector.fallbacks = torch.tensor(self._restored.get("fallbacks", 0))
+            self._restored = None
+        return projector
 
     def _remove_hooks(self) -> None:
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
 
-    def _cap(self, role: str) -> float:
-        return self.head_w_max if role == Role.HEAD.value else self.w_max
-
     def _warn_if_step_unbounded(self, optimizer: torch.optim.Optimizer) -> None:
         if self.method == "spectral_soft_cap" and not hasattr(optimizer, "ns_coefficients"):
             warnings.warn(
-                f"{type(optimizer).__name__}'s step is not spectrally bounded, so spectral_soft_cap cannot "
-                f"guarantee ||W||_rms <= w_max: the coupling assumes a step of spectral norm lr * t "
-                f"(only Muon's step has one). Use svd_cap or spectral_normalize for a hard guarantee.",
+                f"{type(optimizer).__name__}'s step is not spectrally bounded, so the soft cap's coupling "
+                f"(which assumes a step of spectral norm lr * t, as Muon's) does not bound it: after every step "
+                f"each matrix's exact norm is checked, and one the step took past the coupling's range gets the "
+                f"exact cap instead (counted in constraint/guard_fallbacks). svd_cap or spectral_normalize cap directly.",
                 stacklevel=2,
             )
-
-    def _update_sigma_max(self, optimizer: torch.optim.Optimizer) -> float:
-        coefficients = getattr(optimizer, "ns_coefficients", None)
-        return ns_max_singular_value(coefficients) if coefficients is not None else 1.0
-
-    def _power_state(self, name: str, W: torch.Tensor) -> torch.Tensor | None:
-        if self.method not in POWER_ITERATION_METHODS:
-            return None
-        state = self.power_states.get(name)
-        if state is None:
-            state = random_start_vector(W)
-        elif state.device != W.device:
-            state = state.to(W.device)
-        self.power_states[name] = state
-        return state
 
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
         self.project(optimizer)
@@ -117,54 +125,40 @@ class WeightConstraint(Callback):
     @torch.no_grad()
     def project(self, optimizer: torch.optim.Optimizer) -> None:
         """Project every weight of ``optimizer`` after the step it just took (usable without a Trainer)."""
-        if self.method == "none":
-            self.steps_applied += 1
-            return
-        sigma_max = self._update_sigma_max(optimizer)
-        for group in optimizer.param_groups:
-            lr_t, wd_eff = step_coefficients(group)
-            role = group.get("role", Role.HIDDEN.value)
-            for index, W in enumerate(group["params"]):
-                name = f"{group.get('name', id(group))}.{index}"
-                if role == Role.EMBEDDING.value:
-                    W.copy_(project_embedding(W, self.embed_w_max))
-                    continue
-                W32 = W.float()
-                W.copy_(
-                    project_linear(
-                        W32,
-                        self.method,
-                        w_max=self._cap(role),
-                        lr_t=lr_t,
-                        wd_eff=wd_eff,
-                        spectral_wd=self.spectral_wd,
-                        coupling=self.coupling,
-                        update_sigma_max=sigma_max,
-                        power_iters=self.power_iters,
-                        power_state=self._power_state(name, W32),
-                    )
-                )
+        if self.projector is None:
+            self.projector = self.build_projector([optimizer])
+        self.projector.project()
         self.steps_applied += 1
 
     @torch.no_grad()
     def scale_into_ball(self, optimizers) -> None:
         """Start inside the ball: a layer initialised above its cap is scaled down to it once."""
-        if self.method in ("none", "spectral_weight_decay"):
-            return
-        for optimizer in optimizers:
-            for group in optimizer.param_groups:
-                role = group.get("role", Role.HIDDEN.value)
-                for W in group["params"]:
-                    if role == Role.EMBEDDING.value:
-                        W.copy_(project_embedding(W, self.embed_w_max))
-                        continue
-                    norm = rms_norm(W)
-                    if norm > self._cap(role):
-                        W.mul_(self._cap(role) / norm)
+        if self.projector is None:
+            self.projector = self.build_projector(optimizers)
+        self.projector.scale_into_ball()
+
+
+def update_sigma_max(optimizer: torch.optim.Optimizer) -> float:
+    """The largest spectral norm of ``optimizer``'s step direction per unit ``lr * t`` (W / scale units).
+
+    Muon: the largest singular value its Newton-Schulz coefficients can output, plus a margin for
+    rounding: 1e-4 in float32 (the tests measure below 1e-5 for either polynomial form), 5% in a
+    16-bit precision (the margin the paper's NanoGPT recipe uses for bfloat16; empirical, not a
+    proof). Other optimizers have no such bound: 1.0, the guard checks their matrices exactly.
+    """
+    coefficients = getattr(optimizer, "ns_coefficients", None)
+    if coefficients is None:
+        return 1.0
+    margin = 1 + 1e-4 if getattr(optimizer, "ns_dtype", torch.float32) in (torch.float32, torch.float64) else 1.05
+    return ns_max_singular_value(coefficients) * margin
 
 
 class LipschitzMonitor(Callback):
-    """Logs every layer's exact RMS->RMS norm and the certified Lipschitz bound at every validation."""
+    """Logs every layer's exact RMS->RMS norm and the certified Lipschitz bound at every validation.
+
+    Computed on rank 0 only: the weights are identical on every rank, and at NanoGPT scale the 73
+    exact norms (one of them the 50304x768 head's) are worth computing once, not eight times.
+    """
 
     def __init__(self) -> None:
         self.last_validated_step: int | None = None
@@ -172,11 +166,98 @@ class LipschitzMonitor(Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
+        self.last_validated_step = trainer.global_step
+        if not trainer.is_global_zero:
+            return
         net = pl_module.net
         norms = net.layer_norms()
-        pl_module.log_dict({f"norm/{name}": value for name, value in norms.items()}, sync_dist=False)
-        pl_module.log("lipschitz/bound", net.certified_bound(norms), sync_dist=False, prog_bar=True)
+        metrics = {f"norm/{name}": value for name, value in norms.items()}
+        metrics["lipschitz/bound"] = net.certified_bound(norms)
         if hasattr(net, "paper_formula_bound"):
             # SPEC §7's formula, for comparison with the paper's numbers: not a certificate
-            pl_module.log("lipschitz/bound_paper_formula", net.paper_formula_bound(norms), sync_dist=False)
-        self.last_validated_step = trainer.global_step
+            metrics["lipschitz/bound_paper_formula"] = net.paper_formula_bound(norms)
+        constraint = next((c for c in trainer.callbacks if isinstance(c, WeightConstraint)), None)
+        if constraint is not None and constraint.projector is not None:
+            metrics["constraint/guard_fallbacks"] = float(constraint.projector.fallbacks)
+        pl_module.log("lipschitz/bound", metrics.pop("lipschitz/bound"), rank_zero_only=True, prog_bar=True)
+        pl_module.log_dict(metrics, rank_zero_only=True)
+
+
+class SpeedMonitor(Callback):
+    """Logs ``speed/step_ms`` and ``speed/tokens_per_s`` (``speed/examples_per_s`` for images) over
+    the steps since the last log, and ``memory/peak_gib`` on CUDA, every ``log_every_n_steps`` steps.
+
+    The clock is read only at those steps (after a CUDA synchronisation there), so it adds no
+    per-step host sync; the counted items are those of this rank times the number of ranks.
+    """
+
+    def __init__(self) -> None:
+        self._since: tuple[float, int] | None = None  # (clock, step) at the last log
+        self._items_per_step, self._unit = 0, "tokens"
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        x = batch[0]
+        tokens = x.ndim == 2 and not x.is_floating_point()
+        self._unit = "tokens" if tokens else "examples"
+        self._items_per_step = (x.numel() if tokens else x.shape[0]) * trainer.accumulate_grad_batches * trainer.world_size
+        if self._since is None:
+            self._since = (self._clock(pl_module), trainer.global_step)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        if self._since is None or step % trainer.log_every_n_steps or step == self._since[1]:
+            return
+        now = self._clock(pl_module)
+        seconds, steps = now - self._since[0], step - self._since[1]
+        metrics = {"speed/step_ms": 1e3 * seconds / steps, f"speed/{self._unit}_per_s": self._items_per_step * steps / seconds}
+        if pl_module.device.type == "cuda":
+            metrics["memory/peak_gib"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
+        pl_module.log_dict(metrics, rank_zero_only=True)
+        self._since = (now, step)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._since = None  # validation time is not training time: restart the clock
+
+    @staticmethod
+    def _clock(pl_module: L.LightningModule) -> float:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        return time.perf_counter()
+
+
+class RankAgreement(Callback):
+    """Under DDP, checks at every validation and at the end that every rank holds bit-identical
+    weights, and stops the run with one clear error if not.
+
+    Nothing in the method may differ between ranks (the projection's start vectors are seeded, the
+    shared work is all-gathered), but a rank-dependent bit anywhere (a kernel, a data race) would
+    let the replicas drift apart silently. The check is a checksum of the weights' bit patterns:
+    one integer per rank, one small all-gather. Without DDP it does nothing.
+    """
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.check(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.check(trainer, pl_module)
+
+    @staticmethod
+    @torch.no_grad()
+    def checksum(module: torch.nn.Module) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.int64, device=next(module.parameters()).device)
+        for index, p in enumerate(module.parameters()):
+            bits = p.detach().contiguous().view(-1).view(torch.int16 if p.element_size() == 2 else torch.int32)
+            # position-weighted, so that swapped values between parameters still show
+            total += bits.to(torch.int64).sum() * (index + 1)
+        return total
+
+    def check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.world_size == 1:
+            return
+        sums = trainer.strategy.all_gather(self.checksum(pl_module.net))
+        if not bool((sums == sums[0]).all()):
+            raise TrainingDiverged(
+                f"the {trainer.world_size} ranks hold different weights at step {trainer.global_step} "
+                f"(checksums {sums.tolist()}): a rank-dependent computation let the replicas drift apart"
+            )

@@ -67,10 +67,63 @@ def _is_wide(M: Tensor) -> bool:
     return M.shape[-2] <= M.shape[-1]
 
 
-def orthogonalize(M: Tensor, coefficients: str | tuple = "small", dtype: torch.dtype | None = None) -> Tensor:
+POLYNOMIAL_FORMS = ("auto", "direct", "gram")
+GRAM_RESTART = 3  # Gram-form steps between two explicit X (see odd_polynomial_steps)
+
+
+def _uses_gram(X: Tensor, form: str) -> bool:
+    """``auto``: the Gram form for float32/64 stacks at least twice as wide as tall, where it does
+    fewer operations; bfloat16 keeps the direct form, whose rounding does not compound."""
+    if form not in POLYNOMIAL_FORMS:
+        raise ValueError(f"polynomial form must be one of {list(POLYNOMIAL_FORMS)}, got {form!r}")
+    if form != "auto":
+        return form == "gram"
+    return X.dtype in (torch.float32, torch.float64) and X.shape[-1] >= 2 * X.shape[-2]
+
+
+def odd_polynomial_steps(X: Tensor, coefficients, form: str = "auto") -> Tensor:
+    """``X <- (a I + b A + c A^2) X`` with ``A = X X^T``, for each ``(a, b, c)``; ``X`` wide (m <= n).
+
+    Every singular value goes through ``s -> a s + b s^3 + c s^5``. Newton-Schulz, the hard cap and
+    the soft cap are all this map. ``b`` may be a tensor of shape ``(matrices, 1, 1)``.
+
+    ``direct``: each step forms ``A`` and multiplies back, 2 products of size m x m x n per step.
+    ``gram``: within a run of steps, ``A`` and the accumulated factor ``Q`` (with ``X = Q X_start``)
+    are polynomials in ``G = X_start X_start^T``, so they commute and ``A <- P A P``, ``Q <- P Q``
+    stay m x m: one m x m x n product forms ``G``, one applies ``Q``, the steps in between cost
+    m^3. ``Q`` amplifies small singular values (by ~a^k after k steps) and with them float32
+    rounding, so ``X`` is formed again every ``GRAM_RESTART`` steps: 4 large products for the 6
+    Newton-Schulz steps instead of 12, at the direct form's float32 error (tests check it on
+    inputs whose singular values span 1e-6..1). The same polynomials, so every guarantee holds.
+    """
+    if not _uses_gram(X, form):
+        for a, b, c in coefficients:
+            A = X @ X.mT
+            B = b * A + c * (A @ A) if _nonzero(c) else b * A
+            X = a * X + B @ X
+        return X
+    coefficients = list(coefficients)
+    for start in range(0, len(coefficients), GRAM_RESTART):
+        A = X @ X.mT
+        identity = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+        Q = None
+        for a, b, c in coefficients[start : start + GRAM_RESTART]:
+            P = a * identity + b * A + (c * (A @ A) if _nonzero(c) else 0)
+            Q = P if Q is None else P @ Q
+            A = P @ (A @ P)
+        X = Q @ X
+    return X
+
+
+def _nonzero(c) -> bool:
+    return isinstance(c, Tensor) or c != 0
+
+
+def orthogonalize(M: Tensor, coefficients: str | tuple = "small", dtype: torch.dtype | None = None, form: str = "auto") -> Tensor:
     """Newton-Schulz approximation of the polar factor ``U V^T`` of ``M``.
 
     ``dtype`` is the working precision; ``None`` keeps float32 (bfloat16 is what GPUs use).
+    ``form``: see ``odd_polynomial_steps``.
     """
     out_dtype = M.dtype
     X = M.to(dtype or torch.float32)
@@ -78,9 +131,7 @@ def orthogonalize(M: Tensor, coefficients: str | tuple = "small", dtype: torch.d
     transpose = not _is_wide(X)
     if transpose:
         X = X.mT
-    for a, b, c in _coefficients(coefficients):
-        A = X @ X.mT
-        X = a * X + (b * A + c * A @ A) @ X
+    X = odd_polynomial_steps(X, _coefficients(coefficients), form)
     if transpose:
         X = X.mT
     return X.to(out_dtype)
@@ -177,29 +228,25 @@ HARD_CAP_COEFFICIENTS = (
 )
 
 
-def hard_cap(M: Tensor) -> Tensor:
+def hard_cap(M: Tensor, form: str = "auto") -> Tensor:
     """Polynomial approximation of ``min(1, sigma)`` on every singular value."""
-    transpose = _is_wide(M) and M.shape[-2] != M.shape[-1]
-    X = M.mT if transpose else M  # tall, so that A = X^T X is the small Gram matrix
-    for a, b, c in HARD_CAP_COEFFICIENTS:
-        A = X.mT @ X
-        X = a * X + X @ (b * A + c * A @ A)
+    transpose = not _is_wide(M)
+    X = M.mT if transpose else M
+    X = odd_polynomial_steps(X, HARD_CAP_COEFFICIENTS, form)
     return X.mT if transpose else X
 
 
-def _cube(M: Tensor) -> Tensor:
-    """``M M^T M`` through the smaller Gram matrix."""
-    return (M @ M.mT) @ M if _is_wide(M) else M @ (M.mT @ M)
-
-
-def soft_cap(M: Tensor, alpha: float | Tensor) -> Tensor:
+def soft_cap(M: Tensor, alpha: float | Tensor, form: str = "auto") -> Tensor:
     """Two polynomial steps that pull large singular values down: ``s - a s^3`` then ``s + a s^3``."""
-    M = M - alpha * _cube(M)
-    return M + alpha * _cube(M)
+    transpose = not _is_wide(M)
+    X = M.mT if transpose else M
+    X = odd_polynomial_steps(X, ((1.0, -alpha, 0.0), (1.0, alpha, 0.0)), form)
+    return X.mT if transpose else X
 
 
-def svd_cap(M: Tensor, w_max: float) -> Tensor:
-    """Exact ``U diag(min(s, w_max)) V^T``: slow, the ground truth."""
+def svd_cap(M: Tensor, w_max: float | Tensor) -> Tensor:
+    """Exact ``U diag(min(s, w_max)) V^T``: slow, the ground truth. A tensor ``w_max`` of shape
+    ``(matrices, 1)`` caps each matrix of a stack at its own value."""
     U, S, Vh = torch.linalg.svd(M, full_matrices=False)
     return (U * S.clamp(max=w_max).unsqueeze(-2)) @ Vh
 
@@ -222,17 +269,51 @@ def spectral_weight_decay(M: Tensor, strength: float, iters: int = 16, state: Te
     return M - (strength * sigma)[..., None, None] * _rank_one(u, v)
 
 
+@functools.lru_cache(maxsize=4096)
 def soft_cap_coupling(w_max: float, wd: float, max_update_norm: float) -> float:
     """The soft cap strength ``alpha`` that maps a singular value ``k`` exactly to ``w_max`` (§6.1).
 
     ``k = w_max (1 - wd) + max_update_norm`` is the largest singular value a weight at most
     ``w_max`` can reach after the decay and one step; ``alpha`` is the smallest real non-negative
     root of ``-k^9 a^4 + 3 k^7 a^3 - 3 k^5 a^2 + (k - w_max)``, or 1 when there is none.
+    Cached: with a constant learning rate every step asks for the same few values.
     """
     k = w_max * (1.0 - wd) + max_update_norm
     roots = np.roots([-(k**9), 3 * k**7, -3 * k**5, 0.0, k - w_max])
     real = roots.real[(np.abs(roots.imag) <= 1e-9 * np.maximum(1.0, np.abs(roots))) & (roots.real >= 0)]
     return float(real.min()) if real.size else 1.0
+
+
+def soft_cap_is_monotone(alpha: float, k: float) -> bool:
+    """The soft cap's guarantee (a singular value <= k ends <= w_max) needs its scalar map
+    ``s -> (s - a s^3) + a (s - a s^3)^3`` increasing on [0, k]: ``a k^2 <= 1/3``. Past that, a
+    singular value below k can end above w_max."""
+    return alpha * k * k <= 1 / 3
+
+
+# The hard cap's polynomial stays within [0, 1.011] for singular values in [0, 4.05] and explodes
+# above (p(5) ~ 6e126). Inputs whose top singular value may exceed this take the exact cap instead.
+HARD_CAP_SAFE_SIGMA = 4.0
+
+
+def sigma_upper_bound(M: Tensor) -> Tensor:
+    """A cheap, rigorous upper bound on ``sigma_max`` of each matrix: ``||A^4||_F^(1/8)`` for the
+    small Gram matrix ``A``, at most ``n^(1/8)`` (2.3 for n = 768) times ``sigma_max`` itself."""
+    X = M.mT if _is_wide(M) else M
+    A = X.mT @ X
+    frobenius = torch.linalg.matrix_norm(A, keepdim=True).clamp(min=1e-30)
+    B = A / frobenius  # normalised, so that the fourth power cannot overflow
+    B = B @ B
+    B = B @ B
+    return (frobenius.sqrt() * torch.linalg.matrix_norm(B, keepdim=True).pow(1 / 8)).squeeze(-1).squeeze(-1)
+
+
+def spectral_norms(M: Tensor) -> Tensor:
+    """The exact largest singular value of each matrix of a stack, from its small Gram matrix's
+    largest eigenvalue in float64."""
+    X = M.double()
+    gram = X @ X.mT if _is_wide(M) else X.mT @ X
+    return torch.linalg.eigvalsh(gram)[..., -1].clamp(min=0).sqrt()
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,50 +337,107 @@ def project_embedding(E: Tensor, w_max: float = 1.0, dim: int = -1) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# Per-layer projection with the SPEC's unit conventions
+# Projection of a stack of same-shape matrices with the SPEC's unit conventions and the guards
 # --------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class StepContext:
-    """What a projection may need to know about the layer and the step that just happened."""
+    """What a projection needs to know about the matrices of a stack and the step that just happened.
 
-    w_max: float
-    lr_t: float  # lr * target_norm of the step
-    wd_eff: float  # wd * lr * target_norm of the step
+    Per-matrix values are tuples with one entry per matrix of the stack.
+    """
+
+    w_max: tuple[float, ...]
+    lr_t: tuple[float, ...]  # lr * target_norm of the step
+    wd_eff: tuple[float, ...]  # wd * lr * target_norm of the step
+    max_update_norm: tuple[float, ...]  # u of §6.1, in W / scale units
+    step_bounded: tuple[bool, ...]  # whether u really bounds the step (Muon's) or is only assumed
     spectral_wd: float
-    scale: float  # sqrt(fanout / fanin)
     coupling: str
-    max_update_norm: float  # u of §6.1, in W / scale units
     power_iters: int
-    power_state: Tensor | None
+    power_state: Tensor | None  # (matrices, smaller side), updated in place
+    guard: bool  # fall back to the exact cap where a polynomial's guarantee would fail
+    form: str  # how the polynomial methods are evaluated (odd_polynomial_steps)
 
 
-def _soft_cap_step(M: Tensor, ctx: StepContext) -> Tensor:
-    if ctx.coupling == "exact" and ctx.w_max * (1 - ctx.wd_eff) + ctx.max_update_norm <= ctx.w_max:
-        # decay outweighs the step: nothing can leave the ball, and the coupling's fallback
-        # alpha = 1 (no root) would inflate every singular value above 1
-        return M
-    alpha = soft_cap_coupling(ctx.w_max, ctx.wd_eff, ctx.max_update_norm)
-    return soft_cap(M, alpha)
+def _per_matrix(values, like: Tensor) -> Tensor:
+    """A tuple of per-matrix floats as a tensor that broadcasts over ``(matrices, m, n)``."""
+    return torch.tensor(values, dtype=like.dtype, device=like.device)[:, None, None]
 
 
-# name -> (function on M, acts on W / (scale * w_max) rather than W / scale)
-LINEAR_METHODS: dict[str, tuple[Callable[[Tensor, StepContext], Tensor], bool]] = {
-    "none": (lambda M, ctx: M, False),
-    "spectral_normalize": (lambda M, ctx: spectral_normalize(M, ctx.power_iters, ctx.power_state), True),
+def _exact_cap_rows(M: Tensor, result: Tensor, rows: list[bool], caps: Tensor) -> Tensor:
+    """``result`` with the chosen matrices of the stack replaced by their exact cap ``min(s, cap)``."""
+    if not any(rows):
+        return result
+    mask = torch.tensor(rows, dtype=torch.bool, device=M.device)
+    result = result.clone()
+    result[mask] = svd_cap(M[mask], caps[mask].view(-1, 1))
+    return result
+
+
+def _soft_cap_step(M: Tensor, ctx: StepContext) -> tuple[Tensor, Tensor]:
+    """The soft cap, guarded. Its guarantee needs (1) the scalar map monotone on [0, k] and (2)
+    every singular value at most k. A Muon step ensures (2) by construction; after any other step
+    the largest singular value is computed exactly and a matrix beyond k takes the exact cap."""
+    beyond = [False] * M.shape[0]
+    if ctx.guard and not all(ctx.step_bounded):
+        sigma = spectral_norms(M).tolist()
+        beyond = [not bounded and s > w * (1 - wd) + u
+                  for s, bounded, w, wd, u in zip(sigma, ctx.step_bounded, ctx.w_max, ctx.wd_eff, ctx.max_update_norm)]
+    alphas, fallback = [], []
+    for w_max, wd_eff, u, far in zip(ctx.w_max, ctx.wd_eff, ctx.max_update_norm, beyond):
+        k = w_max * (1 - wd_eff) + u
+        if ctx.coupling == "exact" and k <= w_max and not far:
+            # decay outweighs the step: nothing can leave the ball, and the coupling's fallback
+            # alpha = 1 (no root) would inflate every singular value above 1
+            alphas.append(0.0), fallback.append(False)
+            continue
+        alpha = soft_cap_coupling(w_max, wd_eff, u)
+        unsafe = far or (ctx.guard and not soft_cap_is_monotone(alpha, k))
+        alphas.append(0.0 if unsafe else alpha), fallback.append(unsafe)
+    out = soft_cap(M, _per_matrix(alphas, M), ctx.form)
+    return _exact_cap_rows(M, out, fallback, _per_matrix(ctx.w_max, M)), torch.tensor(fallback, dtype=torch.bool)
+
+
+def _hard_cap_step(M: Tensor, ctx: StepContext) -> tuple[Tensor, Tensor]:
+    if not ctx.guard:
+        return hard_cap(M, ctx.form), torch.zeros(M.shape[0], dtype=torch.bool)
+    fits = (sigma_upper_bound(M) <= HARD_CAP_SAFE_SIGMA).cpu()  # False for inf and nan too
+    if bool(fits.all()):
+        return hard_cap(M, ctx.form), ~fits
+    out = torch.empty_like(M)
+    out[~fits] = svd_cap(M[~fits], 1.0)  # M is W / (scale * w_max) here: the cap is 1
+    if bool(fits.any()):
+        out[fits] = hard_cap(M[fits], ctx.form)
+    return out, ~fits
+
+
+def _no_fallback(function: Callable[[Tensor, StepContext], Tensor]) -> Callable[[Tensor, StepContext], tuple[Tensor, Tensor]]:
+    return lambda M, ctx: (function(M, ctx), torch.zeros(M.shape[0], dtype=torch.bool))
+
+
+# name -> (function on a stack M, acts on W / (scale * w_max) rather than W / scale). Each returns
+# the projected stack and, per matrix, whether a guard replaced the method by the exact cap.
+LINEAR_METHODS: dict[str, tuple[Callable[[Tensor, StepContext], tuple[Tensor, Tensor]], bool]] = {
+    "none": (_no_fallback(lambda M, ctx: M), False),
+    "spectral_normalize": (_no_fallback(lambda M, ctx: spectral_normalize(M, ctx.power_iters, ctx.power_state)), True),
     "spectral_soft_cap": (_soft_cap_step, False),
-    "spectral_hard_cap": (lambda M, ctx: hard_cap(M), True),
-    "spectral_hammer": (lambda M, ctx: spectral_hammer(M, ctx.w_max, ctx.power_iters, ctx.power_state), False),
-    "spectral_weight_decay": (
-        lambda M, ctx: spectral_weight_decay(M, ctx.spectral_wd, ctx.power_iters, ctx.power_state),
+    "spectral_hard_cap": (_hard_cap_step, True),
+    "spectral_hammer": (
+        _no_fallback(lambda M, ctx: spectral_hammer(M, _per_matrix(ctx.w_max, M)[:, 0, 0], ctx.power_iters, ctx.power_state)),
         False,
     ),
-    "orthogonalize": (lambda M, ctx: orthogonalize(M), True),
-    "svd_cap": (lambda M, ctx: svd_cap(M, ctx.w_max), False),
+    "spectral_weight_decay": (
+        _no_fallback(lambda M, ctx: spectral_weight_decay(M, ctx.spectral_wd, ctx.power_iters, ctx.power_state)),
+        False,
+    ),
+    "orthogonalize": (_no_fallback(lambda M, ctx: orthogonalize(M, form=ctx.form)), True),
+    "svd_cap": (_no_fallback(lambda M, ctx: svd_cap(M, _per_matrix(ctx.w_max, M)[:, :, 0])), False),
 }
 
 POWER_ITERATION_METHODS = frozenset({"spectral_normalize", "spectral_hammer", "spectral_weight_decay"})
+GUARDED_METHODS = frozenset({"spectral_soft_cap", "spectral_hard_cap"})
 COUPLINGS = ("exact", "reference")
 
 
@@ -323,6 +461,52 @@ def max_update_norm(lr_t: float, scale: float, coupling: str, update_sigma_max: 
     raise ValueError(f"constraint.coupling must be one of {list(COUPLINGS)}, got {coupling!r}")
 
 
+def project_stack(
+    W: Tensor,
+    method: str,
+    *,
+    w_max: tuple[float, ...],
+    lr_t: tuple[float, ...],
+    wd_eff: tuple[float, ...],
+    spectral_wd: float = 0.0,
+    coupling: str = "reference",
+    update_sigma_max: float | None = None,
+    power_iters: int = 16,
+    power_state: Tensor | None = None,
+    guard: bool = True,
+    step_bounded: tuple[bool, ...] | None = None,
+    form: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """Apply constraint ``method`` to a stack of same-shape weights ``(matrices, fanout, fanin)``.
+
+    Returns the projected stack and a boolean per matrix: True where a guard (``guard=True``) found
+    the method's guarantee void for this input (soft cap not monotone on [0, k], hard cap input
+    beyond its polynomial's range) and applied the exact cap instead.
+    """
+    if method not in LINEAR_METHODS:
+        raise ValueError(f"unknown constraint method {method!r}; allowed: {sorted(LINEAR_METHODS)}")
+    if method == "none":
+        return W, torch.zeros(W.shape[0], dtype=torch.bool)
+    function, caps_at_one = LINEAR_METHODS[method]
+    scale = layer_scale(W)
+    unit = _per_matrix(w_max, W) * scale if caps_at_one else scale
+    ctx = StepContext(
+        w_max=tuple(w_max),
+        lr_t=tuple(lr_t),
+        wd_eff=tuple(wd_eff),
+        max_update_norm=tuple(max_update_norm(x, scale, coupling, update_sigma_max) for x in lr_t),
+        step_bounded=tuple(step_bounded) if step_bounded is not None else (True,) * len(lr_t),
+        spectral_wd=spectral_wd,
+        coupling=coupling,
+        power_iters=power_iters,
+        power_state=power_state,
+        guard=guard,
+        form=form,
+    )
+    projected, fell_back = function(W / unit, ctx)
+    return projected * unit, fell_back
+
+
 def project_linear(
     W: Tensor,
     method: str,
@@ -335,24 +519,18 @@ def project_linear(
     update_sigma_max: float | None = None,
     power_iters: int = 16,
     power_state: Tensor | None = None,
+    guard: bool = True,
+    form: str = "auto",
 ) -> Tensor:
-    """Apply constraint ``method`` to a linear layer's weight ``W`` of shape ``(..., fanout, fanin)``."""
-    if method not in LINEAR_METHODS:
-        raise ValueError(f"unknown constraint method {method!r}; allowed: {sorted(LINEAR_METHODS)}")
-    if method == "none":
-        return W
-    function, caps_at_one = LINEAR_METHODS[method]
-    scale = layer_scale(W)
-    unit = scale * w_max if caps_at_one else scale
-    ctx = StepContext(
-        w_max=w_max,
-        lr_t=lr_t,
-        wd_eff=wd_eff,
-        spectral_wd=spectral_wd,
-        scale=scale,
-        coupling=coupling,
-        max_update_norm=max_update_norm(lr_t, scale, coupling, update_sigma_max),
-        power_iters=power_iters,
-        power_state=power_state,
+    """Apply constraint ``method`` to one layer's weight ``W`` of shape ``(fanout, fanin)`` (or a
+    stack ``(..., fanout, fanin)`` sharing one ``w_max`` and step). ``guard=False`` reproduces the
+    paper's code exactly, also where its guarantee fails (see ``project_stack``)."""
+    stack = W.reshape(-1, *W.shape[-2:])
+    count = stack.shape[0]
+    projected, _ = project_stack(
+        stack, method, w_max=(w_max,) * count, lr_t=(lr_t,) * count, wd_eff=(wd_eff,) * count,
+        spectral_wd=spectral_wd, coupling=coupling, update_sigma_max=update_sigma_max, power_iters=power_iters,
+        power_state=None if power_state is None else power_state.view(count, -1),  # a view: updated in place
+        guard=guard, form=form,
     )
-    return function(W / unit, ctx) * unit
+    return projected.reshape(W.shape)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Annotated
+
+import annotated_types as at
 
 import lightning as L
 import torch
@@ -14,6 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from lipschitz_lightning.checkpoints import network_record
 from lipschitz_lightning.errors import TrainingDiverged
 from lipschitz_lightning.optim.roles import param_groups
+from lipschitz_lightning.schema import PositiveInt
 
 
 def flatten_positions(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,12 +28,14 @@ def flatten_positions(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torc
 class ClassificationModule(L.LightningModule):
     """Cross-entropy classification. ``net`` provides ``param_specs()`` (roles, target norms)."""
 
+    data_kind = "images"  # the ``kind`` of datamodule it trains on (config.py checks the pairing)
+
     def __init__(
         self,
         net: nn.Module,
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
-        num_classes: int = 10,
+        num_classes: Annotated[int, at.Ge(2)] = 10,
     ):
         super().__init__()
         self.save_hyperparameters(logger=False, ignore=["net", "optimizer", "scheduler"])
@@ -48,7 +54,7 @@ class ClassificationModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
-        logits, y = flatten_positions(self.net(x), y)
+        logits, y = flatten_positions(self(x), y)
         loss = F.cross_entropy(logits, y)
         self.train_acc.update(logits.detach(), y)
         self._unchecked_losses.append((self.global_step, loss.detach()))
@@ -79,7 +85,7 @@ class ClassificationModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx: int) -> None:
         x, y = batch
-        logits, y = flatten_positions(self.net(x), y)
+        logits, y = flatten_positions(self(x), y)
         self._log_validation(logits, y)
 
     def _log_validation(self, logits: torch.Tensor, y: torch.Tensor) -> None:
@@ -103,15 +109,23 @@ class ClassificationModule(L.LightningModule):
 class LanguageModelModule(ClassificationModule):
     """Next-token prediction: mean token cross-entropy and token accuracy over ``vocab_size`` classes.
 
-    Validation also runs the network's instrumented forward (``net(x, stats=...)``) and logs, as
-    maxima over the validation set, each block's largest activation RMS and entry and each
-    layer's largest pre-softmax attention logit: the quantities that blow up without constraints.
+    The network sees the sliding window of the current point of training (``net.window_size``).
+    Validation also runs the network's instrumented forward (``net(x, stats=...)``, the softmax
+    written out) and logs, as maxima over the validation set, each block's largest activation RMS
+    and entry and each layer's largest pre-softmax attention logit: the quantities that blow up
+    without constraints. On sequences longer than ``stats_tokens`` (48k tokens in the NanoGPT
+    recipe: a dense T x T score matrix would not fit) the statistics come from the first
+    ``stats_tokens`` tokens of the batch's first sequence, which, the model being causal, are
+    exactly those tokens' activations in the full pass.
     Checkpoints carry the network's constructor arguments and the vocabulary, so that
     ``lipschitz_lightning.sample`` rebuilds the model from the checkpoint alone.
     """
 
-    def __init__(self, net: nn.Module, optimizer, scheduler=None, vocab_size: int = 65):
+    data_kind = "tokens"
+
+    def __init__(self, net: nn.Module, optimizer, scheduler=None, vocab_size: PositiveInt = 65, stats_tokens: PositiveInt = 4096):
         super().__init__(net, optimizer, scheduler, num_classes=vocab_size)
+        self.stats_tokens = stats_tokens
         self.vocab_chars: str | None = None
         self._stat_maxima: dict[str, torch.Tensor] = {}
 
@@ -119,18 +133,32 @@ class LanguageModelModule(ClassificationModule):
         vocab = getattr(self.trainer.datamodule, "vocab", None)
         self.vocab_chars = vocab.chars if vocab is not None else self.vocab_chars
 
+    def window(self) -> int | None:
+        """The attention window at this point of training (None: plain causal attention)."""
+        progress = self.global_step / self.trainer.max_steps if self._trainer is not None and self.trainer.max_steps > 0 else 1.0
+        return self.net.window_size(progress)
+
+    def forward(self, x: torch.Tensor, stats: dict | None = None) -> torch.Tensor:
+        return self.net(x, stats=stats, window=self.window())
+
     def validation_step(self, batch, batch_idx: int) -> None:
         x, y = batch
         stats: dict[str, torch.Tensor] = {}
-        logits, y = flatten_positions(self.net(x, stats=stats), y)
+        if x.shape[1] <= self.stats_tokens:
+            logits = self(x, stats=stats)  # one instrumented pass gives the loss and the statistics
+        else:
+            logits = self(x)
+            self(x[:1, : self.stats_tokens], stats=stats)
         for name, value in stats.items():
             previous = self._stat_maxima.get(name)
             self._stat_maxima[name] = value if previous is None else torch.maximum(previous, value)
-        self._log_validation(logits, y)
+        self._log_validation(*flatten_positions(logits, y))
 
     def on_validation_epoch_end(self) -> None:
-        if self._stat_maxima:
-            self.log_dict({k: v.float() for k, v in self._stat_maxima.items()}, reduce_fx="max", sync_dist=True)
+        # every rank logs every key, also a rank that saw no batch, or the synchronisation hangs
+        empty = torch.tensor(float("-inf"), device=self.device)
+        maxima = {name: self._stat_maxima.get(name, empty).float() for name in self.net.stat_names()}
+        self.log_dict(maxima, reduce_fx="max", sync_dist=True)
         self._stat_maxima = {}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -26,8 +26,10 @@ Lipschitz constant computable from the weights' RMS->RMS norms; ``certificate`` 
 from __future__ import annotations
 
 import math
+import typing
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +44,7 @@ from lipschitz_lightning.lipschitz import (
     rms_norm,
 )
 from lipschitz_lightning.optim.roles import ParamSpec, Role, gpt_target_norms
+from lipschitz_lightning.schema import NonNegativeInt, Positive, PositiveInt, check
 
 LAYERNORM_SUBSTITUTES = ("none", "rmsnorm", "layernorm", "tanh")
 GELUS = ("tanh", "exact")
@@ -53,32 +56,34 @@ WINDOW_GRANULE = 128  # sliding windows grow in steps of this many tokens (flex 
 
 @dataclass(frozen=True)
 class GPTConfig:
-    vocab_size: int = 65
-    width: int = 256
-    num_heads: int = 4
-    num_blocks: int = 3
-    seq_len: int = 256  # the longest sequence (training or validation) the model accepts
-    softmax_scale: float = 1.0
-    final_scale: float = 1.0
-    residual_scale: float = 1.0
-    blocks_mass: float = 16.0
+    """Every setting of the network (``model.net`` in the configs); the annotations are the checks."""
+
+    vocab_size: PositiveInt = 65
+    width: PositiveInt = 256
+    num_heads: PositiveInt = 4
+    num_blocks: PositiveInt = 3
+    seq_len: PositiveInt = 256  # the longest sequence (training or validation) the model accepts
+    softmax_scale: Positive = 1.0
+    final_scale: Positive = 1.0
+    residual_scale: Positive = 1.0
+    blocks_mass: Positive = 16.0
     # modula: SPEC §5's per-role target norms; unit: every weight 1 (NanoGPT, where per-role
     # learning rates take their place)
-    target_norms: str = "modula"
-    layernorm_substitute: str = "none"
+    target_norms: Literal[TARGET_NORMS] = "modula"
+    layernorm_substitute: Literal[LAYERNORM_SUBSTITUTES] = "none"
     zero_init: bool = True
-    gelu: str = "tanh"
-    rope: str = "standard"
-    rope_base: float = 10000.0
-    attention: str = "sdpa"
+    gelu: Literal[GELUS] = "tanh"
+    rope: Literal[ROPES] = "standard"
+    rope_base: Positive = 10000.0
+    attention: Literal[tuple(ATTENTION_KERNELS)] = "sdpa"
     # token that starts a document (GPT-2's <|endoftext|> is 50256); null: no document mask
-    document_token: int | None = None
+    document_token: NonNegativeInt | None = None
     # one letter per block, L (long) or S (short: half the window); null: no sliding window
     window_pattern: str | None = None
-    window_min: int = 128
-    window_max: int = 1792
+    window_min: PositiveInt = 128
+    window_max: PositiveInt = 1792
     # token vectors are looked up with RMS at most this (nn.Embedding's max_norm); null: as stored
-    embed_max_rms: float | None = None
+    embed_max_rms: Positive | None = None
 
 
 # ---------------------------------------------------------------------------- masks
@@ -91,6 +96,7 @@ class GPTConfig:
 class AttentionMask:
     documents: Tensor | None = None  # (batch, seq) document index of every token
     window: int | None = None  # a query sees at most this many keys, itself included
+    _dense: dict = field(default_factory=dict, compare=False, repr=False)  # built once per forward, not per block
 
     @property
     def is_causal_only(self) -> bool:
@@ -106,9 +112,12 @@ class AttentionMask:
 
     def dense(self, batch: int, seq: int, device: torch.device) -> Tensor:
         """``(batch or 1, 1, seq, seq)`` booleans, True where attention is allowed."""
-        b = torch.arange(batch if self.documents is not None else 1, device=device)[:, None, None]
-        positions = torch.arange(seq, device=device)
-        return self.allows(b, positions[None, :, None], positions[None, None, :])[:, None]
+        key = (batch, seq, device)
+        if key not in self._dense:
+            b = torch.arange(batch if self.documents is not None else 1, device=device)[:, None, None]
+            positions = torch.arange(seq, device=device)
+            self._dense[key] = self.allows(b, positions[None, :, None], positions[None, None, :])[:, None]
+        return self._dense[key]
 
 
 # ---------------------------------------------------------------------------- attention kernels
@@ -258,15 +267,15 @@ class Block(nn.Module):
 
 
 def check_config(cfg: GPTConfig) -> None:
-    """What the dataclass's types cannot say: relations between the settings."""
+    """Every field against its annotation, then what the annotations cannot say: relations."""
+    for name, hint in typing.get_type_hints(GPTConfig, include_extras=True).items():
+        ok, description = check(getattr(cfg, name), hint)
+        if not ok:
+            raise ValueError(f"model.net.{name} must be {description}, got {getattr(cfg, name)!r}")
     if cfg.width % cfg.num_heads:
         raise ValueError(f"model.net.num_heads={cfg.num_heads} must divide model.net.width={cfg.width}")
     if (cfg.width // cfg.num_heads) % 2:
         raise ValueError(f"model.net.width / model.net.num_heads = {cfg.width // cfg.num_heads} must be even for RoPE")
-    for key, allowed in (("layernorm_substitute", LAYERNORM_SUBSTITUTES), ("attention", tuple(ATTENTION_KERNELS)),
-                         ("gelu", GELUS), ("rope", ROPES), ("target_norms", TARGET_NORMS)):
-        if getattr(cfg, key) not in allowed:
-            raise ValueError(f"model.net.{key} must be one of {list(allowed)}, got {getattr(cfg, key)!r}")
     pattern = cfg.window_pattern
     if pattern is not None and (len(pattern) != cfg.num_blocks or set(pattern) - {"L", "S"}):
         example = ("L" + "S" * (cfg.num_blocks - 2) + "L")[: cfg.num_blocks]
@@ -277,6 +286,8 @@ def check_config(cfg: GPTConfig) -> None:
 
 
 class GPT(nn.Module):
+    config_schema = GPTConfig  # the settings of model.net, checked before anything is built
+
     def __init__(self, **config):
         super().__init__()
         cfg = GPTConfig(**config)
@@ -338,10 +349,11 @@ class GPT(nn.Module):
         mask = mask or AttentionMask()
         rotary = (self.rotary_cos, self.rotary_sin)
         pattern = self.config.window_pattern
+        short = mask
+        if mask.window is not None and pattern is not None and "S" in pattern:
+            short = AttentionMask(mask.documents, max(WINDOW_GRANULE, mask.window // 2 // WINDOW_GRANULE * WINDOW_GRANULE))
         for l, block in enumerate(self.blocks):
-            block_mask = mask
-            if mask.window is not None and pattern is not None and pattern[l] == "S":
-                block_mask = AttentionMask(mask.documents, max(WINDOW_GRANULE, mask.window // 2 // WINDOW_GRANULE * WINDOW_GRANULE))
+            block_mask = short if pattern is not None and pattern[l] == "S" else mask
             x = block(x, rotary, block_mask, stats, str(l))
             if stats is not None:
                 stats[f"activation/rms_max_block{l}"] = x.detach().float().pow(2).mean(dim=-1).sqrt().max()

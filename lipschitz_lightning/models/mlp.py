@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import math
+from typing import Annotated
+
+import annotated_types as at
 
 import torch
 from torch import Tensor, nn
 
 from lipschitz_lightning.lipschitz import mlp_bound, rms_norm
 from lipschitz_lightning.optim.roles import ParamSpec, Role, mlp_target_norms
+from lipschitz_lightning.schema import Positive, PositiveInt
 
 
 def relu(x: Tensor) -> Tensor:
@@ -21,12 +25,12 @@ def relu(x: Tensor) -> Tensor:
 class MLP(nn.Module):
     def __init__(
         self,
-        input_dim: int = 3072,
-        width: int = 256,
-        num_layers: int = 3,
-        num_classes: int = 10,
+        input_dim: PositiveInt = 3072,
+        width: PositiveInt = 256,
+        num_layers: Annotated[int, at.Ge(2)] = 3,
+        num_classes: PositiveInt = 10,
         zero_init: bool = True,
-        final_scale: float = 1.0,
+        final_scale: Positive = 1.0,
     ):
         super().__init__()
         self.config = dict(input_dim=input_dim, width=width, num_layers=num_layers, num_classes=num_classes,

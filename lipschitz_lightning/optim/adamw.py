@@ -10,9 +10,12 @@ cap's coupling, as in the reference.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 from lipschitz_lightning.optim.roles import with_target_weight_decay
+from lipschitz_lightning.schema import Betas, NonNegative, Positive
 
 VARIANTS = ("reference", "torch")
 
@@ -44,7 +47,14 @@ class ReferenceAdamW(torch.optim.Optimizer):
         return loss
 
 
-def AdamW(params, lr: float, betas=(0.9, 0.95), eps: float = 1e-12, variant: str = "reference", weight_decay: float = 0.0):
+def AdamW(
+    params,
+    lr: Positive,
+    betas: Betas = (0.9, 0.95),
+    eps: Positive = 1e-12,
+    variant: Literal[VARIANTS] = "reference",
+    weight_decay: NonNegative = 0.0,
+):
     """Build the chosen AdamW variant over ``params`` (groups from ``roles.param_groups``); ``weight_decay`` is the base ``wd``."""
     if variant == "reference":
         return ReferenceAdamW(with_target_weight_decay(params, weight_decay), lr=lr, betas=betas, eps=eps)
