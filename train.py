@@ -3,35 +3,89 @@
     python train.py                                   # MLP on CIFAR-10, Muon + spectral soft cap
     python train.py optimizer=adamw constraint=none   # the unconstrained baseline
     python train.py experiment=cifar_mlp_adamw_baseline
+    python train.py resume=logs/train/runs/<run>      # continue a run with its own settings
     python train.py +sweep=cifar_tradeoff             # a tradeoff grid (Hydra multirun), see sweeps/
 """
 
+import logging
 import shutil
 import sys
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+import lipschitz_lightning  # noqa: F401  (registers the resolver conf/train.yaml uses)
+from lipschitz_lightning.cli import HYDRA_FILES, Resumed, resume_arguments
 from lipschitz_lightning.errors import ConfigError, LipschitzLightningError
-from lipschitz_lightning.training import in_multirun, train
+
+log = logging.getLogger("lipschitz_lightning")
+RESUMED: Resumed | None = None  # set by resume=<run dir>, before Hydra starts
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    # torch and Lightning load here, not at import: --cfg job, --help and Hydra's errors stay quick,
+    # and Lightning's notices find Hydra's logging already set up (so they reach train.log)
+    from lipschitz_lightning.training import build, in_multirun, record_failure, train
+
+    # the lightning package gives itself a stderr console on import; Hydra's handlers show its notices already
+    logging.getLogger("lightning").handlers.clear()
+    logging.captureWarnings(True)  # warnings reach train.log too
+    run = None
     try:
-        return train(cfg).get("val/acc")
-    except LipschitzLightningError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
+        run = build(cfg)  # config, resume and data checks: nothing trained yet
+        return train(cfg, run).get("val/acc")
+    except Exception as error:
         if in_multirun():
+            if run is None:
+                record_failure(cfg, error)  # train() records the failures of a built run itself
             # one diverged or misconfigured grid point is a result, not a reason to stop the sweep:
             # its summary.json says failed and the report lists it
-            return None
-        if isinstance(error, ConfigError):
-            # rejected before any work: leave no run directory behind
-            shutil.rmtree(Path(cfg.paths.output_dir), ignore_errors=True)
+            if isinstance(error, LipschitzLightningError):
+                return None
+            raise
+        if run is None:
+            _leave_nothing_behind(Path(cfg.paths.log_dir))
+        if not isinstance(error, LipschitzLightningError):
+            raise
+        log.error(f"error: {error}")
         sys.exit(1)
 
 
+def _leave_nothing_behind(log_dir: Path) -> None:
+    """A single run that failed before training leaves no trace: a resumed run gets its saved config
+    back, and a new run directory goes, if it holds only what Hydra wrote into it, with the folders
+    above it up to ``paths.log_dir`` that it leaves empty."""
+    if RESUMED is not None:
+        RESUMED.restore()
+        return
+    hydra_config = HydraConfig.get()
+    output_dir = Path(hydra_config.runtime.output_dir)
+    written_by_hydra = {output_dir / f"{hydra_config.job.name}.log"}
+    if hydra_config.output_subdir is not None:
+        hydra_dir = output_dir / hydra_config.output_subdir
+        if any(path.name not in HYDRA_FILES for path in hydra_dir.glob("*")):
+            return
+        written_by_hydra.add(hydra_dir)
+    if not all(path in written_by_hydra for path in output_dir.iterdir()):
+        return
+    shutil.rmtree(output_dir, ignore_errors=True)
+    log_dir = log_dir.resolve()
+    for parent in output_dir.resolve().parents:
+        if parent != log_dir and log_dir not in parent.parents:
+            break
+        try:
+            parent.rmdir()  # only when empty
+        except OSError:
+            break
+
+
 if __name__ == "__main__":
+    try:
+        sys.argv[1:], RESUMED = resume_arguments(sys.argv[1:])
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(1)
     main()

@@ -181,6 +181,65 @@ def run_plain(cfg: DictConfig, data, device: torch.device, sync, time_projection
     return Timing(stamps, projection_s, final_loss=loss.item())
 
 
+# ---------------------------------------------------------------------------------- (c) roofline
+
+
+def gemm_peak(net: torch.nn.Module, rows: int, device: torch.device, sync) -> dict[str, float]:
+    """This machine's fp32 GEMM throughput (GFLOP/s, median of 10) on the step's largest layer shape
+    (``rows`` x fanin @ fanin x fanout) and on 1024^3, through ``torch.mm``: the limit a step is
+    measured against, read from the machine rather than from a datasheet."""
+    layer = max((m for m in net.modules() if isinstance(m, torch.nn.Linear)), key=lambda m: m.weight.numel())
+    shapes = {f"{rows}x{layer.in_features}x{layer.out_features}": (rows, layer.in_features, layer.out_features),
+              "1024x1024x1024": (1024, 1024, 1024)}
+    peaks = {}
+    for name, (m, k, n) in shapes.items():
+        a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
+        times = []
+        for repeat in range(13):
+            sync()
+            started = time.perf_counter()
+            a @ b
+            sync()
+            if repeat >= 3:
+                times.append(time.perf_counter() - started)
+        peaks[name] = 2 * m * k * n / statistics.median(times) / 1e9
+    return peaks
+
+
+def step_flops(cfg: DictConfig, data, device: torch.device) -> dict[str, float]:
+    """FLOPs of one step of the plain loop by phase, counted by ``torch.utils.flop_counter``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(cfg.seed)
+    datamodule, dataset = data
+    net = instantiate(cfg.model.net).to(device)
+    optimizer = instantiate(cfg.optimizer)(param_groups(net.param_specs()))
+    constraint = instantiate(cfg.constraint)
+    constraint.scale_into_ball([optimizer])
+    x, y = (t.to(device) for t in dataset[next(iter(ResumableRandomBatches(len(dataset), cfg.data.batch_size, cfg.data.seed)))])
+    x, y = datamodule.on_after_batch_transfer((x, y), 0)
+    counts = {}
+    with FlopCounterMode(display=False) as counter:
+        loss = F.cross_entropy(*flatten_positions(net(x), y))
+    counts["forward"] = counter.get_total_flops()
+    with FlopCounterMode(display=False) as counter:
+        loss.backward()
+    counts["backward"] = counter.get_total_flops()
+    with FlopCounterMode(display=False) as counter:
+        optimizer.step()
+    counts["optimizer"] = counter.get_total_flops()
+    with FlopCounterMode(display=False) as counter:
+        constraint.project(optimizer)
+    counts["projection"] = counter.get_total_flops()
+    counts["total"] = sum(counts.values())
+    return {k: v / 1e9 for k, v in counts.items()}
+
+
+# The paper's own code (JAX) on the same configs, measured side by side on this project's CPU
+# machine (see README, Speed): the benchmark prints it next to this project's figures.
+PAPER_CODE_MEASUREMENTS: dict[str | None, dict] = {}
+
+
 # ---------------------------------------------------------------------------------- main
 
 
@@ -205,6 +264,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=list(LINEAR_METHODS), choices=list(LINEAR_METHODS), metavar="METHOD",
                         help=f"constraint methods for part 2 (default all: {', '.join(LINEAR_METHODS)}; none given: skip)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the config's")
+    parser.add_argument("--no-roofline", dest="roofline", action="store_false", help="skip the FLOP count and the GEMM peak")
     args = parser.parse_args()
     if args.steps <= WARMUP + 1:
         parser.error(f"--steps must be more than {WARMUP + 1} (the first {WARMUP} steps are warm-up)")
@@ -255,6 +315,15 @@ def main() -> None:
             "plain_final_loss": plain[0].final_loss,
         }
 
+        # ---- the roofline: the step's FLOPs, what they achieve, and the machine's GEMM peak
+        roofline = {}
+        if args.roofline:
+            flops = step_flops(cfg, data, device)
+            rows = items_per_step if sample_x.ndim == 2 else cfg.data.batch_size
+            peaks = gemm_peak(instantiate(cfg.model.net), rows, device, sync)
+            roofline = {"gflop_per_step": flops, "gemm_peak_gflops": peaks,
+                        "pipeline_gflops": flops["total"] / pipeline_s, "plain_gflops": flops["total"] / plain_s}
+
         # ---- part 2: the projection's share of a plain step, per method
         part2 = {}
         for method, method_cfg in method_cfgs.items():
@@ -275,6 +344,19 @@ def main() -> None:
     print(f"  throughput: pipeline {part1['pipeline_items_per_s']:.0f}, plain {part1['plain_items_per_s']:.0f} "
           f"{'tokens' if items_per_step > cfg.data.batch_size else 'examples'}/s")
     print(f"  trainer.fit outside the training loop: {part1['pipeline_fit_outside_loop_s']:.2f} s per run")
+    if roofline:
+        flops, peaks = roofline["gflop_per_step"], roofline["gemm_peak_gflops"]
+        peak = max(peaks.values())
+        print()
+        print("roofline (FLOPs of one step, counted by torch.utils.flop_counter)")
+        print("  GFLOP per step: " + ", ".join(f"{k} {v:.3g}" for k, v in flops.items()))
+        print(f"  achieved: pipeline {roofline['pipeline_gflops']:.0f} GFLOP/s, plain {roofline['plain_gflops']:.0f} GFLOP/s")
+        print("  fp32 GEMM peak measured here (torch.mm): " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items())
+              + f" GFLOP/s: the pipeline runs at {roofline['pipeline_gflops'] / peak:.0%} of it")
+        paper = PAPER_CODE_MEASUREMENTS.get(args.experiment)
+        if paper:
+            print(f"  the paper's code, same config ({paper['where']}): {paper['ms_per_step']:.1f} ms/step "
+                  f"-> this pipeline is {paper['ms_per_step'] / (pipeline_s * 1e3):.2f}x its speed")
     print()
     print("constraint cost in the plain loop (medians)")
     print(f"  {'method':<24}{'step ms':>10}{'proj ms':>10}{'share %':>10}")
@@ -291,6 +373,8 @@ def main() -> None:
         "experiment": args.experiment,
         "batch_size": cfg.data.batch_size,
         **part1,
+        "roofline": roofline,
+        "paper_code": PAPER_CODE_MEASUREMENTS.get(args.experiment),
         "methods": part2,
     }))
 

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
@@ -144,12 +145,21 @@ def data_options(kind: str) -> list[str]:
     return options
 
 
-def _model_fits_data(cfg: DictConfig) -> tuple[bool, str]:
+def _choice(cfg: DictConfig, group: str) -> str:
+    """How the user named a group's option (``data=shakespeare``), or its target outside Hydra."""
+    if HydraConfig.initialized():
+        choice = HydraConfig.get().runtime.choices.get(group)
+        if choice:
+            return f"{group}={choice}"
+    return cfg[group]._target_.rsplit(".", 1)[-1]
+
+
+def check_model_fits_data(cfg: DictConfig) -> None:
     needs = getattr(get_object(cfg.model._target_), "data_kind", None)
     gives = getattr(get_object(cfg.data._target_), "kind", None)
-    return needs is None or needs == gives, (
-        f"one of {data_options(needs)} for {cfg.model._target_.rsplit('.', 1)[-1]}, which trains on {needs}"
-    )
+    if needs is not None and needs != gives:
+        options = " or ".join(f"data={option}" for option in data_options(needs))
+        raise ConfigError(f"{_choice(cfg, 'data')} gives {gives}, but {_choice(cfg, 'model')} trains on {needs}: use {options}")
 
 
 def _sequences_fit_the_model(cfg: DictConfig) -> tuple[bool, str]:
@@ -163,7 +173,6 @@ def _vocabulary_fits_the_model(cfg: DictConfig) -> tuple[bool, str]:
 
 # key -> (keys it reads, check); run once every key it reads is present and passed the checks above
 RELATIONS: dict[str, tuple[tuple[str, ...], Callable[[DictConfig], tuple[bool, str]]]] = {
-    "data": (("model._target_", "data._target_"), _model_fits_data),
     "model.net.num_heads": (("model.net.width", "model.net.num_heads"), _heads_divide_width),
     "model.net.seq_len": (("model.net.seq_len", "data.seq_len"), _sequences_fit_the_model),
     "model.net.vocab_size": (("model.net.vocab_size", "data.vocab_size"), _vocabulary_fits_the_model),
@@ -174,10 +183,8 @@ RELATIONS: dict[str, tuple[tuple[str, ...], Callable[[DictConfig], tuple[bool, s
 
 def validate_config(cfg: DictConfig) -> None:
     """Raise ``ConfigError`` on the first unknown setting, out-of-range value or mismatch."""
-    model_data = RELATIONS["data"]
-    if all(OmegaConf.select(cfg, key, default=_ABSENT) is not _ABSENT for key in model_data[0]):
-        # first: a model on the wrong data fails every later interpolation (data.vocab_size, ...)
-        _raise_unless("data", *model_data[1](cfg), value=OmegaConf.select(cfg, "hydra:runtime.choices.data", default=None) or cfg.data._target_)
+    if OmegaConf.select(cfg, "model._target_", default=None) and OmegaConf.select(cfg, "data._target_", default=None):
+        check_model_fits_data(cfg)  # first: a model on the wrong data fails every later interpolation
     for section in TARGET_SECTIONS:
         _check_keys_accepted(cfg, section)
     for section in TARGET_SECTIONS:
@@ -187,7 +194,7 @@ def validate_config(cfg: DictConfig) -> None:
         if value is not _ABSENT:
             _check_value(f"trainer.{key}", value, hint)
     for key, (reads, relation) in RELATIONS.items():
-        if key != "data" and all(OmegaConf.select(cfg, read, default=_ABSENT) is not _ABSENT for read in reads):
+        if all(OmegaConf.select(cfg, read, default=_ABSENT) is not _ABSENT for read in reads):
             _raise_unless(key, *relation(cfg), value=OmegaConf.select(cfg, key))
 
 

@@ -361,18 +361,26 @@ class StepContext:
     form: str  # how the polynomial methods are evaluated (odd_polynomial_steps)
 
 
-def _per_matrix(values, like: Tensor) -> Tensor:
-    """A tuple of per-matrix floats as a tensor that broadcasts over ``(matrices, m, n)``."""
-    return torch.tensor(values, dtype=like.dtype, device=like.device)[:, None, None]
+def _per_matrix(values, like: Tensor, trailing: int = 2) -> float | Tensor:
+    """Per-matrix floats as something that broadcasts over a stack: a plain float when they are all
+    equal (the usual case: no host-to-device copy, which on a GPU would wait for the queue), else a
+    tensor of shape ``(matrices,) + (1,) * trailing``."""
+    if len(set(values)) == 1:
+        return float(values[0])
+    tensor = torch.tensor(values, dtype=like.dtype)
+    if like.is_cuda:
+        tensor = tensor.pin_memory().to(like.device, non_blocking=True)
+    return tensor.view(-1, *(1,) * trailing)
 
 
-def _exact_cap_rows(M: Tensor, result: Tensor, rows: list[bool], caps: Tensor) -> Tensor:
+def _exact_cap_rows(M: Tensor, result: Tensor, rows: list[bool], caps: tuple[float, ...]) -> Tensor:
     """``result`` with the chosen matrices of the stack replaced by their exact cap ``min(s, cap)``."""
     if not any(rows):
         return result
     mask = torch.tensor(rows, dtype=torch.bool, device=M.device)
+    chosen = [cap for cap, row in zip(caps, rows) if row]
     result = result.clone()
-    result[mask] = svd_cap(M[mask], caps[mask].view(-1, 1))
+    result[mask] = svd_cap(M[mask], torch.tensor(chosen, dtype=M.dtype, device=M.device).view(-1, 1))
     return result
 
 
@@ -397,7 +405,7 @@ def _soft_cap_step(M: Tensor, ctx: StepContext) -> tuple[Tensor, Tensor]:
         unsafe = far or (ctx.guard and not soft_cap_is_monotone(alpha, k))
         alphas.append(0.0 if unsafe else alpha), fallback.append(unsafe)
     out = soft_cap(M, _per_matrix(alphas, M), ctx.form)
-    return _exact_cap_rows(M, out, fallback, _per_matrix(ctx.w_max, M)), torch.tensor(fallback, dtype=torch.bool)
+    return _exact_cap_rows(M, out, fallback, ctx.w_max), torch.tensor(fallback, dtype=torch.bool)
 
 
 def _hard_cap_step(M: Tensor, ctx: StepContext) -> tuple[Tensor, Tensor]:
@@ -425,7 +433,7 @@ LINEAR_METHODS: dict[str, tuple[Callable[[Tensor, StepContext], tuple[Tensor, Te
     "spectral_soft_cap": (_soft_cap_step, False),
     "spectral_hard_cap": (_hard_cap_step, True),
     "spectral_hammer": (
-        _no_fallback(lambda M, ctx: spectral_hammer(M, _per_matrix(ctx.w_max, M)[:, 0, 0], ctx.power_iters, ctx.power_state)),
+        _no_fallback(lambda M, ctx: spectral_hammer(M, _per_matrix(ctx.w_max, M, trailing=0), ctx.power_iters, ctx.power_state)),
         False,
     ),
     "spectral_weight_decay": (
@@ -433,7 +441,7 @@ LINEAR_METHODS: dict[str, tuple[Callable[[Tensor, StepContext], tuple[Tensor, Te
         False,
     ),
     "orthogonalize": (_no_fallback(lambda M, ctx: orthogonalize(M, form=ctx.form)), True),
-    "svd_cap": (_no_fallback(lambda M, ctx: svd_cap(M, _per_matrix(ctx.w_max, M)[:, :, 0])), False),
+    "svd_cap": (_no_fallback(lambda M, ctx: svd_cap(M, _per_matrix(ctx.w_max, M, trailing=1))), False),
 }
 
 POWER_ITERATION_METHODS = frozenset({"spectral_normalize", "spectral_hammer", "spectral_weight_decay"})

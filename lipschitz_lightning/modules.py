@@ -36,10 +36,15 @@ class ClassificationModule(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         num_classes: Annotated[int, at.Ge(2)] = 10,
+        compile: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(logger=False, ignore=["net", "optimizer", "scheduler"])
         self.net = net
+        # torch.compile of the network's forward (the training and validation passes; the
+        # instrumented statistics pass stays eager). Not a registered submodule: the state dict
+        # and checkpoints keep only self.net's keys.
+        object.__setattr__(self, "_compiled_net", torch.compile(net) if compile else None)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -49,8 +54,12 @@ class ClassificationModule(L.LightningModule):
         # checkpoint alone says which data and settings it was trained with
         self.run_config: dict | None = None
 
+    @property
+    def fast_net(self) -> nn.Module:
+        return self.net if self._compiled_net is None else self._compiled_net
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        return self.fast_net(x)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -123,8 +132,9 @@ class LanguageModelModule(ClassificationModule):
 
     data_kind = "tokens"
 
-    def __init__(self, net: nn.Module, optimizer, scheduler=None, vocab_size: PositiveInt = 65, stats_tokens: PositiveInt = 4096):
-        super().__init__(net, optimizer, scheduler, num_classes=vocab_size)
+    def __init__(self, net: nn.Module, optimizer, scheduler=None, vocab_size: PositiveInt = 65,
+                 stats_tokens: PositiveInt = 4096, compile: bool = False):
+        super().__init__(net, optimizer, scheduler, num_classes=vocab_size, compile=compile)
         self.stats_tokens = stats_tokens
         self.vocab_chars: str | None = None
         self._stat_maxima: dict[str, torch.Tensor] = {}
@@ -139,7 +149,9 @@ class LanguageModelModule(ClassificationModule):
         return self.net.window_size(progress)
 
     def forward(self, x: torch.Tensor, stats: dict | None = None) -> torch.Tensor:
-        return self.net(x, stats=stats, window=self.window())
+        if stats is not None:
+            return self.net(x, stats=stats, window=self.window())
+        return self.fast_net(x, window=self.window())
 
     def validation_step(self, batch, batch_idx: int) -> None:
         x, y = batch

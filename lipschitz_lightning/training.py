@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -26,6 +29,15 @@ from lipschitz_lightning.tradeoff import describe
 warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
 # Lightning 2.6 under torch >= 2.10 warns about its own pytree use on every run; nothing to act on.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+# ckpt_path=<checkpoint> starts a new run directory, so the old directory's best-k bookkeeping is
+# rightly left behind; resume=<run dir> continues in the old directory and keeps it.
+warnings.filterwarnings("ignore", message=r".*The dirpath has changed from.*")
+# ... and finds its checkpoint directory full, as it should.
+warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
+
+# The run's own messages; under train.py, Hydra's job logging (conf/hydra/job_logging/) sends them
+# to the console and to <run dir>/train.log.
+log = logging.getLogger("lipschitz_lightning")
 
 
 def _instantiate_all(section: DictConfig | None) -> list:
@@ -43,7 +55,7 @@ def _sweep_group(cfg: DictConfig) -> str | None:
     return f"{cfg.task_name}/{Path(HydraConfig.get().sweep.dir).name}"
 
 
-def _instantiate_loggers(cfg: DictConfig) -> list:
+def _instantiate_loggers(cfg: DictConfig, resumed_step: int | None) -> list:
     loggers = []
     for item in (cfg.get("logger") or {}).values():
         if item is None:
@@ -53,9 +65,143 @@ def _instantiate_loggers(cfg: DictConfig) -> list:
             label = describe(OmegaConf.to_container(cfg, resolve=True))
             tags = list(dict.fromkeys([*(item.get("tags") or []), *label.tags()]))
             loggers.append(instantiate(item, tags=tags, group=item.get("group") or _sweep_group(cfg)))
+        elif item.get("_target_", "").endswith("CSVLogger") and _holds_metrics(item):
+            # Lightning's CSV logger deletes an existing metrics.csv: a resumed run writes its own beside it
+            loggers.append(instantiate(item, version=f"resumed-step{resumed_step or 0}"))
         else:
             loggers.append(instantiate(item))
     return loggers
+
+
+def _holds_metrics(item: DictConfig) -> bool:
+    version = item.get("version")
+    return (Path(item.save_dir) / str(item.get("name") or "") / str(version if version is not None else "") / "metrics.csv").is_file()
+
+
+# ----------------------------------------------------------------------------- resuming
+
+# What a resumed run keeps. Lightning restores the optimizer's and the scheduler's state from the
+# checkpoint whatever the config says (a new optimizer.lr would be silently ignored), and the rest
+# defines the run; trainer devices and intervals, loggers, callbacks and paths may change.
+RESUME_KEEPS = ("seed", "model", "data", "optimizer", "scheduler", "constraint", "trainer.accumulate_grad_batches")
+RESUME_MAY_CHANGE = ("data.data_dir", "data.dir", "data.cache_dir", "data.val_batch_size", "model.compile", "model.stats_tokens")
+_ABSENT = "<absent>"
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        flat: dict[str, Any] = {}
+        for key, value in node.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: node}
+
+
+def _kept_settings(config: dict) -> dict[str, Any]:
+    flat = _flatten(config)
+    return {
+        key: value
+        for key, value in flat.items()
+        if any(key == k or key.startswith(k + ".") for k in RESUME_KEEPS) and key not in RESUME_MAY_CHANGE
+    }
+
+
+def check_resume(cfg: DictConfig) -> int | None:
+    """Before resuming from ``cfg.ckpt_path``, make sure the run it continues is this one.
+
+    Returns the checkpoint's step (None without ``ckpt_path``). A checkpoint restores the optimizer
+    and the learning-rate schedule as they were: resuming with another ``trainer.max_steps`` would
+    train on at learning rate 0 past the old schedule's end (a frozen run), and another
+    ``optimizer.lr`` would be ignored. Any such difference is one ``ConfigError`` line instead.
+    """
+    path = cfg.get("ckpt_path")
+    if not path:
+        return None
+    if not Path(str(path)).is_file():
+        raise ConfigError(f"ckpt_path must be an existing checkpoint file, got {str(path)!r}")
+    try:
+        checkpoint = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        step = int(checkpoint["global_step"])
+    except Exception as error:
+        raise ConfigError(f"ckpt_path {str(path)!r} is not a readable Lightning checkpoint ({type(error).__name__}: {error})") from None
+    max_steps = cfg.trainer.max_steps
+    if cfg.get("resume"):
+        hint = "or start a new run to change it"
+    else:
+        hint = "or resume=<run dir> to continue with the run's own settings"
+
+    schedulers = checkpoint.get("lr_schedulers") or [{}]
+    schedule_end = schedulers[0].get("total_iters")
+    if schedule_end and OmegaConf.select(cfg, "scheduler.total_iters", default=None) == max_steps and schedule_end != max_steps:
+        raise ConfigError(
+            f"trainer.max_steps is {max_steps}, but the checkpoint's learning rate decays to 0 at step {schedule_end} "
+            f"(scheduler.total_iters) and a resumed run keeps its schedule: give trainer.max_steps={schedule_end}, {hint}"
+        )
+    run_config = checkpoint.get("run_config")
+    if run_config:
+        then, now = _kept_settings(run_config), _kept_settings(OmegaConf.to_container(cfg, resolve=True))
+        for key in sorted(then.keys() | now.keys()):
+            if then.get(key, _ABSENT) != now.get(key, _ABSENT):
+                raise ConfigError(
+                    f"{key} is {now.get(key, _ABSENT)!r} here but {then.get(key, _ABSENT)!r} in the run of {str(path)!r}: "
+                    f"a resumed run keeps its seed, model, data, optimizer, scheduler and constraint; drop the override, {hint}"
+                )
+    if step >= max_steps:
+        raise ConfigError(
+            f"trainer.max_steps must be above the checkpoint's step {step} to resume from it, got {max_steps}: the run is complete"
+        )
+    return step
+
+
+# ----------------------------------------------------------------------------- callbacks every run gets
+
+
+class FinalValidation(Callback):
+    """Validate, and so checkpoint, the last step of every run.
+
+    Lightning validates every ``val_check_interval`` steps only: a 250-step run with an interval of
+    100 would end with its last 50 steps neither validated nor in ``last.ckpt``, and a run shorter
+    than the interval would write no checkpoint at all. Asking the loop to stop at the last step
+    makes Lightning validate there (its early-stopping path), and the ModelCheckpoints save.
+    """
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        if 0 < trainer.max_steps <= trainer.global_step:
+            trainer.should_stop = True
+
+
+class StepProgressBar(TQDMProgressBar):
+    """Lightning's progress bar, counted in optimizer steps out of ``trainer.max_steps``.
+
+    The training batches are an endless stream, so Lightning's per-epoch bar has no total. This one
+    shows ``step k/max_steps`` and, from the first validation on, the latest ``val/acc`` and
+    ``lipschitz/bound`` (both logged with ``prog_bar=True``).
+    """
+
+    def on_train_start(self, trainer: L.Trainer, *args) -> None:
+        super().on_train_start(trainer, *args)
+        self._count_steps(trainer)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args) -> None:
+        super().on_train_epoch_start(trainer, *args)  # not called when a run resumes mid-epoch
+        self._count_steps(trainer)
+
+    def _count_steps(self, trainer: L.Trainer) -> None:
+        bar = self.train_progress_bar
+        bar.total = trainer.max_steps
+        bar.n = bar.initial = trainer.global_step  # a resumed run starts where it stopped
+        bar.set_description("step")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        if self.train_progress_bar is not None and self._should_update(step, trainer.max_steps) and not self.train_progress_bar.disable:
+            self.train_progress_bar.n = step
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)  # the logger's version: "" for every run here
+        return metrics
 
 
 @dataclass
@@ -73,13 +219,14 @@ class Run:
 def build(cfg: DictConfig) -> Run:
     """Check the config, then build data, module, callbacks, loggers and trainer."""
     validate_config(cfg)
+    resumed_step = check_resume(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()  # missing or corrupt data fails here, before anything else is built
     module = instantiate(cfg.model, optimizer=instantiate(cfg.optimizer), scheduler=instantiate(cfg.scheduler))
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
-    callbacks = _instantiate_all(cfg.get("callbacks")) + [instantiate(cfg.constraint)]
-    loggers = _instantiate_loggers(cfg)
+    callbacks = _instantiate_all(cfg.get("callbacks")) + [instantiate(cfg.constraint), FinalValidation()]
+    loggers = _instantiate_loggers(cfg, resumed_step)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     return Run(cfg, datamodule, module, callbacks, loggers, trainer)
 
@@ -87,25 +234,42 @@ def build(cfg: DictConfig) -> Run:
 def train(cfg: DictConfig, run: Run | None = None) -> dict:
     """Train one run; return (and write to ``summary.json``) its final metrics.
 
-    A run that fails leaves a ``summary.json`` with ``status: failed`` and the error, so a sweep's
-    report lists it instead of silently dropping it; the exception then propagates. A config
-    rejected before any work leaves nothing behind, except inside a sweep, where it is a failed
-    grid point like any other.
+    A run that fails while training leaves a ``summary.json`` with ``status: failed`` and the
+    error, so a sweep's report lists it instead of silently dropping it; the exception then
+    propagates. A run that fails before training (``build``: config or data) leaves nothing
+    behind, except inside a sweep, where it is a failed grid point like any other.
     """
-    resolved = OmegaConf.to_container(cfg, resolve=False)
+    resolved = _resolved(cfg)
+    if run is None:
+        try:
+            run = build(cfg)
+        except Exception as error:
+            if in_multirun():
+                record_failure(cfg, error)
+            raise
     try:
-        resolved = OmegaConf.to_container(cfg, resolve=True)
-        run = run or build(cfg)
         summary = _fit(run, resolved)
     except Exception as error:
-        if isinstance(error, ConfigError) and not in_multirun():
-            raise
-        step = run.trainer.global_step if run is not None else 0
-        _write_summary(cfg, {"status": "failed", "error": f"{type(error).__name__}: {error}", "step": step, "config": resolved})
+        record_failure(cfg, error, step=run.trainer.global_step)
         raise
     _write_summary(cfg, summary)
-    _print_summary(summary)
+    _report(summary)
     return summary
+
+
+def record_failure(cfg: DictConfig, error: Exception, step: int = 0) -> None:
+    """Write the failed run's ``summary.json``; inside a sweep, also its one line on the console."""
+    resolved = _resolved(cfg)
+    _write_summary(cfg, {"status": "failed", "error": f"{type(error).__name__}: {error}", "step": step, "config": resolved})
+    if in_multirun():
+        _log_rank_zero(logging.ERROR, f"job {HydraConfig.get().job.num} failed: {_label(resolved)}: {type(error).__name__}: {error}")
+
+
+def _resolved(cfg: DictConfig) -> dict:
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # an interpolation that cannot resolve is itself the error being reported
+        return OmegaConf.to_container(cfg, resolve=False)
 
 
 def _fit(run: Run, resolved: dict) -> dict:
@@ -125,7 +289,7 @@ def _fit(run: Run, resolved: dict) -> dict:
         if isinstance(logger, WandbLogger):
             logger.experiment.finish()  # one run per job, also inside a multirun
 
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "lipschitz/", "norm/"))}
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "lipschitz/", "norm/", "constraint/"))}
     checkpoints = {c.monitor: c.best_model_path or None for c in callbacks if isinstance(c, ModelCheckpoint)}
     return {
         "status": "completed",
@@ -148,14 +312,39 @@ def _write_summary(cfg: DictConfig, summary: dict) -> None:
     partial.replace(path)
 
 
-@rank_zero_only
-def _print_summary(summary: dict) -> None:
-    norms = ", ".join(f"{k[len('norm/'):]} {v:.3g}" for k, v in summary.items() if k.startswith("norm/"))
-    lines = [
-        f"step {summary['step']}: val accuracy {summary.get('val/acc', float('nan')):.4f}, "
-        f"val loss {summary.get('val/loss', float('nan')):.4f}",
-        f"certified Lipschitz bound {summary.get('lipschitz/bound', float('nan')):.4g} (layer norms: {norms})",
-        f"logs: {summary['output_dir']}",
-        f"checkpoint: {summary['checkpoint']}",
+def summary_lines(metrics: dict, step: int) -> list[str]:
+    """A run's result in two lines: validation accuracy and loss, then the certificate."""
+    norms = ", ".join(f"{k[len('norm/'):]} {v:.3g}" for k, v in metrics.items() if k.startswith("norm/"))
+    return [
+        f"step {step}: val accuracy {metrics.get('val/acc', float('nan')):.4f}, val loss {metrics.get('val/loss', float('nan')):.4f}",
+        f"certified Lipschitz bound {metrics.get('lipschitz/bound', float('nan')):.4g} (layer norms: {norms})",
     ]
-    print("\n".join(lines), flush=True)
+
+
+def _label(config: dict) -> str:
+    """The run's place on the tradeoff plot: its pair and the knob it turns."""
+    try:
+        label = describe(config)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return "(pair unknown)"
+    knob = f"w_max={label.w_max:g}" if label.w_max is not None else f"weight_decay={label.weight_decay:g}"
+    return f"{label.pair}, {knob}"
+
+
+@rank_zero_only
+def _log_rank_zero(level: int, message: str) -> None:
+    log.log(level, message)
+
+
+def _report(summary: dict) -> None:
+    """A single run's summary; in a sweep, one line per finished job, so the sweep can be watched."""
+    if in_multirun():
+        _log_rank_zero(
+            logging.INFO,
+            f"job {HydraConfig.get().job.num} done: {_label(summary['config'])}: "
+            f"val accuracy {summary.get('val/acc', float('nan')):.4f}, bound {summary.get('lipschitz/bound', float('nan')):.4g} "
+            f"(step {summary['step']}, {summary['wall_time_s'] / 60:.1f} min)",
+        )
+        return
+    for line in (*summary_lines(summary, summary["step"]), f"logs: {summary['output_dir']}", f"checkpoint: {summary['checkpoint']}"):
+        _log_rank_zero(logging.INFO, line)

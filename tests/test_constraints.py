@@ -419,8 +419,12 @@ def test_soft_cap_with_weight_decay_larger_than_step_keeps_layer_inside_ball_wit
     W = with_spectrum((16, 16), gapped(5.0, 1.0, 4.0), seed=13)
     exact = C.project_linear(W, "spectral_soft_cap", w_max=6.0, lr_t=0.05, wd_eff=0.01, coupling="exact")
     torch.testing.assert_close(exact, W)
-    reference = C.project_linear(W, "spectral_soft_cap", w_max=6.0, lr_t=0.05, wd_eff=0.01, coupling="reference")
+    # guard=False: the paper's code as it is
+    reference = C.project_linear(W, "spectral_soft_cap", w_max=6.0, lr_t=0.05, wd_eff=0.01, coupling="reference", guard=False)
     assert float(svals(reference)[0]) > 1e3
+    # the run-time guard sees alpha * k^2 > 1/3 and caps exactly instead
+    guarded = C.project_linear(W, "spectral_soft_cap", w_max=6.0, lr_t=0.05, wd_eff=0.01, coupling="reference")
+    torch.testing.assert_close(svals(guarded), svals(W).clamp(max=6.0), rtol=1e-5, atol=1e-5)
 
 
 def test_soft_cap_coupling_without_root_falls_back_to_one():

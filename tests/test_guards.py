@@ -210,6 +210,44 @@ def test_every_setting_of_every_target_of_this_package_says_what_it_allows():
     assert {"optimizer", "scheduler", "constraint", "data", "model"} == checked_groups
 
 
+# ------------------------------------------------------------------------------ model and data
+
+
+@pytest.mark.parametrize("model, data", [("mlp", "shakespeare"), ("mlp", "fineweb"), ("gpt", "cifar10"), ("nanogpt", "cifar10")])
+def test_a_model_on_data_it_cannot_use_is_one_line(model, data, tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[f"model={model}", f"data={data}", f"paths.output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"gives .* trains on .*: use data=") as error:
+        validate_config(cfg)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("model, data", [("mlp", "cifar10"), ("gpt", "shakespeare"), ("nanogpt", "fineweb")])
+def test_a_model_alone_brings_its_data(model, data, tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="t"):
+        cfg = compose("train", overrides=[f"model={model}", f"paths.output_dir={tmp_path}"], return_hydra_config=False)
+    assert cfg.data._target_.lower().endswith(f"{data}datamodule".replace("cifar10", "cifar10"))
+
+
+def test_model_gpt_alone_trains_from_the_command_line(shared_data_dir, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "train.py", "model=gpt", "data.seq_len=16", "data.batch_size=4", "data.val_batch_size=512",
+         "model.net.width=16", "model.net.num_blocks=1", "trainer.max_steps=2", "trainer.val_check_interval=2",
+         f"paths.data_dir={shared_data_dir}", f"paths.log_dir={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "val accuracy" in result.stdout
+
+
 # ------------------------------------------------------------------------------ Muon and non-matrices
 
 

@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 from conftest import CONF_DIR, QUIET_TRAINER
 from lipschitz_lightning.config import validate_config
 from lipschitz_lightning.data.fineweb import write_shard
-from lipschitz_lightning.errors import DataError
+from lipschitz_lightning.errors import ConfigError, DataError
 from lipschitz_lightning.models import GPT
 from lipschitz_lightning.models.gpt import AttentionMask, explicit_attention, flex_attention, sdpa_attention
 from lipschitz_lightning.optim import StableCooldown
@@ -255,6 +255,13 @@ def test_the_cpu_demo_learns_real_gpt2_tokens(run_config, shared_data_dir):
                       "model.net.window_pattern=LS", "optimizer.role_lr.head=0.05", "trainer.max_steps=10", "trainer.val_check_interval=10")
     summary = train(cfg)
     assert summary["val/loss"] < math.log(50304) - 1.0  # from ln(vocab) at zero init: the token statistics take it down
+
+
+@pytest.mark.parametrize("override, key", [("data.batch_size=0", "data.batch_size"), ("data.val_tokens=-1", "data.val_tokens"),
+                                           ("model.net.window_max=0", "model.net.window_max")])
+def test_fineweb_and_nanogpt_settings_are_checked_before_anything(run_config, override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.") + " must be an integer >= 1"):
+        validate_config(run_config(*CARD, override))
 
 
 def test_missing_shards_fail_before_the_model_is_built(run_config, tmp_path):

@@ -128,9 +128,13 @@ def test_unknown_option_gets_hydras_own_error(make_config):
 
 
 def test_nan_loss_stops_the_run_naming_the_step(make_config):
-    cfg = make_config("model.net.final_scale=nan", "trainer.max_steps=3")
+    # model.net.final_scale=nan, the old way in, is now refused as a setting: poison the head instead
+    cfg = make_config("constraint=none", "trainer.max_steps=3")
+    run = build(cfg)
+    with torch.no_grad():
+        run.module.net.layers[-1].weight.fill_(float("nan"))
     with pytest.raises(TrainingDiverged, match=r"at step 0"):
-        train(cfg)
+        train(cfg, run)
 
 
 def test_corrupt_parquet_is_a_clear_error_naming_the_file(make_config, tiny_cifar, tmp_path):

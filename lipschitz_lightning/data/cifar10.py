@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -16,20 +18,25 @@ from lipschitz_lightning.data.common import (
     ensure_local,
 )
 from lipschitz_lightning.errors import DataError
+from lipschitz_lightning.schema import NonNegativeInt, PositiveInt
 
 HUB_ID = "uoft-cs/cifar10"
 SPLITS = {"train": "train", "val": "test"}  # the paper validates on the test split
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
-def _download(directory: Path) -> None:
+def _hub_host() -> str:
+    return urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+
+
+def _download(scratch: Path) -> None:
+    """The hub's parquet splits into ``scratch``; the hub's own cache lives there too, so nothing
+    stays behind in ~/.cache/huggingface."""
     import datasets
 
-    hub = datasets.load_dataset(HUB_ID)
+    hub = datasets.load_dataset(HUB_ID, cache_dir=str(scratch / "hub-cache"))
     for split in SPLITS.values():
-        partial = directory / f"{split}.parquet.partial"
-        hub[split].to_parquet(str(partial))
-        partial.replace(directory / f"{split}.parquet")  # an interrupted download leaves no parquet
+        hub[split].to_parquet(str(scratch / f"{split}.parquet"))
 
 
 def decode_parquet(path: Path) -> dict[str, torch.Tensor]:
@@ -56,12 +63,14 @@ def decode_parquet(path: Path) -> dict[str, torch.Tensor]:
 class CIFAR10DataModule(IndexedSplitsDataModule):
     """Images stay uint8 (HWC) until they reach the device, then become floats in [0, 1]."""
 
+    kind = "images"
+
     def __init__(
         self,
         data_dir: str,
-        batch_size: int = 512,
-        val_batch_size: int = 512,
-        seed: int = 0,
+        batch_size: PositiveInt = 512,
+        val_batch_size: PositiveInt = 512,
+        seed: NonNegativeInt = 0,
         cache_dir: str | None = None,
     ):
         super().__init__()
@@ -75,7 +84,7 @@ class CIFAR10DataModule(IndexedSplitsDataModule):
 
     def prepare_data(self) -> None:
         files = self.files()
-        ensure_local(list(files.values()), lambda: _download(self.directory), "CIFAR-10 parquet files", f"{HUB_ID} from the Hugging Face hub")
+        ensure_local(list(files.values()), _download, "CIFAR-10 parquet files", f"{HUB_ID} from the Hugging Face hub", _hub_host())
         for path in files.values():
             cached_tensors(path, "uint8", lambda: decode_parquet(path), self.cache_dir, load=False)
 

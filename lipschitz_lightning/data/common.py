@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import socket
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,28 +21,65 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("LIPSCHITZ_CACHE_DIR", Path.home() / ".cache" / "lipschitz_lightning"))
 
 
-def ensure_local(files: list[Path], download: Callable[[], None], what: str, source: str) -> None:
-    """Make sure ``files`` exist, downloading them with ``download`` when they do not.
+# how long the one connectivity check before a download may take
+CONNECT_TIMEOUT_S = 3.0
+_TRUE = ("1", "true", "yes", "on")
 
-    Offline with no local copy, one error that says both ways to fix it.
+
+def offline_reason(host: str, port: int = 443) -> str | None:
+    """Why a download from ``host`` cannot work now, or None when it may.
+
+    Checked once, in at most a few seconds: left to itself, the hub client retries for half a
+    minute before it gives up. ``HF_HUB_OFFLINE=1`` (or ``HF_DATASETS_OFFLINE=1``) turns off every
+    download of this project, not only the hub's.
+    """
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(name, "").strip().lower() in _TRUE:
+            return f"{name}={os.environ[name]} is set"
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None  # only the proxy knows whether the host is reachable: let the download try
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as error:
+        return f"{host} cannot be reached ({type(error).__name__}: {error})"
+    return None
+
+
+def ensure_local(files: list[Path], download: Callable[[Path], None], what: str, source: str, host: str) -> None:
+    """Make sure ``files`` (all in one folder) exist, downloading them when they do not.
+
+    ``download(folder)`` writes the files, under their own names, into an empty scratch folder;
+    they are moved into place only once all of them are there, so a failed or interrupted download
+    creates nothing (not even the data folder). Offline with no local copy, one error within a few
+    seconds that says both ways to fix it.
     """
     if all(f.is_file() for f in files):
         return
     directory = files[0].parent
-    try:
+    names = ", ".join(f.name for f in files)
+    fix = (
+        f"Fix: put {names} there and point paths.data_dir (or $LIPSCHITZ_DATA_DIR) at its parent, "
+        f"or run once with network access so it is downloaded into paths.data_dir"
+    )
+    reason = offline_reason(host)
+    if reason:
+        raise DataError(f"{what} not found in {directory}, and {reason}, so nothing was downloaded. {fix}")
+    with tempfile.TemporaryDirectory(prefix="lipschitz-download-") as scratch:
+        try:
+            download(Path(scratch))
+        except Exception as error:  # the hub client raises many kinds when offline
+            first_line = str(error).splitlines()[0] if str(error) else ""
+            raise DataError(
+                f"{what} not found in {directory} and the download of {source} failed ({type(error).__name__}: {first_line}). {fix}"
+            ) from error
+        missing = [f.name for f in files if not (Path(scratch) / f.name).is_file()]
+        if missing:
+            raise DataError(f"download of {source} did not produce {missing}")
         directory.mkdir(parents=True, exist_ok=True)
-        download()
-    except Exception as error:  # the hub client raises many kinds when offline
-        names = ", ".join(f.name for f in files)
-        raise DataError(
-            f"{what} not found in {directory} and the download of {source} failed "
-            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
-            f"Fix: put {names} there and point paths.data_dir (or $LIPSCHITZ_DATA_DIR) at its parent, "
-            f"or run once with network access so it is downloaded into paths.data_dir"
-        ) from error
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        raise DataError(f"download of {source} did not produce {missing}")
+        for f in files:
+            partial = f.with_name(f.name + ".partial")
+            shutil.move(Path(scratch) / f.name, partial)
+            partial.replace(f)  # a reader never sees half a file
 
 
 def cached_tensors(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from torch import Tensor
@@ -16,16 +17,15 @@ from torch.utils.data import Dataset
 
 from lipschitz_lightning.data.common import IndexedSplitsDataModule, ensure_local
 from lipschitz_lightning.errors import ConfigError, DataError
+from lipschitz_lightning.schema import NonNegativeInt, PositiveInt
 
 SOURCE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TRAIN_FRACTION = 0.9
 
 
-def _download(path: Path) -> None:
-    partial = path.with_name(path.name + ".partial")
+def _download(scratch: Path) -> None:
     with urllib.request.urlopen(SOURCE_URL, timeout=60) as response:
-        partial.write_bytes(response.read())
-    partial.replace(path)  # an interrupted download leaves no input.txt
+        (scratch / "input.txt").write_bytes(response.read())
 
 
 class CharVocab:
@@ -70,14 +70,16 @@ class Windows(Dataset):
 
 
 class ShakespeareDataModule(IndexedSplitsDataModule):
+    kind = "tokens"
+
     def __init__(
         self,
         data_dir: str,
-        seq_len: int = 256,
-        batch_size: int = 512,
-        val_batch_size: int = 64,
-        vocab_size: int = 65,
-        seed: int = 0,
+        seq_len: PositiveInt = 256,
+        batch_size: PositiveInt = 512,
+        val_batch_size: PositiveInt = 64,
+        vocab_size: PositiveInt = 65,
+        seed: NonNegativeInt = 0,
     ):
         super().__init__()
         self.path = Path(data_dir) / "tinyshakespeare" / "input.txt"
@@ -93,7 +95,7 @@ class ShakespeareDataModule(IndexedSplitsDataModule):
             raise DataError(f"cannot read Tiny Shakespeare from {self.path} ({type(error).__name__}: {error})") from error
 
     def prepare_data(self) -> None:
-        ensure_local([self.path], lambda: _download(self.path), "Tiny Shakespeare (input.txt)", SOURCE_URL)
+        ensure_local([self.path], _download, "Tiny Shakespeare (input.txt)", SOURCE_URL, urlparse(SOURCE_URL).hostname)
         self._check(self._read())
 
     def _check(self, text: str) -> CharVocab:

@@ -1,0 +1,119 @@
+"""What ``train.py`` does before and around Hydra: ``resume=<run dir>`` and the console/file split.
+
+Kept free of torch and Lightning, so that ``--cfg job``, ``--help`` and Hydra's own errors answer
+in a second.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from lipschitz_lightning.errors import ConfigError
+
+# the files Hydra (re)writes into a run directory before the task starts
+HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")
+# overrides a resumed run sets itself, never carried over from an earlier invocation
+RESUME_KEYS = ("resume", "ckpt_path")
+
+
+class BelowLevel(logging.Filter):
+    """Passes records below ``level``: the stdout handler takes these, stderr the rest."""
+
+    def __init__(self, level: str | int = logging.WARNING):
+        super().__init__()
+        self.level = logging.getLevelName(level) if isinstance(level, str) else level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < self.level
+
+
+class DropPrefixes(logging.Filter):
+    """Drops records whose message starts with one of ``prefixes`` (Lightning's advertising tips)."""
+
+    def __init__(self, prefixes: list[str]):
+        super().__init__()
+        self.prefixes = tuple(prefixes)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+@dataclass
+class Resumed:
+    """The run a ``resume=`` invocation continues, and its Hydra files as they were before it."""
+
+    run_dir: Path
+    checkpoint: Path
+    saved: dict[Path, bytes] = field(default_factory=dict)
+
+    def restore(self) -> None:
+        """Put the run's saved config back: an attempt that failed before training must not replace
+        the settings the next ``resume=`` re-reads."""
+        for path, content in self.saved.items():
+            path.write_bytes(content)
+
+
+def _is_override(arg: str) -> bool:
+    return "=" in arg and not arg.startswith("-")
+
+
+def _key(override: str) -> str:
+    """``+data.x=1`` -> ``data.x``; ``optimizer@opt=adamw`` -> ``optimizer@opt``."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _quoted(value: str) -> str:
+    """A path as a Hydra override value: quoted when it holds characters Hydra's grammar reads."""
+    if re.fullmatch(r"[\w./~:+-]+", value):
+        return value
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def resume_arguments(args: list[str]) -> tuple[list[str], Resumed | None]:
+    """Rewrite ``resume=<run dir or checkpoint>`` into the run's own overrides, its checkpoint and its directory.
+
+    The overrides the run was started with (``<run dir>/.hydra/overrides.yaml``) come first and the
+    command line's after them, so a value given again on the command line wins. Without ``resume=``
+    the arguments pass through unchanged.
+    """
+    values = [a.split("=", 1)[1] for a in args if _is_override(a) and _key(a) == "resume" and not a.startswith(("+", "~"))]
+    if not values or values[-1] in ("", "null"):
+        return args, None
+    if any(a in ("-m", "--multirun") for a in args):
+        raise ConfigError("resume continues one run: it cannot be combined with --multirun")
+    if any(_is_override(a) and _key(a) == "ckpt_path" for a in args):
+        raise ConfigError("give resume or ckpt_path, not both: resume=<run dir> resumes from <run dir>/checkpoints/last.ckpt, resume=<checkpoint> from that file")
+    target = Path(values[-1]).expanduser().resolve()
+    if target.is_file():
+        checkpoint, run_dir = target, target.parent.parent
+    else:
+        checkpoint, run_dir = target / "checkpoints" / "last.ckpt", target
+    hydra_dir = run_dir / ".hydra"
+    if not (hydra_dir / "overrides.yaml").is_file():
+        raise ConfigError(f"resume must be a run directory of train.py (one with .hydra/overrides.yaml) or a checkpoint in its checkpoints/, got {values[-1]!r}")
+    if not checkpoint.is_file():
+        raise ConfigError(f"resume: {run_dir} has no checkpoints/last.ckpt (the run stopped before its first validation): start it again instead")
+    try:
+        saved_overrides = [str(o) for o in OmegaConf.to_container(OmegaConf.load(hydra_dir / "overrides.yaml"))]
+    except Exception as error:
+        raise ConfigError(f"resume: cannot read {hydra_dir / 'overrides.yaml'} ({type(error).__name__}: {error})") from None
+
+    given = [a for a in args if _is_override(a)]
+    kept = [o for o in saved_overrides if _key(o) not in {_key(a) for a in given} and _key(o) not in RESUME_KEYS]
+    rewritten = [
+        *kept,
+        *given,
+        f"ckpt_path={_quoted(str(checkpoint))}",
+        # a run of a sweep continues as a single run, in its own job directory
+        "hydra.mode=RUN",
+        f"hydra.run.dir={_quoted(str(run_dir))}",
+        # Hydra's flags (--cfg job, ...) after every override: argparse takes no override between them
+        *[a for a in args if not _is_override(a)],
+    ]
+    saved = {hydra_dir / name: (hydra_dir / name).read_bytes() for name in HYDRA_FILES if (hydra_dir / name).is_file()}
+    return rewritten, Resumed(run_dir, checkpoint, saved)
