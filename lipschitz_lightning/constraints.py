@@ -404,7 +404,7 @@ def _soft_cap_step(M: Tensor, ctx: StepContext) -> tuple[Tensor, Tensor]:
         alpha = soft_cap_coupling(w_max, wd_eff, u)
         unsafe = far or (ctx.guard and not soft_cap_is_monotone(alpha, k))
         alphas.append(0.0 if unsafe else alpha), fallback.append(unsafe)
-    out = soft_cap(M, _per_matrix(alphas, M), ctx.form)
+    out = soft_cap(M, _per_matrix(alphas, M), ctx.form) if any(alphas) else M
     return _exact_cap_rows(M, out, fallback, ctx.w_max), torch.tensor(fallback, dtype=torch.bool)
 
 

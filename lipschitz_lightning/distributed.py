@@ -32,6 +32,11 @@ def _all_gather(output: Tensor, local: Tensor) -> None:
         dist.all_gather_into_tensor(output, local)
 
 
+def stack(tensors: list[Tensor]) -> Tensor:
+    """``torch.stack``, but a view (no copy) for the common stack of one (the MLP's layers)."""
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+
+
 def shared_out(count: int, compute: Callable[[slice], tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
     """``compute(rows)`` for ``rows = slice(0, count)``, each rank computing its share.
 

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from lipschitz_lightning.errors import ConfigError, DataError, LipschitzLightningError
 
 
-def _data_config(cfg: DictConfig, run_data: dict) -> DictConfig:
+def data_config(cfg: DictConfig, run_data: dict) -> DictConfig:
     """The run's data settings, with this command's ``paths.*`` and ``data.*`` on top."""
     data = OmegaConf.create(run_data)
     for key in ("data_dir", "cache_dir"):
@@ -54,7 +54,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             f"ckpt_path {str(saved.path)!r} carries no run config (it was written before checkpoints recorded one), "
             f"so its validation data is unknown; train it again, or evaluate its network with lipschitz_lightning.checkpoints.load_network"
         )
-    data = _data_config(cfg, run_config["data"])
+    data = data_config(cfg, run_config["data"])
     validate_config(OmegaConf.create({"model": run_config["model"], "data": data}))
 
     datamodule = instantiate(data)

@@ -24,6 +24,7 @@ from lipschitz_lightning.constraints import (
     random_start_vector,
 )
 from lipschitz_lightning.distributed import shared_out
+from lipschitz_lightning.distributed import stack as stack_of
 from lipschitz_lightning.lipschitz import rms_norm
 from lipschitz_lightning.optim.roles import Role, step_coefficients
 
@@ -107,7 +108,7 @@ class Projector:
         for weight in self.embeddings:
             weight.param.copy_(project_embedding(weight.param, self.embed_w_max))
         for stack in self.stacks:
-            W = torch.stack([weight.param.float() for weight in stack])
+            W = stack_of([weight.param.float() for weight in stack])
             caps = tuple(self.cap(weight) for weight in stack)
             lr_t, wd_eff = zip(*(step_coefficients(weight.group) for weight in stack))
             states = self._power_states(stack)

@@ -27,6 +27,7 @@ import torch
 
 from lipschitz_lightning.constraints import NS_COEFFICIENTS, POLYNOMIAL_FORMS, layer_scale, normalize_token_vectors, orthogonalize
 from lipschitz_lightning.distributed import shared_out
+from lipschitz_lightning.distributed import stack as stack_of
 from lipschitz_lightning.optim.roles import Role, is_matrix_role, with_target_weight_decay
 from lipschitz_lightning.schema import Betas, NonNegative, NonNegativeInt, Positive, UnitInterval
 
@@ -112,7 +113,7 @@ class Muon(torch.optim.Optimizer):
                 else:  # an embedding: normalise each token vector (nn.Embedding stores one per row)
                     self._apply(p, group, normalize_token_vectors(update, self.embed_inflation, dim=-1) * group["target_norm"])
         for stack in stacks.values():
-            updates = torch.stack([update for _, _, update in stack])
+            updates = stack_of([update for _, _, update in stack])
             (directions,) = shared_out(
                 len(stack), lambda rows: (orthogonalize(updates[rows], self.ns_coefficients, self.ns_dtype, self.polynomial_form),)
             )
