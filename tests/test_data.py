@@ -69,3 +69,13 @@ def test_wrong_columns_are_a_clear_error(tmp_path):
     dm = CIFAR10DataModule(str(tmp_path), cache_dir=str(tmp_path / "cache"))
     with pytest.raises(DataError, match=r"test\.parquet|train\.parquet"):
         dm.prepare_data()
+
+
+def test_validation_gives_every_rank_a_batch():
+    from lipschitz_lightning.data.common import SequentialBatches
+
+    # the Shakespeare split: 435 windows in batches of 64 are 7 batches, fewer than 8 GPUs
+    ranks = [list(SequentialBatches(435, 64, rank, 8)) for rank in range(8)]
+    assert all(len(batches) >= 1 for batches in ranks)
+    seen = torch.cat([index for batches in ranks for index in batches])
+    assert sorted(seen.tolist()) == list(range(435))

@@ -143,10 +143,15 @@ class ResumableRandomBatches(Sampler[torch.Tensor]):
 
 
 class SequentialBatches(Sampler[torch.Tensor]):
-    """Index batches over the whole split in order, the last one possibly short."""
+    """Index batches over the whole split in order, the last one possibly short.
+
+    Under DDP, rank ``r`` of ``w`` takes examples ``r, r + w, ...`` (not whole batches: 7 batches
+    over 8 GPUs would leave one rank none), so every rank validates at least one batch whenever
+    the split has ``w`` examples, and takes part in every collective of the validation's end.
+    """
 
     def __init__(self, num_examples: int, batch_size: int, rank: int = 0, world_size: int = 1):
-        self.batches = list(torch.arange(num_examples).split(batch_size))[rank::world_size]
+        self.batches = list(torch.arange(num_examples)[rank::world_size].split(batch_size))
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return iter(self.batches)
