@@ -41,7 +41,8 @@ def load_network(ckpt_path: str | Path, device: str | torch.device = "cpu") -> S
     try:
         checkpoint = torch.load(path, map_location=device, weights_only=True)
     except Exception as error:
-        raise ConfigError(f"ckpt_path {str(path)!r} is not a readable checkpoint ({type(error).__name__}: {error})") from None
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ConfigError(f"ckpt_path {str(path)!r} is not a readable checkpoint ({type(error).__name__}: {first_line})") from None
     record = checkpoint.get("network") if isinstance(checkpoint, dict) else None
     if not record:
         raise ConfigError(f"ckpt_path {str(path)!r} has no network record: it was not written by this project's train.py")

@@ -220,7 +220,7 @@ def test_every_readme_command_composes(tmp_path):
     text = (REPO / "README.md").read_text()
     first_bare = re.search(r"^python ", text, flags=re.M).start()
     assert "source .venv/bin/activate" in text[:first_bare] and "export LIPSCHITZ_DATA_DIR=" in text[:first_bare]
-    hydra_apps = ("train.py", "lipschitz_lightning.sample", "lipschitz_lightning.evaluate")
+    hydra_apps = ("train.py", "lipschitz_lightning.sample", "lipschitz_lightning.evaluate", "lipschitz_lightning.certify")
     runs = []
     for env, args in commands:
         args = [re.sub(r"[^\s=]*<run>", str(fake_run), a) for a in args]

@@ -17,7 +17,6 @@ from lipschitz_lightning import constraints as C
 from lipschitz_lightning.callbacks import WeightConstraint
 from lipschitz_lightning.config import TARGET_SECTIONS, target_settings, validate_config
 from lipschitz_lightning.errors import ConfigError
-from lipschitz_lightning.lipschitz import rms_norm
 from lipschitz_lightning.optim import Muon, ParamSpec, Role, param_groups
 from lipschitz_lightning.schema import has_range
 from lipschitz_lightning.training import build, train

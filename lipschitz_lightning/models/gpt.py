@@ -137,6 +137,8 @@ def explicit_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Atte
     allowed = mask.dense(q.shape[0], q.shape[-2], q.device)
     if stats is not None:
         stats[f"attention/max_logit_{name}"] = logits.masked_fill(~allowed, float("-inf")).amax().detach()
+        # what the certificate bounds (attention_logit): the largest |logit|
+        stats[f"attention/max_abs_logit_{name}"] = logits.abs().masked_fill(~allowed, 0).amax().detach()
     return logits.masked_fill(~allowed, float("-inf")).softmax(dim=-1) @ v
 
 
@@ -363,7 +365,7 @@ class GPT(nn.Module):
     def stat_names(self) -> list[str]:
         """The keys ``forward(..., stats=...)`` fills."""
         return [f"{kind}{l}" for l in range(self.config.num_blocks)
-                for kind in ("attention/max_logit_", "activation/rms_max_block", "activation/abs_max_block")]
+                for kind in ("attention/max_logit_", "attention/max_abs_logit_", "activation/rms_max_block", "activation/abs_max_block")]
 
     # ------------------------------------------------------------------ what the framework needs
 
