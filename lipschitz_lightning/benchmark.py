@@ -18,9 +18,11 @@ The last line printed is one JSON object with every number.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -34,8 +36,9 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from lipschitz_lightning.config import validate_config
 from lipschitz_lightning.constraints import LINEAR_METHODS
-from lipschitz_lightning.data.common import ResumableRandomBatches
+from lipschitz_lightning.errors import LipschitzLightningError
 from lipschitz_lightning.modules import flatten_positions
 from lipschitz_lightning.optim.roles import param_groups
 from lipschitz_lightning.training import build
@@ -90,6 +93,7 @@ class Timing:
     projection_s: list[float] = field(default_factory=list)
     final_loss: float = float("nan")
     fit_s: float = float("nan")  # the whole trainer.fit call, setup and teardown included
+    peak_memory_gib: float = float("nan")  # the device's peak allocated memory (CUDA only)
 
     def step_times(self) -> list[float]:
         gaps = [b - a for a, b in zip(self.stamps[:-1], self.stamps[1:])]
@@ -130,41 +134,79 @@ def run_pipeline(cfg: DictConfig, sync) -> Timing:
     run = build(cfg)
     clock = StepClock(sync)
     run.trainer.callbacks.append(clock)
+    device = run.trainer.strategy.root_device
+    reset_peak_memory(device)
     started = time.perf_counter()
     run.trainer.fit(run.module, datamodule=run.datamodule)
     fit_s = time.perf_counter() - started
-    return Timing(clock.stamps, final_loss=float(clock.last_loss), fit_s=fit_s)
+    return Timing(clock.stamps, final_loss=float(clock.last_loss), fit_s=fit_s, peak_memory_gib=peak_memory_gib(device))
 
 
 # ---------------------------------------------------------------------------------- (b) plain loop
 
 
 def load_train_data(cfg: DictConfig):
-    """The datamodule (for its on-device batch transform) and its training set, indexed by batches."""
+    """The datamodule, set up for training: its own train loader gives the plain loop the
+    pipeline's batches, and its on-device transform finishes them."""
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    return datamodule, datamodule.splits["train"]
+    return datamodule
 
 
-def run_plain(cfg: DictConfig, data, device: torch.device, sync, time_projection: bool = False) -> Timing:
+def train_batches(datamodule, device: torch.device):
+    for x, y in datamodule.train_dataloader():
+        yield datamodule.on_after_batch_transfer((x.to(device), y.to(device)), 0)
+
+
+def autocast(cfg: DictConfig, device: torch.device):
+    """The pipeline's mixed precision, for the plain loop (weights stay float32 in both)."""
+    precision = str(cfg.trainer.get("precision", "32-true"))
+    if precision in ("32", "32-true"):
+        return contextlib.nullcontext()
+    if precision == "bf16-mixed":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    raise LipschitzLightningError(f"trainer.precision={precision}: the benchmark's plain loop runs 32-true or bf16-mixed")
+
+
+def train_forward(net: torch.nn.Module, forward, x: torch.Tensor, progress: float) -> torch.Tensor:
+    """The language-model module's forward: the attention window follows training's progress
+    (the NanoGPT recipe's schedule); other networks take the inputs alone."""
+    if hasattr(net, "window_size"):
+        return forward(x, window=net.window_size(progress))
+    return forward(x)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+
+
+def run_plain(cfg: DictConfig, datamodule, device: torch.device, sync, time_projection: bool = False) -> Timing:
     torch.manual_seed(cfg.seed)
-    datamodule, dataset = data
     net = instantiate(cfg.model.net).to(device)
+    # the same forward the pipeline runs: compiled when the config says so
+    forward = torch.compile(net) if cfg.model.get("compile", False) else net
     optimizer = instantiate(cfg.optimizer)(param_groups(net.param_specs()))
     scheduler = instantiate(cfg.scheduler)(optimizer)
     # the callback's own projection, called directly instead of through the optimizer hook
     constraint = instantiate(cfg.constraint)
     constraint.scale_into_ball([optimizer])
-    batches = iter(ResumableRandomBatches(len(dataset), cfg.data.batch_size, cfg.data.seed))
+    batches = train_batches(datamodule, device)
+    steps = cfg.trainer.max_steps
+    reset_peak_memory(device)
 
     stamps, projection_s = [], []
-    for _ in range(cfg.trainer.max_steps):
+    for step in range(steps):
         sync()
         stamps.append(time.perf_counter())
-        x, y = (t.to(device) for t in dataset[next(batches)])
-        x, y = datamodule.on_after_batch_transfer((x, y), 0)
-        loss = F.cross_entropy(*flatten_positions(net(x), y))
+        x, y = next(batches)
+        with autocast(cfg, device):
+            loss = F.cross_entropy(*flatten_positions(train_forward(net, forward, x, step / steps), y))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -178,7 +220,7 @@ def run_plain(cfg: DictConfig, data, device: torch.device, sync, time_projection
         scheduler.step()
     sync()
     stamps.append(time.perf_counter())
-    return Timing(stamps, projection_s, final_loss=loss.item())
+    return Timing(stamps, projection_s, final_loss=loss.item(), peak_memory_gib=peak_memory_gib(device))
 
 
 # ---------------------------------------------------------------------------------- (c) roofline
@@ -206,21 +248,19 @@ def gemm_peak(net: torch.nn.Module, rows: int, device: torch.device, sync) -> di
     return peaks
 
 
-def step_flops(cfg: DictConfig, data, device: torch.device) -> dict[str, float]:
+def step_flops(cfg: DictConfig, datamodule, device: torch.device) -> dict[str, float]:
     """FLOPs of one step of the plain loop by phase, counted by ``torch.utils.flop_counter``."""
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.manual_seed(cfg.seed)
-    datamodule, dataset = data
     net = instantiate(cfg.model.net).to(device)
     optimizer = instantiate(cfg.optimizer)(param_groups(net.param_specs()))
     constraint = instantiate(cfg.constraint)
     constraint.scale_into_ball([optimizer])
-    x, y = (t.to(device) for t in dataset[next(iter(ResumableRandomBatches(len(dataset), cfg.data.batch_size, cfg.data.seed)))])
-    x, y = datamodule.on_after_batch_transfer((x, y), 0)
+    x, y = next(train_batches(datamodule, device))
     counts = {}
     with FlopCounterMode(display=False) as counter:
-        loss = F.cross_entropy(*flatten_positions(net(x), y))
+        loss = F.cross_entropy(*flatten_positions(train_forward(net, net, x, 0.0), y))
     counts["forward"] = counter.get_total_flops()
     with FlopCounterMode(display=False) as counter:
         loss.backward()
@@ -236,14 +276,17 @@ def step_flops(cfg: DictConfig, data, device: torch.device) -> dict[str, float]:
 
 
 # The paper's own code (JAX) on the same configs, measured side by side on this project's CPU
-# machine (see README, Speed): the benchmark prints it next to this project's figures.
-# Measured with /work/paper_bench-style scripts that run the paper's notebook configs (README, Speed).
+# machine: the benchmark prints it next to this project's figures. How they were measured:
+# docs/paper_code_timing.md.
 PAPER_CODE_MEASUREMENTS: dict[str | None, dict] = {
     None: {"ms_per_step": 92.7, "whole_run_s": 230.4,
            "where": "median training step, jax 0.10.2, 2026-11-28, 2-core AMD EPYC without AVX-512"},
     "shakespeare_gpt_cpu": {"ms_per_step": 5372.0,
                             "where": "median training step at batch 64, jax 0.10.2, 2026-11-28, 2-core AMD EPYC without AVX-512"},
 }
+
+
+SPEED_ONLY_KEYS = ("model.compile",)
 
 
 # ---------------------------------------------------------------------------------- main
@@ -275,17 +318,24 @@ def main() -> None:
     if args.steps <= WARMUP + 1:
         parser.error(f"--steps must be more than {WARMUP + 1} (the first {WARMUP} steps are warm-up)")
     quiet()
+    # the paper code's figure is for the config as pinned: an override other than how the same
+    # maths is run (model.compile) makes it another config
+    changes_config = [o for o in args.overrides if o.split("=")[0] not in SPEED_ONLY_KEYS]
+    paper_figure = PAPER_CODE_MEASUREMENTS.get(args.experiment) if not changes_config and args.batch_size is None else None
 
     with tempfile.TemporaryDirectory(prefix="lipschitz-benchmark-") as output_dir:
         cfg = compose_config(output_dir, args.steps, args.batch_size, None, args.experiment, args.overrides)
         method_cfgs = {m: compose_config(output_dir, args.steps, args.batch_size, m, args.experiment, args.overrides) for m in args.methods}
-        data = load_train_data(cfg)
-        sample_x, _ = data[1][torch.arange(cfg.data.batch_size)]
+        for checked in (cfg, *method_cfgs.values()):
+            validate_config(checked)  # a bad setting is one line before any data is read
+        datamodule = load_train_data(cfg)
+        sample_x, _ = next(iter(datamodule.train_dataloader()))
         items_per_step = sample_x.shape[0] * (sample_x.shape[1] if sample_x.ndim == 2 else 1)  # tokens for a language model
 
         # the device the pipeline picks (accelerator: auto), so the plain loop runs on the same one
         device = instantiate(cfg.trainer, logger=False).strategy.root_device
         sync = make_sync(device)
+        autocast(cfg, device)  # a precision the plain loop cannot mirror stops here, before any run
         print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
               f"steps {args.steps} (first {WARMUP} not counted), batch {cfg.data.batch_size}, "
               f"{cfg.optimizer._target_.rsplit('.', 1)[-1]} + {cfg.constraint.method}", flush=True)
@@ -294,7 +344,7 @@ def main() -> None:
         pipeline, plain = [], []
         for repeat in range(args.repeats):
             pipeline.append(run_pipeline(cfg, sync))
-            plain.append(run_plain(cfg, data, device, sync))
+            plain.append(run_plain(cfg, datamodule, device, sync))
             print(f"  repeat {repeat + 1}/{args.repeats}: pipeline {pipeline[-1].median_step() * 1e3:.2f} ms/step, "
                   f"plain {plain[-1].median_step() * 1e3:.2f} ms/step", flush=True)
 
@@ -316,6 +366,8 @@ def main() -> None:
             "plain_mean_s_per_step": median([t.loop_s() / args.steps for t in plain]),
             # trainer.fit minus the training loop: setup, configure_optimizers, teardown
             "pipeline_fit_outside_loop_s": median([t.fit_s - t.loop_s() for t in pipeline]),
+            "pipeline_peak_memory_gib": max(t.peak_memory_gib for t in pipeline),
+            "plain_peak_memory_gib": max(t.peak_memory_gib for t in plain),
             # the same seed, batches and steps: these should agree, or the comparison is unfair
             "pipeline_final_loss": pipeline[0].final_loss,
             "plain_final_loss": plain[0].final_loss,
@@ -324,8 +376,8 @@ def main() -> None:
         # ---- the roofline: the step's FLOPs, what they achieve, and the machine's GEMM peak
         roofline = {}
         if args.roofline:
-            flops = step_flops(cfg, data, device)
-            rows = items_per_step if sample_x.ndim == 2 else cfg.data.batch_size
+            flops = step_flops(cfg, datamodule, device)
+            rows = items_per_step if sample_x.ndim == 2 else sample_x.shape[0]
             peaks = gemm_peak(instantiate(cfg.model.net), rows, device, sync)
             roofline = {"gflop_per_step": flops, "gemm_peak_gflops": peaks,
                         "pipeline_gflops": flops["total"] / pipeline_s, "plain_gflops": flops["total"] / plain_s}
@@ -333,11 +385,15 @@ def main() -> None:
         # ---- part 2: the projection's share of a plain step, per method
         part2 = {}
         for method, method_cfg in method_cfgs.items():
-            timing = run_plain(method_cfg, data, device, sync, time_projection=True)
+            timing = run_plain(method_cfg, datamodule, device, sync, time_projection=True)
             step_s = timing.median_step()
             projection_s = median(timing.projection_s[WARMUP:])
             part2[method] = {"step_ms": step_s * 1e3, "projection_ms": projection_s * 1e3,
-                             "share_pct": projection_s / step_s * 100}
+                             "share_pct": projection_s / step_s * 100, "peak_memory_gib": timing.peak_memory_gib}
+        if "none" in part2:
+            # what the constraint costs in the whole step, against the same step unconstrained
+            for row in part2.values():
+                row["vs_none"] = row["step_ms"] / part2["none"]["step_ms"]
             print(f"  {method}: {step_s * 1e3:.2f} ms/step", flush=True)
 
     print()
@@ -350,6 +406,8 @@ def main() -> None:
     print(f"  throughput: pipeline {part1['pipeline_items_per_s']:.0f}, plain {part1['plain_items_per_s']:.0f} "
           f"{'tokens' if items_per_step > cfg.data.batch_size else 'examples'}/s")
     print(f"  trainer.fit outside the training loop: {part1['pipeline_fit_outside_loop_s']:.2f} s per run")
+    if device.type == "cuda":
+        print(f"  peak memory: pipeline {part1['pipeline_peak_memory_gib']:.2f} GiB, plain {part1['plain_peak_memory_gib']:.2f} GiB")
     if roofline:
         flops, peaks = roofline["gflop_per_step"], roofline["gemm_peak_gflops"]
         peak = max(peaks.values())
@@ -359,15 +417,16 @@ def main() -> None:
         print(f"  achieved: pipeline {roofline['pipeline_gflops']:.0f} GFLOP/s, plain {roofline['plain_gflops']:.0f} GFLOP/s")
         print("  fp32 GEMM peak measured here (torch.mm): " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items())
               + f" GFLOP/s: the pipeline runs at {roofline['pipeline_gflops'] / peak:.0%} of it")
-        paper = PAPER_CODE_MEASUREMENTS.get(args.experiment)
+        paper = paper_figure
         if paper:
             print(f"  the paper's code, same config ({paper['where']}): {paper['ms_per_step']:.1f} ms/step "
                   f"-> this pipeline is {paper['ms_per_step'] / (pipeline_s * 1e3):.2f}x its speed")
     print()
     print("constraint cost in the plain loop (medians)")
-    print(f"  {'method':<24}{'step ms':>10}{'proj ms':>10}{'share %':>10}")
+    print(f"  {'method':<24}{'step ms':>10}{'proj ms':>10}{'share %':>10}{'x none':>8}" + (f"{'peak GiB':>10}" if device.type == "cuda" else ""))
     for method, row in part2.items():
-        print(f"  {method:<24}{row['step_ms']:>10.2f}{row['projection_ms']:>10.3f}{row['share_pct']:>10.1f}")
+        print(f"  {method:<24}{row['step_ms']:>10.2f}{row['projection_ms']:>10.3f}{row['share_pct']:>10.1f}{row.get('vs_none', float('nan')):>8.3f}"
+              + (f"{row['peak_memory_gib']:>10.2f}" if device.type == "cuda" else ""))
     print()
     print(json.dumps({
         "device": str(device),
@@ -380,10 +439,19 @@ def main() -> None:
         "batch_size": cfg.data.batch_size,
         **part1,
         "roofline": roofline,
-        "paper_code": PAPER_CODE_MEASUREMENTS.get(args.experiment),
+        "paper_code": paper_figure,
         "methods": part2,
     }))
 
 
+def run() -> None:
+    """``main``, with a user's error as one line ``error: ...`` on stderr and exit status 1."""
+    try:
+        main()
+    except LipschitzLightningError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
 if __name__ == "__main__":
-    main()
+    run()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -294,6 +295,21 @@ def test_tiny_gpt_learns_shakespeare_and_logs_bound_and_stats(make_config, share
     metrics = (out / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
     for key in ("attention/max_logit_1", "activation/rms_max_block0", "activation/abs_max_block1", "norm/q0", "norm/embed"):
         assert key in metrics, key
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                    reason="TorchInductor compiles C++ on a CPU: no C++ compiler on this machine")
+def test_compiled_forward_trains_like_the_eager_one(make_config, shared_data_dir, tmp_path):
+    # model.compile=true (README, Speed) must change how fast, not what: the same losses as eager,
+    # validation included, and a checkpoint with the network's keys only
+    summaries = {}
+    for compiled in (False, True):
+        overrides = gpt_overrides(shared_data_dir, "trainer.max_steps=4", "trainer.val_check_interval=4", f"model.compile={compiled}")
+        summaries[compiled] = train(make_config(*overrides, output_dir=tmp_path / str(compiled)))
+    assert summaries[True]["val/loss"] == pytest.approx(summaries[False]["val/loss"], rel=1e-4)
+    assert summaries[True]["lipschitz/bound"] == pytest.approx(summaries[False]["lipschitz/bound"], rel=1e-4)  # the weights
+    state = torch.load(summaries[True]["checkpoint"], weights_only=False)["state_dict"]
+    assert not any("_orig_mod" in key or "compiled" in key for key in state)
 
 
 @pytest.fixture(scope="module")

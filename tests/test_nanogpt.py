@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -293,3 +294,22 @@ def test_ddp_on_two_cpu_processes_matches_one_process_on_the_same_global_batch(t
     assert two["global_step"] == one["global_step"] == 20
     for name, weight in one["state_dict"].items():
         torch.testing.assert_close(two["state_dict"][name], weight, atol=2e-4, rtol=1e-3, msg=name)
+
+
+def test_the_benchmark_times_a_tiny_nanogpt_and_each_constraint_against_none(counting_shards):
+    # The GPU check of the issue, at CPU size. The plain loop must run the pipeline's step (same
+    # batches, attention window schedule and precision), so both end at the same loss. No document
+    # mask and no zero init here: either would hide a missing window (these documents are shorter
+    # than any window; zero-initialised outputs make attention matter only after a few steps).
+    tiny = tiny_nanogpt(counting_shards, "model.net.document_token=null", "model.net.zero_init=false")
+    result = subprocess.run(
+        [sys.executable, "-m", "lipschitz_lightning.benchmark", *[o for o in tiny if not o.startswith("trainer.")],
+         "--steps", "8", "--repeats", "1", "--methods", "none", "spectral_soft_cap"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    numbers = json.loads(result.stdout.strip().splitlines()[-1])
+    assert numbers["items_per_step"] == 256
+    assert numbers["pipeline_final_loss"] == pytest.approx(numbers["plain_final_loss"], rel=1e-4)
+    assert numbers["methods"]["none"]["vs_none"] == 1.0 and numbers["methods"]["spectral_soft_cap"]["vs_none"] > 0
+    assert numbers["paper_code"] is None  # the paper's figures are for its own configs, not this one
