@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 import lipschitz_lightning  # noqa: F401  (registers the resolver conf/train.yaml uses)
 from lipschitz_lightning.cli import HYDRA_FILES, Resumed, resume_arguments
-from lipschitz_lightning.errors import ConfigError, LipschitzLightningError
+from lipschitz_lightning.errors import ConfigError, LipschitzLightningError, exit_with, one_line
 
 log = logging.getLogger("lipschitz_lightning")
 RESUMED: Resumed | None = None  # set by resume=<run dir>, before Hydra starts
@@ -50,7 +50,7 @@ def main(cfg: DictConfig) -> float | None:
             _leave_nothing_behind(Path(cfg.paths.log_dir))
         if not isinstance(error, LipschitzLightningError):
             raise
-        log.error(f"error: {error}")
+        log.error(one_line(error))
         sys.exit(1)
 
 
@@ -86,6 +86,5 @@ if __name__ == "__main__":
     try:
         sys.argv[1:], RESUMED = resume_arguments(sys.argv[1:])
     except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        exit_with(error)
     main()

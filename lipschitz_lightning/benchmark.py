@@ -23,7 +23,6 @@ import contextlib
 import json
 import logging
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -39,7 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lipschitz_lightning.config import validate_config
 from lipschitz_lightning.constraints import LINEAR_METHODS
-from lipschitz_lightning.errors import LipschitzLightningError
+from lipschitz_lightning.errors import LipschitzLightningError, exit_with
 from lipschitz_lightning.modules import flatten_positions
 from lipschitz_lightning.optim.roles import param_groups
 from lipschitz_lightning.training import build
@@ -453,8 +452,7 @@ def run() -> None:
     try:
         main()
     except LipschitzLightningError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        exit_with(error)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,6 @@ import copy
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +58,7 @@ import hydra
 import torch
 from torch import Tensor, nn
 
-from lipschitz_lightning.errors import ConfigError, DataError, LipschitzLightningError
+from lipschitz_lightning.errors import ConfigError, DataError, LipschitzLightningError, exit_with
 
 
 class CertificateBroken(LipschitzLightningError):
@@ -665,9 +664,7 @@ def run(cfg) -> dict[str, dict]:
     try:
         results = certify(cfg)
     except LipschitzLightningError as error:
-        # one line, even where a message quotes a library's multi-line error (torch.load's)
-        print("error: " + " ".join(line.strip() for line in str(error).splitlines() if line.strip()), file=sys.stderr, flush=True)
-        sys.exit(EXIT_CERTIFICATE_BROKEN if isinstance(error, CertificateBroken) else EXIT_BAD_INPUT)
+        exit_with(error, EXIT_CERTIFICATE_BROKEN if isinstance(error, CertificateBroken) else EXIT_BAD_INPUT)
     out = Path(cfg.out_dir) if cfg.out_dir is not None else default_out_dir(validate_settings(cfg)[0])
     print(markdown(results), flush=True)
     print(f"\nwritten: {out / 'certify.json'}, {out / 'certify.md'}, {out / 'certify.png'} ({time.perf_counter() - started:.0f} s)", flush=True)

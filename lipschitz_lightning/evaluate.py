@@ -11,13 +11,12 @@ run's ``last.ckpt`` gives back the run's final summary. Settings in ``conf/evalu
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from lipschitz_lightning.errors import ConfigError, DataError, LipschitzLightningError
+from lipschitz_lightning.errors import ConfigError, DataError, LipschitzLightningError, exit_with
 
 
 def data_config(cfg: DictConfig, run_data: dict) -> DictConfig:
@@ -97,8 +96,7 @@ def main(cfg: DictConfig) -> None:
 
         metrics = evaluate(cfg)
     except LipschitzLightningError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        exit_with(error)
     print(f"checkpoint: {cfg.ckpt_path}", flush=True)
     print("\n".join(summary_lines(metrics, metrics["step"])), flush=True)
 

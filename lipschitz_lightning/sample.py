@@ -9,7 +9,6 @@ Prints the prompt followed by the continuation.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import hydra
@@ -18,7 +17,7 @@ from omegaconf import DictConfig
 
 from lipschitz_lightning.checkpoints import load_network
 from lipschitz_lightning.data.shakespeare import CharVocab
-from lipschitz_lightning.errors import ConfigError, LipschitzLightningError
+from lipschitz_lightning.errors import ConfigError, LipschitzLightningError, exit_with
 from lipschitz_lightning.models.gpt import GPT
 
 
@@ -69,8 +68,7 @@ def main(cfg: DictConfig) -> None:
     try:
         print(sample(cfg), flush=True)
     except LipschitzLightningError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        exit_with(error)
 
 
 if __name__ == "__main__":
