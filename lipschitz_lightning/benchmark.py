@@ -36,6 +36,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from lipschitz_lightning.allocator import keep_freed_memory
 from lipschitz_lightning.config import validate_config
 from lipschitz_lightning.constraints import LINEAR_METHODS
 from lipschitz_lightning.errors import LipschitzLightningError, exit_with
@@ -318,6 +319,7 @@ def main() -> None:
     if args.steps <= WARMUP + 1:
         parser.error(f"--steps must be more than {WARMUP + 1} (the first {WARMUP} steps are warm-up)")
     quiet()
+    keep_freed_memory()  # as build() does for the pipeline, here before either loop runs
     # the paper code's figure is for the config as pinned: an override other than how the same
     # maths is run (model.compile) makes it another config
     changes_config = [o for o in args.overrides if o.split("=")[0] not in SPEED_ONLY_KEYS]

@@ -104,13 +104,15 @@ def odd_polynomial_steps(X: Tensor, coefficients, form: str = "auto") -> Tensor:
         return X
     coefficients = list(coefficients)
     for start in range(0, len(coefficients), GRAM_RESTART):
+        steps = coefficients[start : start + GRAM_RESTART]
         A = X @ X.mT
         identity = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
         Q = None
-        for a, b, c in coefficients[start : start + GRAM_RESTART]:
+        for index, (a, b, c) in enumerate(steps):
             P = a * identity + b * A + (c * (A @ A) if _nonzero(c) else 0)
             Q = P if Q is None else P @ Q
-            A = P @ (A @ P)
+            if index + 1 < len(steps):  # the run's last A would not be used
+                A = P @ (A @ P)
         X = Q @ X
     return X
 

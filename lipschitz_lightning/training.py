@@ -20,6 +20,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from lipschitz_lightning.allocator import keep_freed_memory
 from lipschitz_lightning.callbacks import LipschitzMonitor
 from lipschitz_lightning.config import validate_config
 from lipschitz_lightning.errors import ConfigError
@@ -219,6 +220,7 @@ class Run:
 def build(cfg: DictConfig) -> Run:
     """Check the config, then build data, module, callbacks, loggers and trainer."""
     validate_config(cfg)
+    keep_freed_memory()  # every step reuses its buffers instead of faulting fresh pages in
     resumed_step = check_resume(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)

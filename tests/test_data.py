@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lipschitz_lightning.data import CIFAR10DataModule
-from lipschitz_lightning.data.common import ResumableRandomBatches
+from lipschitz_lightning.data.common import BatchTensorDataset, ResumableRandomBatches
 from lipschitz_lightning.errors import DataError
 
 
@@ -33,6 +33,16 @@ def test_batches_reach_the_model_as_floats_in_unit_range(tiny_cifar, tmp_path):
     x, y = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
     assert x.dtype == torch.float32 and x.shape == (16, 32, 32, 3) and 0 <= x.min() and x.max() <= 1
     assert len(dm.val_dataloader()) == 128 // 512 + 1
+
+
+def test_a_batch_of_indices_gives_what_tensor_indexing_gives():
+    images, labels = torch.randint(0, 256, (50, 4, 4, 3), dtype=torch.uint8), torch.arange(50) % 10
+    dataset = BatchTensorDataset(images, labels)
+    indices = torch.tensor([7, 0, 49, 7, 23])
+    x, y = dataset[indices]
+    assert torch.equal(x, images[indices]) and torch.equal(y, labels[indices])
+    x, y = dataset[3]  # a single index as TensorDataset has it
+    assert torch.equal(x, images[3]) and y == labels[3]
 
 
 def test_batch_stream_is_a_function_of_seed_and_position():

@@ -9,9 +9,9 @@ from urllib.parse import urlparse
 
 import numpy as np
 import torch
-from torch.utils.data import TensorDataset
 
 from lipschitz_lightning.data.common import (
+    BatchTensorDataset,
     IndexedSplitsDataModule,
     cached_tensors,
     default_cache_dir,
@@ -77,7 +77,7 @@ class CIFAR10DataModule(IndexedSplitsDataModule):
         self.directory = Path(data_dir) / "cifar10"
         self.batch_size, self.val_batch_size, self.seed = batch_size, val_batch_size, seed
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-        self.splits: dict[str, TensorDataset] = {}
+        self.splits: dict[str, BatchTensorDataset] = {}
 
     def files(self) -> dict[str, Path]:
         return {name: self.directory / f"{split}.parquet" for name, split in SPLITS.items()}
@@ -93,7 +93,7 @@ class CIFAR10DataModule(IndexedSplitsDataModule):
             return
         for name, path in self.files().items():
             tensors = cached_tensors(path, "uint8", lambda: decode_parquet(path), self.cache_dir)
-            self.splits[name] = TensorDataset(tensors["images"], tensors["labels"])
+            self.splits[name] = BatchTensorDataset(tensors["images"], tensors["labels"])
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, labels = batch

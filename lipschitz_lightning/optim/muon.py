@@ -136,7 +136,8 @@ class Muon(torch.optim.Optimizer):
         return buf
 
     def _apply(self, p: torch.Tensor, group: dict, direction: torch.Tensor) -> None:
-        p.mul_(1 - group["lr"] * group["weight_decay"])
+        if group["weight_decay"]:  # a pass over the weights saved, and p * 1.0 is p exactly
+            p.mul_(1 - group["lr"] * group["weight_decay"])
         p.add_(direction.to(p.dtype), alpha=-group["lr"])
 
     def _adam_step(self, p: torch.Tensor, group: dict) -> None:
