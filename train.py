@@ -17,8 +17,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 import lipschitz_lightning  # noqa: F401  (registers the resolver conf/train.yaml uses)
-from lipschitz_lightning.cli import HYDRA_FILES, Resumed, resume_arguments
-from lipschitz_lightning.errors import ConfigError, LipschitzLightningError, exit_with, one_line
+from lipschitz_lightning.cli import HYDRA_FILES, Resumed, rank_arguments, resume_arguments, set_cuda_allocator
+from lipschitz_lightning.errors import ConfigError, LipschitzLightningError, Preempted, exit_with, one_line
 
 log = logging.getLogger("lipschitz_lightning")
 RESUMED: Resumed | None = None  # set by resume=<run dir>, before Hydra starts
@@ -28,6 +28,7 @@ RESUMED: Resumed | None = None  # set by resume=<run dir>, before Hydra starts
 def main(cfg: DictConfig) -> float | None:
     # torch and Lightning load here, not at import: --cfg job, --help and Hydra's errors stay quick,
     # and Lightning's notices find Hydra's logging already set up (so they reach train.log)
+    from lipschitz_lightning.allocator import keep_freed_memory
     from lipschitz_lightning.training import build, in_multirun, record_failure, train
 
     # the lightning package gives itself a stderr console on import; Hydra's handlers show its notices already
@@ -35,6 +36,8 @@ def main(cfg: DictConfig) -> float | None:
     logging.captureWarnings(True)  # warnings reach train.log too
     run = None
     try:
+        if cfg.get("keep_freed_memory"):
+            keep_freed_memory()
         run = build(cfg)  # config, resume and data checks: nothing trained yet
         return train(cfg, run).get("val/acc")
     except Exception as error:
@@ -42,8 +45,8 @@ def main(cfg: DictConfig) -> float | None:
             if run is None:
                 record_failure(cfg, error)  # train() records the failures of a built run itself
             # one diverged or misconfigured grid point is a result, not a reason to stop the sweep:
-            # its summary.json says failed and the report lists it
-            if isinstance(error, LipschitzLightningError):
+            # its summary.json says failed and the report lists it; a SIGTERM stops the whole sweep
+            if isinstance(error, LipschitzLightningError) and not isinstance(error, Preempted):
                 return None
             raise
         if run is None:
@@ -51,7 +54,7 @@ def main(cfg: DictConfig) -> float | None:
         if not isinstance(error, LipschitzLightningError):
             raise
         log.error(one_line(error))
-        sys.exit(1)
+        sys.exit(getattr(error, "exit_status", 1))
 
 
 def _leave_nothing_behind(log_dir: Path) -> None:
@@ -83,8 +86,10 @@ def _leave_nothing_behind(log_dir: Path) -> None:
 
 
 if __name__ == "__main__":
+    set_cuda_allocator()  # before torch is imported
     try:
         sys.argv[1:], RESUMED = resume_arguments(sys.argv[1:])
     except ConfigError as error:
         exit_with(error)
+    sys.argv[1:] = rank_arguments(sys.argv[1:])
     main()

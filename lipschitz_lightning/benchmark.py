@@ -9,7 +9,9 @@ Part 1 trains the default config (MLP on CIFAR-10, Muon + spectral soft cap) or 
 for ``--steps`` steps through ``training.build`` + ``trainer.fit``, and through a plain loop over the same model,
 optimizer, scheduler, batches and projection, alternating the two ``--repeats`` times (and which of
 the two goes first). Part 2 runs the plain loop once per constraint method and times the projection
-on its own, and its cost against ``none`` where ``none`` is among the methods.
+on its own, and its cost against ``none`` where ``none`` is among the methods. With
+``--world-size N`` (N GPUs, or N CPU processes), part 3 runs the step on N ranks and counts the
+bytes each rank sends per step, beside the ideal.
 
 Step times are the gaps between consecutive batch starts (so a step includes fetching the next
 batch and every hook); the first ``WARMUP`` steps are left out and medians are reported.
@@ -39,7 +41,9 @@ from omegaconf import DictConfig, OmegaConf
 from lipschitz_lightning.allocator import keep_freed_memory
 from lipschitz_lightning.config import validate_config
 from lipschitz_lightning.constraints import LINEAR_METHODS
+from lipschitz_lightning.distributed import count_traffic
 from lipschitz_lightning.errors import LipschitzLightningError, exit_with
+from lipschitz_lightning.losses import linear_cross_entropy
 from lipschitz_lightning.modules import flatten_positions
 from lipschitz_lightning.optim.roles import param_groups
 from lipschitz_lightning.training import build
@@ -50,9 +54,9 @@ WARMUP = 5  # the first steps pay for allocator growth and lazy initialisation, 
 # The real pipeline minus what would only add noise to a timing: validation, checkpoints and the
 # progress bar. The CSV logger stays, since every real run has one.
 PIPELINE_OVERRIDES = [
-    "~callbacks.progress_bar",
-    "~callbacks.best_checkpoint",
-    "~callbacks.last_checkpoint",
+    "callbacks.progress_bar=null",
+    "callbacks.best_checkpoint=null",
+    "callbacks.last_checkpoint=null",
     "+trainer.enable_progress_bar=false",
     "+trainer.enable_model_summary=false",
     "+trainer.enable_checkpointing=false",
@@ -170,12 +174,27 @@ def autocast(cfg: DictConfig, device: torch.device):
     raise LipschitzLightningError(f"trainer.precision={precision}: the benchmark's plain loop runs 32-true or bf16-mixed")
 
 
-def train_forward(net: torch.nn.Module, forward, x: torch.Tensor, progress: float) -> torch.Tensor:
-    """The language-model module's forward: the attention window follows training's progress
-    (the NanoGPT recipe's schedule); other networks take the inputs alone."""
-    if hasattr(net, "window_size"):
-        return forward(x, window=net.window_size(progress))
-    return forward(x)
+def plain_forward(cfg: DictConfig, net: torch.nn.Module):
+    """What the module's training step calls: a language model's features (its loss takes the head
+    itself, in chunks), another network's forward; compiled when the config says so."""
+    forward = net.features if hasattr(net, "features") else net
+    return torch.compile(forward) if cfg.model.get("compile", False) else forward
+
+
+def train_loss(cfg: DictConfig, net: torch.nn.Module, forward, x: torch.Tensor, y: torch.Tensor, progress: float,
+               windows: dict) -> torch.Tensor:
+    """The module's training loss: for a language model, the window of training's progress (a device
+    tensor made once per size, as the module keeps them) and the loss over the vocabulary in chunks
+    (``LanguageModelModule.loss_and_correct``); the classifier's cross-entropy otherwise."""
+    if not hasattr(net, "window_blocks"):
+        return F.cross_entropy(*flatten_positions(forward(x), y))
+    blocks = net.window_blocks(progress)
+    if blocks is not None and blocks not in windows:
+        windows[blocks] = torch.tensor(blocks, dtype=torch.int32, device=x.device)
+    features = forward(x, window=None if blocks is None else windows[blocks])
+    loss, _ = linear_cross_entropy(features.flatten(0, -2), net.head.weight, y.flatten(), net.config.final_scale,
+                                   cfg.model.get("loss_chunk", 4096))
+    return loss
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -190,8 +209,7 @@ def peak_memory_gib(device: torch.device) -> float:
 def run_plain(cfg: DictConfig, datamodule, device: torch.device, sync, time_projection: bool = False) -> Timing:
     torch.manual_seed(cfg.seed)
     net = instantiate(cfg.model.net).to(device)
-    # the same forward the pipeline runs: compiled when the config says so
-    forward = torch.compile(net) if cfg.model.get("compile", False) else net
+    forward, windows = plain_forward(cfg, net), {}
     optimizer = instantiate(cfg.optimizer)(param_groups(net.param_specs()))
     scheduler = instantiate(cfg.scheduler)(optimizer)
     # the callback's own projection, called directly instead of through the optimizer hook
@@ -207,7 +225,7 @@ def run_plain(cfg: DictConfig, datamodule, device: torch.device, sync, time_proj
         stamps.append(time.perf_counter())
         x, y = next(batches)
         with autocast(cfg, device):
-            loss = F.cross_entropy(*flatten_positions(train_forward(net, forward, x, step / steps), y))
+            loss = train_loss(cfg, net, forward, x, y, step / steps, windows)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -224,7 +242,77 @@ def run_plain(cfg: DictConfig, datamodule, device: torch.device, sync, time_proj
     return Timing(stamps, projection_s, final_loss=loss.item(), peak_memory_gib=peak_memory_gib(device))
 
 
-# ---------------------------------------------------------------------------------- (c) roofline
+# ---------------------------------------------------------------------------------- (c) communication
+
+
+def communication_worker(rank: int, world: int, init_file: str, config: dict, steps: int, out: str) -> None:
+    """One rank of ``--world-size``: the plain loop's step, its collectives counted by
+    ``distributed.count_traffic`` and its optimizer step (projection included) timed."""
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(1)
+    torch.distributed.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        cfg = OmegaConf.create(config)
+        torch.manual_seed(cfg.seed)
+        net = instantiate(cfg.model.net).to(device)
+        forward, windows = plain_forward(cfg, net), {}
+        optimizer = instantiate(cfg.optimizer)(param_groups(net.param_specs()))
+        constraint = instantiate(cfg.constraint)
+        constraint.projector = constraint.build_projector([optimizer])
+        constraint.projector.scale_into_ball()
+        if getattr(optimizer, "shards_its_step", False):  # as the callback and trainer=ddp's strategy set it up
+            optimizer.attach_projection(constraint.projector.project)
+            optimizer.reduce_gradients = True
+        batches, sync = train_batches(load_train_data(cfg), device), make_sync(device)
+        sent, step_s = [], []
+        for step in range(steps):
+            x, y = next(batches)
+            with autocast(cfg, device):
+                loss = train_loss(cfg, net, forward, x, y, step / steps, windows)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            sync()
+            started = time.perf_counter()
+            with count_traffic() as traffic:
+                optimizer.step()
+                if not getattr(optimizer, "shards_its_step", False):
+                    constraint.project(optimizer)
+            sync()
+            step_s.append(time.perf_counter() - started)
+            sent.append(traffic.sent)
+        if rank == 0:
+            plan = optimizer._sharded.plan if getattr(optimizer, "_sharded", None) is not None else None
+            element = next(net.parameters()).element_size()
+            torch.save({"sent": sent, "step_s": step_s, "ideal": plan.ideal_bytes(element) if plan else float("nan"),
+                        "padding": plan.padding() if plan else 0, "segment": plan.segment if plan else 0,
+                        "backend": torch.distributed.get_backend()}, out)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def communication(cfg: DictConfig, world: int, steps: int) -> dict:
+    """Bytes each rank sends per step in a ``world``-rank run of the step, beside the ideal: a
+    reduce-scatter of every gradient and an all-gather of every weight, each ``(w - 1) / w`` of
+    them (``distributed.Traffic`` counts as a ring collective sends)."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory(prefix="lipschitz-communication-") as scratch:
+        out = str(Path(scratch) / "rank0.pt")
+        config = OmegaConf.to_container(cfg, resolve=True)
+        mp.spawn(communication_worker, args=(world, str(Path(scratch) / "init"), config, steps, out), nprocs=world, join=True)
+        result = torch.load(out, weights_only=True)
+    per_step = result["sent"][-1]  # every step sends the same
+    total = sum(per_step.values())
+    return {"world_size": world, "backend": result["backend"], "bytes_per_rank_per_step": per_step, "total_bytes": total,
+            "ideal_bytes": result["ideal"], "vs_ideal": total / result["ideal"], "padding_elements": result["padding"],
+            "optimizer_step_ms": median(result["step_s"][1:]) * 1e3}
+
+
+# ---------------------------------------------------------------------------------- (d) roofline
 
 
 def gemm_peak(net: torch.nn.Module, rows: int, device: torch.device, sync) -> dict[str, float]:
@@ -261,7 +349,7 @@ def step_flops(cfg: DictConfig, datamodule, device: torch.device) -> dict[str, f
     x, y = next(train_batches(datamodule, device))
     counts = {}
     with FlopCounterMode(display=False) as counter:
-        loss = F.cross_entropy(*flatten_positions(train_forward(net, net, x, 0.0), y))
+        loss = train_loss(cfg, net, net.features if hasattr(net, "features") else net, x, y, 0.0, {})
     counts["forward"] = counter.get_total_flops()
     with FlopCounterMode(display=False) as counter:
         loss.backward()
@@ -315,11 +403,15 @@ def main() -> None:
                         help=f"constraint methods for part 2 (default all: {', '.join(LINEAR_METHODS)}; none given: skip)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the config's")
     parser.add_argument("--no-roofline", dest="roofline", action="store_false", help="skip the FLOP count and the GEMM peak")
+    parser.add_argument("--world-size", type=int, default=1,
+                        help="also run the step on this many ranks (GPUs with NCCL, else CPU processes with gloo) and count the "
+                             "bytes each rank sends per step (default 1: no)")
     args = parser.parse_args()
     if args.steps <= WARMUP + 1:
         parser.error(f"--steps must be more than {WARMUP + 1} (the first {WARMUP} steps are warm-up)")
+    if args.world_size < 1 or (torch.cuda.is_available() and args.world_size > torch.cuda.device_count()):
+        parser.error(f"--world-size must be 1..{torch.cuda.device_count() if torch.cuda.is_available() else 'any'} (one rank per GPU), got {args.world_size}")
     quiet()
-    keep_freed_memory()  # as build() does for the pipeline, here before either loop runs
     # the paper code's figure is for the config as pinned: an override other than how the same
     # maths is run (model.compile) makes it another config
     changes_config = [o for o in args.overrides if o.split("=")[0] not in SPEED_ONLY_KEYS]
@@ -330,6 +422,8 @@ def main() -> None:
         method_cfgs = {m: compose_config(output_dir, args.steps, args.batch_size, m, args.experiment, args.overrides) for m in args.methods}
         for checked in (cfg, *method_cfgs.values()):
             validate_config(checked)  # a bad setting is one line before any data is read
+        if cfg.get("keep_freed_memory"):
+            keep_freed_memory()  # as train.py does, before either loop runs
         datamodule = load_train_data(cfg)
         sample_x, _ = next(iter(datamodule.train_dataloader()))
         items_per_step = sample_x.shape[0] * (sample_x.shape[1] if sample_x.ndim == 2 else 1)  # tokens for a language model
@@ -396,11 +490,13 @@ def main() -> None:
             projection_s = median(timing.projection_s[WARMUP:])
             part2[method] = {"step_ms": step_s * 1e3, "projection_ms": projection_s * 1e3,
                              "share_pct": projection_s / step_s * 100, "peak_memory_gib": timing.peak_memory_gib}
+            print(f"  {method}: {step_s * 1e3:.2f} ms/step", flush=True)
         if "none" in part2:
             # what the constraint costs in the whole step, against the same step unconstrained
             for row in part2.values():
                 row["vs_none"] = row["step_ms"] / part2["none"]["step_ms"]
-            print(f"  {method}: {step_s * 1e3:.2f} ms/step", flush=True)
+
+        comm = communication(cfg, args.world_size, min(args.steps, 3)) if args.world_size > 1 else None
 
     print()
     print("framework overhead (median over repeats of each run's median step)")
@@ -432,6 +528,14 @@ def main() -> None:
     for method, row in part2.items():
         print(f"  {method:<24}{row['step_ms']:>10.2f}{row['projection_ms']:>10.3f}{row['share_pct']:>10.1f}{row.get('vs_none', float('nan')):>8.3f}"
               + (f"{row['peak_memory_gib']:>10.2f}" if device.type == "cuda" else ""))
+    if comm:
+        print()
+        print(f"communication on {comm['world_size']} ranks ({comm['backend']}), bytes each rank sends per step")
+        for kind, nbytes in comm["bytes_per_rank_per_step"].items():
+            print(f"  {kind:<16}{nbytes / 2**20:>12.3f} MiB")
+        print(f"  {'total':<16}{comm['total_bytes'] / 2**20:>12.3f} MiB, ideal {comm['ideal_bytes'] / 2**20:.3f} MiB "
+              f"(a reduce-scatter of every gradient, an all-gather of every weight): {comm['vs_ideal']:.3f}x")
+        print(f"  optimizer step with its projection: {comm['optimizer_step_ms']:.2f} ms (median)")
     print()
     print(json.dumps({
         "device": str(device),
@@ -446,6 +550,7 @@ def main() -> None:
         "roofline": roofline,
         "paper_code": paper_figure,
         "methods": part2,
+        "communication": comm,
     }))
 
 

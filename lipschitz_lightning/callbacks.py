@@ -5,15 +5,19 @@ The math lives in ``constraints`` and ``lipschitz``; this file only decides when
 
 from __future__ import annotations
 
+import hashlib
 import time
 import warnings
+from pathlib import Path
 from typing import Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lipschitz_lightning.constraints import COUPLINGS, LINEAR_METHODS, POLYNOMIAL_FORMS, ns_max_singular_value
+from lipschitz_lightning.constraints import COUPLINGS, LINEAR_METHODS, POLYNOMIAL_FORMS, PROJECTION_DTYPES, ns_max_singular_value
+from lipschitz_lightning.distributed import rank_and_world
 from lipschitz_lightning.errors import ConfigError, TrainingDiverged
 from lipschitz_lightning.projection import Projector, constrained_weights
 from lipschitz_lightning.schema import Positive, PositiveInt, UnitInterval
@@ -26,7 +30,9 @@ class WeightConstraint(Callback):
     per optimizer step whatever the gradient accumulation, precision plugin or strategy, and it
     reads the ``lr`` and weight decay of the step that just happened from the parameter groups
     (the LR scheduler moves on only after the hook). The projection itself is a
-    ``projection.Projector``: batched by shape, shared out across DDP ranks.
+    ``projection.Projector``: batched by shape, shared out across DDP ranks. An optimizer that
+    shards its step across ranks (Muon under DDP) runs the projection itself, inside the step, on
+    the weights each rank owns (``attach_projection``): no hook, and no second all-gather.
     """
 
     def __init__(
@@ -39,6 +45,7 @@ class WeightConstraint(Callback):
         embed_w_max: Positive = 1.0,
         power_iters: PositiveInt = 16,
         polynomial_form: Literal[POLYNOMIAL_FORMS] = "auto",
+        dtype: Literal[PROJECTION_DTYPES] = "float32",
     ):
         if method not in LINEAR_METHODS:
             raise ValueError(f"constraint.method must be one of {sorted(LINEAR_METHODS)}, got {method!r}")
@@ -47,6 +54,7 @@ class WeightConstraint(Callback):
         self.method, self.w_max, self.coupling, self.spectral_wd = method, w_max, coupling, spectral_wd
         self.head_w_max = w_max if head_w_max is None else head_w_max
         self.embed_w_max, self.power_iters, self.polynomial_form = embed_w_max, power_iters, polynomial_form
+        self.dtype = dtype
         self.steps_applied = 0
         self.projector: Projector | None = None
         self._restored: dict | None = None  # projector state from a checkpoint, applied once it exists
@@ -55,10 +63,13 @@ class WeightConstraint(Callback):
     # ---------------------------------------------------------------- Lightning hooks
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.projector = self.build_projector(trainer.optimizers)
         for optimizer in trainer.optimizers:
             self._warn_if_step_unbounded(optimizer)
-            self._hooks.append(optimizer.register_step_post_hook(self._after_optimizer_step))
-        self.projector = self.build_projector(trainer.optimizers)
+            if getattr(optimizer, "shards_its_step", False):
+                optimizer.attach_projection(self._project_shards)
+            else:
+                self._hooks.append(optimizer.register_step_post_hook(self._after_optimizer_step))
         if trainer.global_step == 0:
             self.projector.scale_into_ball()
 
@@ -69,12 +80,18 @@ class WeightConstraint(Callback):
         self._remove_hooks()
 
     def state_dict(self) -> dict:
+        """Under DDP a collective (Lightning calls it on every rank): each rank keeps the power
+        vectors and counts the fallbacks of the weights it projects."""
         projector = self.projector
-        return {
-            "steps_applied": self.steps_applied,
-            "power_states": {k: v.cpu() for k, v in projector.power_states.items()} if projector else {},
-            "fallbacks": int(projector.fallbacks) if projector else 0,
-        }
+        states = projector.power_states_kept() if projector else {}
+        fallbacks = projector.fallback_count() if projector else 0
+        rank, world = rank_and_world()
+        if world > 1:
+            every_rank: list = [None] * world
+            torch.distributed.all_gather_object(every_rank, (states, fallbacks))
+            states = {name: state for kept, _ in every_rank for name, state in kept.items()}
+            fallbacks = sum(count for _, count in every_rank)
+        return {"steps_applied": self.steps_applied, "power_states": states, "fallbacks": fallbacks}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.steps_applied = state_dict["steps_applied"]
@@ -96,11 +113,12 @@ class WeightConstraint(Callback):
             constrained_weights(optimizers), self.method, w_max=self.w_max, head_w_max=self.head_w_max,
             embed_w_max=self.embed_w_max, coupling=self.coupling, spectral_wd=self.spectral_wd,
             power_iters=self.power_iters, update_sigma_max=max(update_sigma_max(o) for o in optimizers),
-            form=self.polynomial_form,
+            form=self.polynomial_form, dtype=None if self.dtype == "float32" else getattr(torch, self.dtype),
         )
         if self._restored is not None:
             projector.power_states = dict(self._restored["power_states"])
-            projector.fallbacks = torch.tensor(self._restored.get("fallbacks", 0))
+            # the run's total so far, kept by rank 0 (every rank's own count adds to it)
+            projector.restore_fallbacks(self._restored.get("fallbacks", 0) if rank_and_world()[0] == 0 else 0)
             self._restored = None
         return projector
 
@@ -121,6 +139,10 @@ class WeightConstraint(Callback):
 
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
         self.project(optimizer)
+
+    def _project_shards(self, sharded) -> None:
+        self.projector.project(sharded)
+        self.steps_applied += 1
 
     @torch.no_grad()
     def project(self, optimizer: torch.optim.Optimizer) -> None:
@@ -167,6 +189,12 @@ class LipschitzMonitor(Callback):
         if trainer.sanity_checking:
             return
         self.last_validated_step = trainer.global_step
+        constraint = next((c for c in trainer.callbacks if isinstance(c, WeightConstraint)), None)
+        fallbacks = None
+        if constraint is not None and constraint.projector is not None:
+            # every rank counts the matrices it projected: summed, on every rank (a collective)
+            count = torch.tensor(float(constraint.projector.fallback_count()), device=pl_module.device)
+            fallbacks = float(trainer.strategy.reduce(count, reduce_op="sum"))
         if not trainer.is_global_zero:
             return
         net = pl_module.net
@@ -176,9 +204,8 @@ class LipschitzMonitor(Callback):
         if hasattr(net, "paper_formula_bound"):
             # SPEC §7's formula, for comparison with the paper's numbers: not a certificate
             metrics["lipschitz/bound_paper_formula"] = net.paper_formula_bound(norms)
-        constraint = next((c for c in trainer.callbacks if isinstance(c, WeightConstraint)), None)
-        if constraint is not None and constraint.projector is not None:
-            metrics["constraint/guard_fallbacks"] = float(constraint.projector.fallbacks)
+        if fallbacks is not None:
+            metrics["constraint/guard_fallbacks"] = fallbacks
         pl_module.log("lipschitz/bound", metrics.pop("lipschitz/bound"), rank_zero_only=True, prog_bar=True)
         pl_module.log_dict(metrics, rank_zero_only=True)
 
@@ -231,8 +258,9 @@ class RankAgreement(Callback):
 
     Nothing in the method may differ between ranks (the projection's start vectors are seeded, the
     shared work is all-gathered), but a rank-dependent bit anywhere (a kernel, a data race) would
-    let the replicas drift apart silently. The check is a checksum of the weights' bit patterns:
-    one integer per rank, one small all-gather. Without DDP it does nothing.
+    let the replicas drift apart silently. The check is a hash (BLAKE2b) of every weight's bytes,
+    in parameter order, so any difference shows, swapped entries included; the ranks compare their
+    16-byte digests. Without DDP it does nothing.
     """
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -244,20 +272,50 @@ class RankAgreement(Callback):
 
     @staticmethod
     @torch.no_grad()
-    def checksum(module: torch.nn.Module) -> torch.Tensor:
-        total = torch.zeros((), dtype=torch.int64, device=next(module.parameters()).device)
-        for index, p in enumerate(module.parameters()):
-            bits = p.detach().contiguous().view(-1).view(torch.int16 if p.element_size() == 2 else torch.int32)
-            # position-weighted, so that swapped values between parameters still show
-            total += bits.to(torch.int64).sum() * (index + 1)
-        return total
+    def digest(module: torch.nn.Module) -> str:
+        hasher = hashlib.blake2b(digest_size=16)
+        for name, p in module.named_parameters():
+            hasher.update(name.encode())
+            hasher.update(p.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy().data)
+        return hasher.hexdigest()
 
     def check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.world_size == 1:
             return
-        sums = trainer.strategy.all_gather(self.checksum(pl_module.net))
-        if not bool((sums == sums[0]).all()):
+        digests: list = [None] * trainer.world_size
+        torch.distributed.all_gather_object(digests, self.digest(pl_module.net))
+        if len(set(digests)) > 1:
             raise TrainingDiverged(
                 f"the {trainer.world_size} ranks hold different weights at step {trainer.global_step} "
-                f"(checksums {sums.tolist()}): a rank-dependent computation let the replicas drift apart"
+                f"(digests {digests}): a rank-dependent computation let the replicas drift apart"
             )
+
+
+class PeriodicCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint``, writing at every ``every_n_validations``-th validation (by
+    step, so a resumed run keeps the cadence) and always at the last step. A NanoGPT checkpoint is
+    1.35 GiB: writing two at each of the recipe's 50 validations would be ~135 GiB per run."""
+
+    def __init__(self, every_n_validations: PositiveInt = 1, **kwargs):
+        super().__init__(**kwargs)
+        self.every_n_validations = every_n_validations
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        interval = trainer.val_check_interval if isinstance(trainer.val_check_interval, int) else 1
+        step = trainer.global_step
+        if step % (self.every_n_validations * interval) == 0 or step >= trainer.max_steps > 0:
+            super().on_validation_end(trainer, pl_module)
+
+
+class SaveOnPreemption(Callback):
+    """A SIGTERM (a scheduler's preemption or time limit) ends the run at the next step boundary
+    with a resumable ``last.ckpt`` in ``dirpath``. Lightning turns the signal into
+    ``SIGTERMException`` on every rank at the same step; ``train.py`` then writes the run's summary
+    as preempted and exits with status 143 (128 + SIGTERM), so that the scheduler sees a failure."""
+
+    def __init__(self, dirpath: str):
+        self.dirpath = dirpath
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException) and trainer.global_step > 0:
+            trainer.save_checkpoint(str(Path(self.dirpath) / "last.ckpt"))

@@ -276,7 +276,7 @@ def observe_language_model(net: nn.Module, batches, max_batches: int, stats_toke
     ``max_batches`` validation batches (each cut to its first ``stats_tokens`` tokens: the model is
     causal, so these are the values those tokens have in the full pass)."""
     observed: dict[str, float] = {}
-    window = net.window_size(1.0) if hasattr(net, "window_size") else None
+    window = net.window_blocks(1.0) if hasattr(net, "window_blocks") else None
     for index, batch in enumerate(batches):
         if index >= max_batches:
             break

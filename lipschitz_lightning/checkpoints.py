@@ -25,13 +25,16 @@ class SavedNetwork:
     target: str  # "package.module.Class" of the network
     config: dict  # its constructor arguments
     vocab: str | None  # the characters of a character-level language model, else None
+    tokenizer: str | None  # the tokenizer of a BPE language model (``gpt2``), else None
     path: Path
     checkpoint: dict  # everything else the checkpoint holds (global_step, hyper_parameters, ...)
 
 
-def network_record(net: nn.Module, vocab: str | None = None) -> dict:
-    """What ``on_save_checkpoint`` stores so that ``load_network`` can rebuild ``net``."""
-    return {"target": f"{type(net).__module__}.{type(net).__qualname__}", "config": net.config_dict(), "vocab": vocab}
+def network_record(net: nn.Module, vocab: str | None = None, tokenizer: str | None = None) -> dict:
+    """What ``on_save_checkpoint`` stores so that ``load_network`` can rebuild ``net``: its class and
+    arguments, and a language model's vocabulary (characters) or tokenizer (a name, e.g. ``gpt2``)."""
+    return {"target": f"{type(net).__module__}.{type(net).__qualname__}", "config": net.config_dict(), "vocab": vocab,
+            "tokenizer": tokenizer}
 
 
 def load_network(ckpt_path: str | Path, device: str | torch.device = "cpu") -> SavedNetwork:
@@ -49,4 +52,5 @@ def load_network(ckpt_path: str | Path, device: str | torch.device = "cpu") -> S
     net = get_class(record["target"])(**record["config"])
     state = {k[len(STATE_PREFIX):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(STATE_PREFIX)}
     net.load_state_dict(state)
-    return SavedNetwork(net.to(device).eval(), record["target"], record["config"], record.get("vocab"), path, checkpoint)
+    return SavedNetwork(net.to(device).eval(), record["target"], record["config"], record.get("vocab"), record.get("tokenizer"),
+                        path, checkpoint)

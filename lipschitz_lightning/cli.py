@@ -6,8 +6,12 @@ in a second.
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,3 +121,36 @@ def resume_arguments(args: list[str]) -> tuple[list[str], Resumed | None]:
     ]
     saved = {hydra_dir / name: (hydra_dir / name).read_bytes() for name in HYDRA_FILES if (hydra_dir / name).is_file()}
     return rewritten, Resumed(run_dir, checkpoint, saved)
+
+
+# ----------------------------------------------------------------------------- entry-point settings
+
+
+def launcher_rank() -> int:
+    """This process's global rank under torchrun (``RANK``) or srun (``SLURM_PROCID``); 0 otherwise."""
+    for name in ("RANK", "SLURM_PROCID"):
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+def rank_arguments(args: list[str]) -> list[str]:
+    """Only rank 0 writes a run directory. Lightning's own launcher already sends its processes to
+    rank 0's directory (``hydra.job.name=train_ddp_process_<k>``); under torchrun or srun every
+    process would otherwise make a directory of its own, so ranks 1.. run in a scratch directory
+    that is removed when they exit (their messages still reach the console)."""
+    rank = launcher_rank()
+    if rank == 0 or any(a.startswith("hydra.job.name=train_ddp_process_") for a in args):
+        return args
+    scratch = tempfile.mkdtemp(prefix=f"lipschitz-rank{rank}-")
+    atexit.register(shutil.rmtree, scratch, True)
+    kept = [a for a in args if not a.startswith(("hydra.run.dir=", "hydra.output_subdir="))]
+    return [*kept, f"hydra.run.dir={_quoted(scratch)}", "hydra.output_subdir=null"]
+
+
+def set_cuda_allocator() -> None:
+    """Expandable segments, as the paper's NanoGPT script sets them: fewer wasted reserved blocks when
+    step and validation shapes alternate. The user's own setting wins."""
+    if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and "PYTORCH_ALLOC_CONF" not in os.environ:
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"

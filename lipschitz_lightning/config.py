@@ -38,6 +38,9 @@ TARGET_SECTIONS = ("optimizer", "scheduler", "constraint", "data", "model", "mod
 PRECISIONS = ("64-true", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", 64, 32, "64", "32")
 LOW_PRECISION_WEIGHTS = ("bf16-true", "16-true")
 
+# Settings of train.yaml itself, outside any group.
+TOP_LEVEL_SETTINGS: dict[str, Any] = {"keep_freed_memory": bool}
+
 # The trainer is Lightning's; these are the settings this project's runs rely on.
 TRAINER_SETTINGS: dict[str, Any] = {
     "max_steps": PositiveInt,
@@ -171,12 +174,24 @@ def _vocabulary_fits_the_model(cfg: DictConfig) -> tuple[bool, str]:
     return cfg.model.net.vocab_size >= cfg.data.vocab_size, f"at least data.vocab_size={cfg.data.vocab_size}"
 
 
+def _flex_attention_trains_on_cuda(cfg: DictConfig) -> tuple[bool, str]:
+    import torch
+
+    accelerator = str(cfg.trainer.accelerator)
+    on_cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    return cfg.model.net.attention != "flex" or on_cuda, (
+        f"auto, sdpa or explicit when training on {'a CPU' if not on_cuda else accelerator} (flex attention has no backward "
+        f"there in torch {torch.__version__}; auto takes flex on CUDA and SDPA elsewhere)"
+    )
+
+
 # key -> (keys it reads, check); run once every key it reads is present and passed the checks above
 RELATIONS: dict[str, tuple[tuple[str, ...], Callable[[DictConfig], tuple[bool, str]]]] = {
     "model.net.num_heads": (("model.net.width", "model.net.num_heads"), _heads_divide_width),
     "model.net.seq_len": (("model.net.seq_len", "data.seq_len"), _sequences_fit_the_model),
     "model.net.vocab_size": (("model.net.vocab_size", "data.vocab_size"), _vocabulary_fits_the_model),
     "trainer.precision": (("trainer.precision", "constraint.method"), _precision_keeps_weights_exact),
+    "model.net.attention": (("model.net.attention", "trainer.accelerator"), _flex_attention_trains_on_cuda),
     "tradeoff.level": (("tradeoff.level",), _level_in_grid),
 }
 
@@ -189,6 +204,10 @@ def validate_config(cfg: DictConfig) -> None:
         _check_keys_accepted(cfg, section)
     for section in TARGET_SECTIONS:
         _check_section_values(cfg, section)
+    for key, hint in TOP_LEVEL_SETTINGS.items():
+        value = _value(cfg, key)
+        if value is not _ABSENT:
+            _check_value(key, value, hint)
     for key, hint in TRAINER_SETTINGS.items():
         value = _value(cfg, f"trainer.{key}")
         if value is not _ABSENT:

@@ -63,25 +63,45 @@ def _coefficients(coefficients: str | tuple) -> tuple[tuple[float, float, float]
     return tuple(tuple(map(float, abc)) for abc in coefficients)
 
 
-def _is_wide(M: Tensor) -> bool:
-    return M.shape[-2] <= M.shape[-1]
+def _is_wide(M: Tensor, shard: RowShard | None = None) -> bool:
+    """Whether the polynomials work on ``M M^T`` (wide) or ``M^T M`` (tall): the smaller Gram side.
+    Rows of a split matrix are a piece of a tall one, whatever the piece's own shape."""
+    return shard is None and M.shape[-2] <= M.shape[-1]
+
+
+@dataclass(frozen=True)
+class RowShard:
+    """This process holds some rows of a tall matrix whose other rows other processes hold (a
+    50304 x 768 head split across 8 GPUs). Every method here needs only the small Gram matrix
+    ``M^T M`` and row-by-row products, and the Gram matrix is a sum over rows: ``sum`` adds a
+    process's part to the others' (an all-reduce), the rest stays row by row. ``shape`` is the whole
+    matrix's (rows > columns). Every process of the split must make the same calls in the same order."""
+
+    shape: tuple[int, int]
+    sum: Callable[[Tensor], Tensor]
+
+    def frobenius(self, X: Tensor) -> Tensor:
+        """``||M||_F`` of the whole matrix from this piece, per matrix of a stack, keepdim."""
+        return self.sum(X.float().pow(2).sum(dim=(-2, -1), keepdim=True)).sqrt().to(X.dtype)
 
 
 POLYNOMIAL_FORMS = ("auto", "direct", "gram")
 GRAM_RESTART = 3  # Gram-form steps between two explicit X (see odd_polynomial_steps)
 
 
-def _uses_gram(X: Tensor, form: str) -> bool:
+def _uses_gram(X: Tensor, form: str, shard: RowShard | None = None) -> bool:
     """``auto``: the Gram form for float32/64 stacks at least twice as wide as tall, where it does
-    fewer operations; bfloat16 keeps the direct form, whose rounding does not compound."""
+    fewer operations; bfloat16 keeps the direct form, whose rounding does not compound. A split
+    matrix decides by its whole shape, so that every process of the split takes the same path."""
     if form not in POLYNOMIAL_FORMS:
         raise ValueError(f"polynomial form must be one of {list(POLYNOMIAL_FORMS)}, got {form!r}")
     if form != "auto":
         return form == "gram"
-    return X.dtype in (torch.float32, torch.float64) and X.shape[-1] >= 2 * X.shape[-2]
+    small, large = (min(shard.shape), max(shard.shape)) if shard is not None else (X.shape[-2], X.shape[-1])
+    return X.dtype in (torch.float32, torch.float64) and large >= 2 * small
 
 
-def odd_polynomial_steps(X: Tensor, coefficients, form: str = "auto") -> Tensor:
+def odd_polynomial_steps(X: Tensor, coefficients, form: str = "auto", shard: RowShard | None = None) -> Tensor:
     """``X <- (a I + b A + c A^2) X`` with ``A = X X^T``, for each ``(a, b, c)``; ``X`` wide (m <= n).
 
     Every singular value goes through ``s -> a s + b s^3 + c s^5``. Newton-Schulz, the hard cap and
@@ -95,17 +115,19 @@ def odd_polynomial_steps(X: Tensor, coefficients, form: str = "auto") -> Tensor:
     rounding, so ``X`` is formed again every ``GRAM_RESTART`` steps: 4 large products for the 6
     Newton-Schulz steps instead of 12, at the direct form's float32 error (tests check it on
     inputs whose singular values span 1e-6..1). The same polynomials, so every guarantee holds.
+    With a ``shard``, ``X`` holds some columns (the split matrix's rows) and every ``A`` is summed.
     """
-    if not _uses_gram(X, form):
+    gram = _gram_of(shard)
+    if not _uses_gram(X, form, shard):
         for a, b, c in coefficients:
-            A = X @ X.mT
+            A = gram(X @ X.mT)
             B = b * A + c * (A @ A) if _nonzero(c) else b * A
             X = a * X + B @ X
         return X
     coefficients = list(coefficients)
     for start in range(0, len(coefficients), GRAM_RESTART):
         steps = coefficients[start : start + GRAM_RESTART]
-        A = X @ X.mT
+        A = gram(X @ X.mT)
         identity = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
         Q = None
         for index, (a, b, c) in enumerate(steps):
@@ -117,23 +139,32 @@ def odd_polynomial_steps(X: Tensor, coefficients, form: str = "auto") -> Tensor:
     return X
 
 
+def _gram_of(shard: RowShard | None) -> Callable[[Tensor], Tensor]:
+    """Sum a piece's Gram matrix over the split (in float32 at least: bf16 partial sums would lose it)."""
+    if shard is None:
+        return lambda A: A
+    return lambda A: shard.sum(A.float() if A.dtype in (torch.bfloat16, torch.float16) else A).to(A.dtype)
+
+
 def _nonzero(c) -> bool:
     return isinstance(c, Tensor) or c != 0
 
 
-def orthogonalize(M: Tensor, coefficients: str | tuple = "small", dtype: torch.dtype | None = None, form: str = "auto") -> Tensor:
+def orthogonalize(M: Tensor, coefficients: str | tuple = "small", dtype: torch.dtype | None = None, form: str = "auto",
+                  shard: RowShard | None = None) -> Tensor:
     """Newton-Schulz approximation of the polar factor ``U V^T`` of ``M``.
 
     ``dtype`` is the working precision; ``None`` keeps float32 (bfloat16 is what GPUs use).
-    ``form``: see ``odd_polynomial_steps``.
+    ``form``: see ``odd_polynomial_steps``. ``shard``: ``M`` is some rows of a split matrix.
     """
     out_dtype = M.dtype
     X = M.to(dtype or torch.float32)
-    X = X / (torch.linalg.matrix_norm(X, keepdim=True) + 1e-7)
-    transpose = not _is_wide(X)
+    norm = torch.linalg.matrix_norm(X, keepdim=True) if shard is None else shard.frobenius(X)
+    X = X / (norm + 1e-7)
+    transpose = not _is_wide(X, shard)
     if transpose:
         X = X.mT
-    X = odd_polynomial_steps(X, _coefficients(coefficients), form)
+    X = odd_polynomial_steps(X, _coefficients(coefficients), form, shard)
     if transpose:
         X = X.mT
     return X.to(out_dtype)
@@ -177,7 +208,7 @@ def random_start_vector(M: Tensor, seed: int = POWER_ITERATION_SEED) -> Tensor:
 
 
 def top_singular_triplet(
-    M: Tensor, iters: int = 16, state: Tensor | None = None
+    M: Tensor, iters: int = 16, state: Tensor | None = None, shard: RowShard | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(u, sigma, v)`` with ``M v ~ sigma u`` for the largest singular value, by power iteration.
 
@@ -186,12 +217,13 @@ def top_singular_triplet(
     down to 16 times a power of two). ``state`` (a vector on the
     smaller side, e.g. from ``random_start_vector``) is used as the start instead and overwritten
     with the converged vector, so a caller that keeps it between optimizer steps warm-starts the
-    next call (Miyato et al.'s persistent ``u``). ``sigma`` has shape ``M.shape[:-2]``.
+    next call (Miyato et al.'s persistent ``u``). ``sigma`` has shape ``M.shape[:-2]``. With a
+    ``shard`` (``M`` some rows of a split matrix), ``u`` holds those rows of the whole ``u``.
     """
-    wide = _is_wide(M)
+    wide = _is_wide(M, shard)
     A = M.mT if wide else M  # tall: the Gram side A^T A is the small one
-    x = random_start_vector(M) if state is None else state.to(M.dtype)
-    gram = A.mT @ A
+    x = random_start_vector(M if shard is None else M.new_empty(shard.shape)) if state is None else state.to(M.dtype)
+    gram = _gram_of(shard)(A.mT @ A)
     # Past 16 iterations, square the Gram matrix instead: 16 products with G^(2^s) are 16 * 2^s
     # power steps for s matrix products, not a long chain of tiny kernels (slow on GPUs).
     squarings = max(0, int(math.log2(iters)) - 4) if iters > 0 else 0
@@ -207,7 +239,7 @@ def top_singular_triplet(
         alive = torch.linalg.vector_norm(x, dim=-1, keepdim=True) > 0
         state.copy_(torch.where(alive, x, state))
     Ax = (A @ x.unsqueeze(-1)).squeeze(-1)
-    sigma = torch.linalg.vector_norm(Ax, dim=-1)
+    sigma = torch.linalg.vector_norm(Ax, dim=-1) if shard is None else shard.sum(Ax.pow(2).sum(dim=-1)).sqrt()
     y = Ax / (sigma.unsqueeze(-1) + 1e-30)
     # A = M^T when wide, so the roles of u and v swap back here
     u, v = (x, y) if wide else (y, x)
@@ -230,44 +262,55 @@ HARD_CAP_COEFFICIENTS = (
 )
 
 
-def hard_cap(M: Tensor, form: str = "auto") -> Tensor:
+def hard_cap(M: Tensor, form: str = "auto", shard: RowShard | None = None) -> Tensor:
     """Polynomial approximation of ``min(1, sigma)`` on every singular value."""
-    transpose = not _is_wide(M)
+    transpose = not _is_wide(M, shard)
     X = M.mT if transpose else M
-    X = odd_polynomial_steps(X, HARD_CAP_COEFFICIENTS, form)
+    X = odd_polynomial_steps(X, HARD_CAP_COEFFICIENTS, form, shard)
     return X.mT if transpose else X
 
 
-def soft_cap(M: Tensor, alpha: float | Tensor, form: str = "auto") -> Tensor:
+def soft_cap(M: Tensor, alpha: float | Tensor, form: str = "auto", shard: RowShard | None = None) -> Tensor:
     """Two polynomial steps that pull large singular values down: ``s - a s^3`` then ``s + a s^3``."""
-    transpose = not _is_wide(M)
+    transpose = not _is_wide(M, shard)
     X = M.mT if transpose else M
-    X = odd_polynomial_steps(X, ((1.0, -alpha, 0.0), (1.0, alpha, 0.0)), form)
+    X = odd_polynomial_steps(X, ((1.0, -alpha, 0.0), (1.0, alpha, 0.0)), form, shard)
     return X.mT if transpose else X
 
 
-def svd_cap(M: Tensor, w_max: float | Tensor) -> Tensor:
+def svd_cap(M: Tensor, w_max: float | Tensor, shard: RowShard | None = None) -> Tensor:
     """Exact ``U diag(min(s, w_max)) V^T``: slow, the ground truth. A tensor ``w_max`` of shape
-    ``(matrices, 1)`` caps each matrix of a stack at its own value."""
+    ``(matrices, 1)`` caps each matrix of a stack at its own value. Split (``shard``): the same map
+    as ``M V diag(min(1, w_max / s)) V^T`` from the summed Gram matrix's eigenvectors, in float64."""
+    if M.dtype in (torch.bfloat16, torch.float16):  # no 16-bit SVD: compute in float32, round after
+        return svd_cap(M.float(), w_max.float() if isinstance(w_max, Tensor) else w_max, shard).to(M.dtype)
+    if shard is not None:
+        X = M.double()
+        eigenvalues, V = torch.linalg.eigh(shard.sum(X.mT @ X))
+        s = eigenvalues.clamp(min=0).sqrt()
+        cap = w_max.double() if isinstance(w_max, Tensor) else w_max
+        factor = torch.where(s > cap, cap / s.clamp(min=1e-300), torch.ones_like(s))
+        return (((X @ V) * factor.unsqueeze(-2)) @ V.mT).to(M.dtype)
     U, S, Vh = torch.linalg.svd(M, full_matrices=False)
     return (U * S.clamp(max=w_max).unsqueeze(-2)) @ Vh
 
 
-def spectral_normalize(M: Tensor, iters: int = 16, state: Tensor | None = None) -> Tensor:
+def spectral_normalize(M: Tensor, iters: int = 16, state: Tensor | None = None, shard: RowShard | None = None) -> Tensor:
     """``M / max(1, sigma_max)`` with ``sigma_max`` from power iteration (Miyato et al. 2018)."""
-    _, sigma, _ = top_singular_triplet(M, iters, state)
+    _, sigma, _ = top_singular_triplet(M, iters, state, shard)
     return M / sigma.clamp(min=1.0)[..., None, None]
 
 
-def spectral_hammer(M: Tensor, w_max: float, iters: int = 16, state: Tensor | None = None) -> Tensor:
+def spectral_hammer(M: Tensor, w_max: float, iters: int = 16, state: Tensor | None = None, shard: RowShard | None = None) -> Tensor:
     """Set the largest singular value to exactly ``w_max``; the others are left alone."""
-    u, sigma, v = top_singular_triplet(M, iters, state)
+    u, sigma, v = top_singular_triplet(M, iters, state, shard)
     return M + (w_max - sigma)[..., None, None] * _rank_one(u, v)
 
 
-def spectral_weight_decay(M: Tensor, strength: float, iters: int = 16, state: Tensor | None = None) -> Tensor:
+def spectral_weight_decay(M: Tensor, strength: float, iters: int = 16, state: Tensor | None = None,
+                          shard: RowShard | None = None) -> Tensor:
     """Decay only the top singular value: ``M - strength * sigma u v^T``."""
-    u, sigma, v = top_singular_triplet(M, iters, state)
+    u, sigma, v = top_singular_triplet(M, iters, state, shard)
     return M - (strength * sigma)[..., None, None] * _rank_one(u, v)
 
 
@@ -298,11 +341,11 @@ def soft_cap_is_monotone(alpha: float, k: float) -> bool:
 HARD_CAP_SAFE_SIGMA = 4.0
 
 
-def sigma_upper_bound(M: Tensor) -> Tensor:
+def sigma_upper_bound(M: Tensor, shard: RowShard | None = None) -> Tensor:
     """A cheap, rigorous upper bound on ``sigma_max`` of each matrix: ``||A^4||_F^(1/8)`` for the
     small Gram matrix ``A``, at most ``n^(1/8)`` (2.3 for n = 768) times ``sigma_max`` itself."""
-    X = M.mT if _is_wide(M) else M
-    A = X.mT @ X
+    X = M.mT if _is_wide(M, shard) else M
+    A = _gram_of(shard)(X.mT @ X)
     frobenius = torch.linalg.matrix_norm(A, keepdim=True).clamp(min=1e-30)
     B = A / frobenius  # normalised, so that the fourth power cannot overflow
     B = B @ B
@@ -310,11 +353,11 @@ def sigma_upper_bound(M: Tensor) -> Tensor:
     return (frobenius.sqrt() * torch.linalg.matrix_norm(B, keepdim=True).pow(1 / 8)).squeeze(-1).squeeze(-1)
 
 
-def spectral_norms(M: Tensor) -> Tensor:
+def spectral_norms(M: Tensor, shard: RowShard | None = None) -> Tensor:
     """The exact largest singular value of each matrix of a stack, from its small Gram matrix's
     largest eigenvalue in float64."""
     X = M.double()
-    gram = X @ X.mT if _is_wide(M) else X.mT @ X
+    gram = X @ X.mT if _is_wide(M, shard) else _gram_of(shard)(X.mT @ X)
     return torch.linalg.eigvalsh(gram)[..., -1].clamp(min=0).sqrt()
 
 
@@ -361,6 +404,7 @@ class StepContext:
     power_state: Tensor | None  # (matrices, smaller side), updated in place
     guard: bool  # fall back to the exact cap where a polynomial's guarantee would fail
     form: str  # how the polynomial methods are evaluated (odd_polynomial_steps)
+    shard: RowShard | None = None  # the stack is some rows of one split matrix
 
 
 def _per_matrix(values, like: Tensor, trailing: int = 2) -> float | Tensor:
@@ -375,14 +419,14 @@ def _per_matrix(values, like: Tensor, trailing: int = 2) -> float | Tensor:
     return tensor.view(-1, *(1,) * trailing)
 
 
-def _exact_cap_rows(M: Tensor, result: Tensor, rows: list[bool], caps: tuple[float, ...]) -> Tensor:
+def _exact_cap_rows(M: Tensor, result: Tensor, rows: list[bool], caps: tuple[float, ...], shard: RowShard | None = None) -> Tensor:
     """``result`` with the chosen matrices of the stack replaced by their exact cap ``min(s, cap)``."""
     if not any(rows):
         return result
     mask = torch.tensor(rows, dtype=torch.bool, device=M.device)
     chosen = [cap for cap, row in zip(caps, rows) if row]
     result = result.clone()
-    result[mask] = svd_cap(M[mask], torch.tensor(chosen, dtype=M.dtype, device=M.device).view(-1, 1))
+    result[mask] = svd_cap(M[mask], torch.tensor(chosen, dtype=M.dtype, device=M.device).view(-1, 1), shard)
     return result
 
 
@@ -392,7 +436,7 @@ def _soft_cap_step(M: Tensor, ctx: StepContext) -> tuple[Tensor, Tensor]:
     the largest singular value is computed exactly and a matrix beyond k takes the exact cap."""
     beyond = [False] * M.shape[0]
     if ctx.guard and not all(ctx.step_bounded):
-        sigma = spectral_norms(M).tolist()
+        sigma = spectral_norms(M, ctx.shard).tolist()
         beyond = [not bounded and s > w * (1 - wd) + u
                   for s, bounded, w, wd, u in zip(sigma, ctx.step_bounded, ctx.w_max, ctx.wd_eff, ctx.max_update_norm)]
     alphas, fallback = [], []
@@ -406,20 +450,22 @@ def _soft_cap_step(M: Tensor, ctx: StepContext) -> tuple[Tensor, Tensor]:
         alpha = soft_cap_coupling(w_max, wd_eff, u)
         unsafe = far or (ctx.guard and not soft_cap_is_monotone(alpha, k))
         alphas.append(0.0 if unsafe else alpha), fallback.append(unsafe)
-    out = soft_cap(M, _per_matrix(alphas, M), ctx.form) if any(alphas) else M
-    return _exact_cap_rows(M, out, fallback, ctx.w_max), torch.tensor(fallback, dtype=torch.bool)
+    out = soft_cap(M, _per_matrix(alphas, M), ctx.form, ctx.shard) if any(alphas) else M
+    # decided on the host from the step's floats: counting them never waits for the device
+    return _exact_cap_rows(M, out, fallback, ctx.w_max, ctx.shard), torch.tensor(fallback, dtype=torch.bool)
 
 
 def _hard_cap_step(M: Tensor, ctx: StepContext) -> tuple[Tensor, Tensor]:
     if not ctx.guard:
-        return hard_cap(M, ctx.form), torch.zeros(M.shape[0], dtype=torch.bool)
-    fits = (sigma_upper_bound(M) <= HARD_CAP_SAFE_SIGMA).cpu()  # False for inf and nan too
+        return hard_cap(M, ctx.form, ctx.shard), torch.zeros(M.shape[0], dtype=torch.bool)
+    # the one guard that reads the device every step: which branch to take depends on the weights
+    fits = (sigma_upper_bound(M, ctx.shard) <= HARD_CAP_SAFE_SIGMA).cpu()  # False for inf and nan too
     if bool(fits.all()):
-        return hard_cap(M, ctx.form), ~fits
+        return hard_cap(M, ctx.form, ctx.shard), ~fits
     out = torch.empty_like(M)
-    out[~fits] = svd_cap(M[~fits], 1.0)  # M is W / (scale * w_max) here: the cap is 1
+    out[~fits] = svd_cap(M[~fits], 1.0, ctx.shard)  # M is W / (scale * w_max) here: the cap is 1
     if bool(fits.any()):
-        out[fits] = hard_cap(M[fits], ctx.form)
+        out[fits] = hard_cap(M[fits], ctx.form, ctx.shard)
     return out, ~fits
 
 
@@ -431,29 +477,32 @@ def _no_fallback(function: Callable[[Tensor, StepContext], Tensor]) -> Callable[
 # the projected stack and, per matrix, whether a guard replaced the method by the exact cap.
 LINEAR_METHODS: dict[str, tuple[Callable[[Tensor, StepContext], tuple[Tensor, Tensor]], bool]] = {
     "none": (_no_fallback(lambda M, ctx: M), False),
-    "spectral_normalize": (_no_fallback(lambda M, ctx: spectral_normalize(M, ctx.power_iters, ctx.power_state)), True),
+    "spectral_normalize": (_no_fallback(lambda M, ctx: spectral_normalize(M, ctx.power_iters, ctx.power_state, ctx.shard)), True),
     "spectral_soft_cap": (_soft_cap_step, False),
     "spectral_hard_cap": (_hard_cap_step, True),
     "spectral_hammer": (
-        _no_fallback(lambda M, ctx: spectral_hammer(M, _per_matrix(ctx.w_max, M, trailing=0), ctx.power_iters, ctx.power_state)),
+        _no_fallback(lambda M, ctx: spectral_hammer(M, _per_matrix(ctx.w_max, M, trailing=0), ctx.power_iters, ctx.power_state, ctx.shard)),
         False,
     ),
     "spectral_weight_decay": (
-        _no_fallback(lambda M, ctx: spectral_weight_decay(M, ctx.spectral_wd, ctx.power_iters, ctx.power_state)),
+        _no_fallback(lambda M, ctx: spectral_weight_decay(M, ctx.spectral_wd, ctx.power_iters, ctx.power_state, ctx.shard)),
         False,
     ),
-    "orthogonalize": (_no_fallback(lambda M, ctx: orthogonalize(M, form=ctx.form)), True),
-    "svd_cap": (_no_fallback(lambda M, ctx: svd_cap(M, _per_matrix(ctx.w_max, M, trailing=1))), False),
+    "orthogonalize": (_no_fallback(lambda M, ctx: orthogonalize(M, form=ctx.form, shard=ctx.shard)), True),
+    "svd_cap": (_no_fallback(lambda M, ctx: svd_cap(M, _per_matrix(ctx.w_max, M, trailing=1), ctx.shard)), False),
 }
 
 POWER_ITERATION_METHODS = frozenset({"spectral_normalize", "spectral_hammer", "spectral_weight_decay"})
+POLYNOMIAL_METHODS = frozenset({"spectral_soft_cap", "spectral_hard_cap", "orthogonalize"})
+PROJECTION_DTYPES = ("float32", "bfloat16")
 GUARDED_METHODS = frozenset({"spectral_soft_cap", "spectral_hard_cap"})
 COUPLINGS = ("exact", "reference")
 
 
-def layer_scale(W: Tensor) -> float:
+def layer_scale(W: Tensor | tuple[int, ...]) -> float:
     """``sqrt(fanout / fanin)``: the factor between ``W`` and the matrix whose spectral norm is ``||W||_rms``."""
-    return math.sqrt(W.shape[-2] / W.shape[-1])
+    shape = W.shape if isinstance(W, Tensor) else W
+    return math.sqrt(shape[-2] / shape[-1])
 
 
 def max_update_norm(lr_t: float, scale: float, coupling: str, update_sigma_max: float | None = None) -> float:
@@ -486,19 +535,25 @@ def project_stack(
     guard: bool = True,
     step_bounded: tuple[bool, ...] | None = None,
     form: str = "auto",
+    dtype: torch.dtype | None = None,
+    shard: RowShard | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Apply constraint ``method`` to a stack of same-shape weights ``(matrices, fanout, fanin)``.
 
     Returns the projected stack and a boolean per matrix: True where a guard (``guard=True``) found
     the method's guarantee void for this input (soft cap not monotone on [0, k], hard cap input
     beyond its polynomial's range) and applied the exact cap instead.
+
+    ``dtype``: the working precision of the polynomial methods (soft cap, hard cap, orthogonalize);
+    ``torch.bfloat16`` rounds every projected weight to bfloat16, as the paper's NanoGPT run does
+    (its guarantee then holds up to that rounding). ``shard``: ``W`` is some rows of one split matrix.
     """
     if method not in LINEAR_METHODS:
         raise ValueError(f"unknown constraint method {method!r}; allowed: {sorted(LINEAR_METHODS)}")
     if method == "none":
         return W, torch.zeros(W.shape[0], dtype=torch.bool)
     function, caps_at_one = LINEAR_METHODS[method]
-    scale = layer_scale(W)
+    scale = layer_scale(W if shard is None else shard.shape)
     unit = _per_matrix(w_max, W) * scale if caps_at_one else scale
     ctx = StepContext(
         w_max=tuple(w_max),
@@ -512,8 +567,13 @@ def project_stack(
         power_state=power_state,
         guard=guard,
         form=form,
+        shard=shard,
     )
-    projected, fell_back = function(W / unit, ctx)
+    M = W / unit
+    if dtype is not None and method in POLYNOMIAL_METHODS:
+        projected, fell_back = function(M.to(dtype), ctx)
+        return projected.to(W.dtype) * unit, fell_back
+    projected, fell_back = function(M, ctx)
     return projected * unit, fell_back
 
 

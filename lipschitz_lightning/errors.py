@@ -22,12 +22,21 @@ class TrainingDiverged(LipschitzLightningError, FloatingPointError):
     """The loss became NaN or infinite; the message names the step."""
 
 
+class Preempted(LipschitzLightningError):
+    """A SIGTERM stopped the run; a resumable checkpoint was saved. Exit status 128 + 15, as if the
+    signal had ended the process, so that a scheduler reads the run as not completed."""
+
+    exit_status = 143
+
+
 def one_line(error: BaseException) -> str:
     """``error: <message>`` on one line, even where the message quotes a library's multi-line error."""
     return "error: " + " ".join(line.strip() for line in str(error).splitlines() if line.strip())
 
 
-def exit_with(error: BaseException, status: int = 1) -> NoReturn:
-    """How every command ends on a user's error: ``one_line(error)`` on stderr, exit ``status``."""
+def exit_with(error: BaseException, status: int | None = None) -> NoReturn:
+    """How every command ends on a user's error: ``one_line(error)`` on stderr, exit ``status``
+    (default: the error's own ``exit_status``, else 1)."""
+    status = getattr(error, "exit_status", 1) if status is None else status
     print(one_line(error), file=sys.stderr, flush=True)
     sys.exit(status)

@@ -11,11 +11,12 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lipschitz_lightning.checkpoints import network_record
 from lipschitz_lightning.errors import TrainingDiverged
+from lipschitz_lightning.losses import linear_cross_entropy
 from lipschitz_lightning.optim.roles import param_groups
 from lipschitz_lightning.schema import PositiveInt
 
@@ -23,6 +24,25 @@ from lipschitz_lightning.schema import PositiveInt
 def flatten_positions(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Every position of a sequence is one classification: (..., classes) -> (N, classes)."""
     return logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+
+
+class CorrectFraction(Metric):
+    """``correct / total`` summed over updates and ranks: micro accuracy from counts, for a model
+    whose predictions are never all in memory at once (``MulticlassAccuracy`` wants them)."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("correct", torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
+        self.add_state("total", torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
+
+    def update(self, correct: torch.Tensor, total: int) -> None:
+        self.correct += correct
+        self.total += total
+
+    def compute(self) -> torch.Tensor:
+        return self.correct.float() / self.total.float()
 
 
 class ClassificationModule(L.LightningModule):
@@ -46,7 +66,8 @@ class ClassificationModule(L.LightningModule):
         # and checkpoints keep only self.net's keys.
         object.__setattr__(self, "_compiled_net", torch.compile(net) if compile else None)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self._train_correct: torch.Tensor | int = 0
+        self._train_count = 0
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_loss = MeanMetric()
         self._unchecked_losses: list[tuple[int, torch.Tensor]] = []
@@ -62,10 +83,11 @@ class ClassificationModule(L.LightningModule):
         return self.fast_net(x)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        logits, y = flatten_positions(self(x), y)
-        loss = F.cross_entropy(logits, y)
-        self.train_acc.update(logits.detach(), y)
+        loss, correct, count = self.loss_and_correct(batch)
+        # counts stay on the device until a logging step: a torchmetrics update would check its
+        # inputs and count classes on the host, a device sync every step
+        self._train_correct = self._train_correct + correct
+        self._train_count += count
         self._unchecked_losses.append((self.global_step, loss.detach()))
         # Logging and the finiteness check each cost a host sync (and ~1 ms of Python per
         # self.log): on accelerators do them every log_every_n_steps, not every step.
@@ -74,10 +96,17 @@ class ClassificationModule(L.LightningModule):
             self._raise_if_diverged()
         if logging_step:
             self.log("train/loss", loss, prog_bar=True)
-            self.log("train/acc", self.train_acc.compute())  # over the steps since the last log
-            self.train_acc.reset()
+            # over the steps since the last log
+            self.log("train/acc", torch.as_tensor(self._train_correct).float() / float(self._train_count))
+            self._train_correct, self._train_count = 0, 0
             self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         return loss
+
+    def loss_and_correct(self, batch) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The mean training loss, how many predictions were right (a tensor), and out of how many."""
+        x, y = batch
+        logits, y = flatten_positions(self(x), y)
+        return F.cross_entropy(logits, y), (logits.detach().argmax(dim=-1) == y).sum(), y.numel()
 
     def on_train_end(self) -> None:
         self._raise_if_diverged()
@@ -118,53 +147,86 @@ class ClassificationModule(L.LightningModule):
 class LanguageModelModule(ClassificationModule):
     """Next-token prediction: mean token cross-entropy and token accuracy over ``vocab_size`` classes.
 
-    The network sees the sliding window of the current point of training (``net.window_size``).
-    Validation also runs the network's instrumented forward (``net(x, stats=...)``, the softmax
-    written out) and logs, as maxima over the validation set, each block's largest activation RMS
-    and entry and each layer's largest pre-softmax attention logit: the quantities that blow up
-    without constraints. On sequences longer than ``stats_tokens`` (48k tokens in the NanoGPT
-    recipe: a dense T x T score matrix would not fit) the statistics come from the first
+    The loss is taken over the vocabulary ``loss_chunk`` positions at a time
+    (``losses.linear_cross_entropy``), so no step or validation holds every position's logits.
+    The network sees the sliding window of the current point of training (``net.window_blocks``).
+    Validation also runs the network's instrumented forward (``net.features(x, stats=...)``, the
+    softmax written out) and logs, as maxima over the validation set, each block's largest
+    activation RMS and entry and each layer's largest pre-softmax attention logit: the quantities
+    that blow up without constraints. On sequences longer than ``stats_tokens`` (48k tokens in the
+    NanoGPT recipe: a dense T x T score matrix would not fit) the statistics come from the first
     ``stats_tokens`` tokens of the batch's first sequence, which, the model being causal, are
     exactly those tokens' activations in the full pass.
-    Checkpoints carry the network's constructor arguments and the vocabulary, so that
-    ``lipschitz_lightning.sample`` rebuilds the model from the checkpoint alone.
+    Checkpoints carry the network's constructor arguments and its data's vocabulary (the characters,
+    or the tokenizer's name), so that ``lipschitz_lightning.sample`` rebuilds the model from the
+    checkpoint alone.
     """
 
     data_kind = "tokens"
 
     def __init__(self, net: nn.Module, optimizer, scheduler=None, vocab_size: PositiveInt = 65,
-                 stats_tokens: PositiveInt = 4096, compile: bool = False):
+                 stats_tokens: PositiveInt = 4096, compile: bool = False, loss_chunk: PositiveInt = 4096):
         super().__init__(net, optimizer, scheduler, num_classes=vocab_size, compile=compile)
-        self.stats_tokens = stats_tokens
+        self.stats_tokens, self.loss_chunk = stats_tokens, loss_chunk
+        self.val_acc = CorrectFraction()
+        object.__setattr__(self, "_compiled_features", torch.compile(net.features) if compile else None)
         self.vocab_chars: str | None = None
+        self.tokenizer: str | None = None
         self._stat_maxima: dict[str, torch.Tensor] = {}
+        self._windows: dict[tuple, torch.Tensor] = {}
 
     def on_fit_start(self) -> None:
-        vocab = getattr(self.trainer.datamodule, "vocab", None)
+        datamodule = self.trainer.datamodule
+        vocab = getattr(datamodule, "vocab", None)
         self.vocab_chars = vocab.chars if vocab is not None else self.vocab_chars
+        self.tokenizer = getattr(datamodule, "tokenizer", None) or self.tokenizer
 
-    def window(self) -> int | None:
-        """The attention window at this point of training (None: plain causal attention)."""
+    def window(self, device: torch.device) -> torch.Tensor | None:
+        """The attention window (in blocks) at this point of training, as a device tensor made once
+        per size: a Python int would specialise compiled code on it, a fresh tensor copy per step
+        would wait for the device. None: plain causal attention."""
         progress = self.global_step / self.trainer.max_steps if self._trainer is not None and self.trainer.max_steps > 0 else 1.0
-        return self.net.window_size(progress)
+        blocks = self.net.window_blocks(progress)
+        if blocks is None:
+            return None
+        if (blocks, device) not in self._windows:
+            self._windows[(blocks, device)] = torch.tensor(blocks, dtype=torch.int32, device=device)
+        return self._windows[(blocks, device)]
 
     def forward(self, x: torch.Tensor, stats: dict | None = None) -> torch.Tensor:
         if stats is not None:
-            return self.net(x, stats=stats, window=self.window())
-        return self.fast_net(x, window=self.window())
+            return self.net(x, stats=stats, window=self.window(x.device))
+        return self.fast_net(x, window=self.window(x.device))
+
+    def features(self, x: torch.Tensor, stats: dict | None = None) -> torch.Tensor:
+        if stats is not None or self._compiled_features is None:
+            return self.net.features(x, stats=stats, window=self.window(x.device))
+        return self._compiled_features(x, window=self.window(x.device))
+
+    def loss_and_correct(self, batch, features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+        x, y = batch
+        features = self.features(x) if features is None else features
+        loss, correct = linear_cross_entropy(
+            features.flatten(0, -2), self.net.head.weight, y.flatten(), self.net.config.final_scale, self.loss_chunk
+        )
+        return loss, correct, y.numel()
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        x, y = batch
+        x, _ = batch
         stats: dict[str, torch.Tensor] = {}
         if x.shape[1] <= self.stats_tokens:
-            logits = self(x, stats=stats)  # one instrumented pass gives the loss and the statistics
+            features = self.features(x, stats=stats)  # one instrumented pass gives the loss and the statistics
         else:
-            logits = self(x)
-            self(x[:1, : self.stats_tokens], stats=stats)
+            features = self.features(x)
+            self.features(x[:1, : self.stats_tokens], stats=stats)
         for name, value in stats.items():
             previous = self._stat_maxima.get(name)
             self._stat_maxima[name] = value if previous is None else torch.maximum(previous, value)
-        self._log_validation(*flatten_positions(logits, y))
+        loss, correct, count = self.loss_and_correct(batch, features)
+        self.val_loss.update(loss, weight=count)
+        self.val_acc.update(correct, count)
+        self.log("val/loss", self.val_loss, prog_bar=True)
+        self.log("val/acc", self.val_acc, prog_bar=True)
 
     def on_validation_epoch_end(self) -> None:
         # every rank logs every key, also a rank that saw no batch, or the synchronisation hangs
@@ -175,7 +237,9 @@ class LanguageModelModule(ClassificationModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint["network"] = network_record(self.net, self.vocab_chars)
+        checkpoint["network"] = network_record(self.net, self.vocab_chars, self.tokenizer)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.vocab_chars = checkpoint.get("network", {}).get("vocab", self.vocab_chars)
+        record = checkpoint.get("network", {})
+        self.vocab_chars = record.get("vocab", self.vocab_chars)
+        self.tokenizer = record.get("tokenizer", self.tokenizer)

@@ -5,8 +5,10 @@ Pure torch (``torch.distributed`` where a process group exists), no Lightning: t
 
 At NanoGPT scale a per-parameter loop is the wrong shape: 73 matrices, most of them 768x768,
 projected one by one on every one of 8 GPUs. Here matrices of one shape form one stack and go
-through one batched call, and each rank projects a share of every stack (``distributed.shared_out``);
-one all-gather per stack gives every rank the same bits.
+through one batched call. Inside Muon's sharded step each rank projects what it owns before the
+step's one all-gather (``distributed.ShardedStep``); after an optimizer that steps every weight on
+every rank (AdamW under DDP) each rank projects a share of every stack and one all-gather per
+stack gives every rank the same bits (``distributed.shared_out``).
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ from torch import Tensor
 
 from lipschitz_lightning.constraints import (
     POWER_ITERATION_METHODS,
+    RowShard,
     project_embedding,
     project_stack,
     random_start_vector,
 )
-from lipschitz_lightning.distributed import shared_out
+from lipschitz_lightning.distributed import ShardedStep, shared_out
 from lipschitz_lightning.distributed import stack as stack_of
 from lipschitz_lightning.lipschitz import rms_norm
 from lipschitz_lightning.optim.roles import Role, step_coefficients
@@ -56,8 +59,8 @@ class Projector:
 
     Matrices are stacked by shape; embeddings (rows are token vectors) are pulled back to RMS at
     most ``embed_w_max``; parameters that are neither (a bias, a gain) are left alone, since a
-    spectral ball means nothing for them. ``fallbacks`` counts the matrices where a guard replaced
-    the method by the exact cap (see ``constraints.project_stack``).
+    spectral ball means nothing for them. ``fallback_count()`` counts the matrices where a guard
+    replaced the method by the exact cap (see ``constraints.project_stack``), on this rank.
     """
 
     def __init__(
@@ -74,10 +77,11 @@ class Projector:
         update_sigma_max: float,
         guard: bool = True,
         form: str = "auto",
+        dtype: torch.dtype | None = None,
     ):
         self.method, self.w_max, self.head_w_max, self.embed_w_max = method, w_max, head_w_max, embed_w_max
         self.coupling, self.spectral_wd, self.power_iters = coupling, spectral_wd, power_iters
-        self.update_sigma_max, self.guard, self.form = update_sigma_max, guard, form
+        self.update_sigma_max, self.guard, self.form, self.dtype = update_sigma_max, guard, form, dtype
         self.embeddings = [w for w in weights if w.role == Role.EMBEDDING.value]
         stacks: dict[tuple, list[ConstrainedWeight]] = defaultdict(list)
         for weight in weights:
@@ -85,51 +89,123 @@ class Projector:
                 stacks[(tuple(weight.param.shape), weight.param.device, weight.param.dtype)].append(weight)
         self.stacks = list(stacks.values())
         self.power_states: dict[str, Tensor] = {}
-        self.fallbacks = torch.zeros((), dtype=torch.int64)
+        # guards decided on the host are counted on the host, those decided on the device stay there
+        # until read: counting never makes a step wait for the device
+        self._fallbacks_host = 0
+        self._fallbacks_device: Tensor | None = None
+        # the weights whose power vectors this rank keeps up to date (None: all of them)
+        self.owned: set[str] | None = None
 
     def cap(self, weight: ConstrainedWeight) -> float:
         return self.head_w_max if weight.role == Role.HEAD.value else self.w_max
 
-    def _power_states(self, stack: list[ConstrainedWeight]) -> Tensor | None:
+    def fallback_count(self) -> int:
+        """The guards' fallbacks so far on this rank (reads the device: call it when logging)."""
+        device = 0 if self._fallbacks_device is None else int(self._fallbacks_device)
+        return self._fallbacks_host + device
+
+    def restore_fallbacks(self, count: int) -> None:
+        self._fallbacks_host, self._fallbacks_device = int(count), None
+
+    def _count(self, fell_back: Tensor) -> None:
+        if fell_back.device.type == "cpu":
+            self._fallbacks_host += int(fell_back.numpy().sum())
+        else:
+            total = fell_back.sum()
+            self._fallbacks_device = total if self._fallbacks_device is None else self._fallbacks_device + total
+
+    def _power_states(self, stack: list[ConstrainedWeight], shape: tuple[int, ...] | None = None) -> Tensor | None:
         if self.method not in POWER_ITERATION_METHODS:
             return None
         states = []
         for weight in stack:
             state = self.power_states.get(weight.name)
             if state is None:
-                state = random_start_vector(weight.param.float())
+                state = random_start_vector(weight.param.float() if shape is None else weight.param.new_empty(shape, dtype=torch.float32))
             states.append(state.to(weight.param.device, torch.float32))
         return torch.stack(states)
 
+    def _project(self, stack: list[ConstrainedWeight], W: Tensor, states: Tensor | None, shard: RowShard | None = None) -> tuple[Tensor, Tensor]:
+        if not stack:  # a rank's empty share
+            return W, torch.zeros(0, dtype=torch.bool)
+        lr_t, wd_eff = zip(*(step_coefficients(weight.group) for weight in stack))
+        return project_stack(
+            W, self.method, w_max=tuple(self.cap(weight) for weight in stack), lr_t=lr_t, wd_eff=wd_eff,
+            spectral_wd=self.spectral_wd, coupling=self.coupling, update_sigma_max=self.update_sigma_max,
+            power_iters=self.power_iters, power_state=states, guard=self.guard,
+            step_bounded=tuple(weight.step_bounded for weight in stack), form=self.form, dtype=self.dtype, shard=shard,
+        )
+
     @torch.no_grad()
-    def project(self) -> None:
+    def project(self, sharded: ShardedStep | None = None) -> None:
+        """Every weight back into its ball. With ``sharded`` (inside a sharded optimizer step), only
+        the weights, or rows of split matrices, this rank owns: the step's all-gather shares them."""
         if self.method == "none":  # the unconstrained baseline: decay is its only regulariser
+            return
+        if sharded is not None:
+            self._project_owned(sharded)
             return
         for weight in self.embeddings:
             weight.param.copy_(project_embedding(weight.param, self.embed_w_max))
         for stack in self.stacks:
             W = stack_of([weight.param.float() for weight in stack])
-            caps = tuple(self.cap(weight) for weight in stack)
-            lr_t, wd_eff = zip(*(step_coefficients(weight.group) for weight in stack))
             states = self._power_states(stack)
-            bounded = tuple(weight.step_bounded for weight in stack)
 
             def compute(rows: slice) -> tuple[Tensor, ...]:
                 state = None if states is None else states[rows].clone()
-                projected, fell_back = project_stack(
-                    W[rows], self.method, w_max=caps[rows], lr_t=lr_t[rows], wd_eff=wd_eff[rows],
-                    spectral_wd=self.spectral_wd, coupling=self.coupling, update_sigma_max=self.update_sigma_max,
-                    power_iters=self.power_iters, power_state=state, guard=self.guard, step_bounded=bounded[rows], form=self.form,
-                )
-                return (projected, fell_back.to(projected.device)) + (() if state is None else (state,))
+                projected, fell_back = self._project(stack[rows], W[rows], state)
+                self._count(fell_back)  # each rank counts the matrices it computed
+                return (projected,) + (() if state is None else (state,))
 
-            projected, fell_back, *new_states = shared_out(len(stack), compute)
+            projected, *new_states = shared_out(len(stack), compute)
             for weight, value in zip(stack, projected):
                 weight.param.copy_(value)
             if new_states:
                 for weight, state in zip(stack, new_states[0]):
                     self.power_states[weight.name] = state
-            self.fallbacks = self.fallbacks.to(fell_back.device) + fell_back.sum()
+
+    def power_states_kept(self) -> dict[str, Tensor]:
+        """The power-iteration vectors this rank keeps up to date (on the CPU, for a checkpoint)."""
+        return {name: state.cpu() for name, state in self.power_states.items() if self.owned is None or name in self.owned}
+
+    def _project_owned(self, sharded: ShardedStep) -> None:
+        self.owned = set()
+        for weight in self.embeddings:
+            part = sharded.part(weight.param)
+            if part is not False:  # token vectors are rows: a split table projects row by row
+                rows = weight.param if part is None else weight.param[part]
+                rows.copy_(project_embedding(rows, self.embed_w_max))
+        split = []
+        for stack in self.stacks:
+            mine = []
+            for weight in stack:
+                part = sharded.part(weight.param)
+                if part is None:
+                    mine.append(weight)
+                    self.owned.add(weight.name)
+                elif part is not False:
+                    split.append((weight, part))
+                    if sharded.rank == 0:  # the same on every rank: rank 0 saves it
+                        self.owned.add(weight.name)
+            if mine:
+                states = self._power_states(mine)
+                projected, fell_back = self._project(mine, stack_of([weight.param.float() for weight in mine]), states)
+                self._count(fell_back)
+                for index, weight in enumerate(mine):
+                    weight.param.copy_(projected[index])
+                    if states is not None:
+                        self.power_states[weight.name] = states[index]
+        # every rank holds rows (maybe none) of every split matrix and sums their Gram matrices,
+        # in the same order on every rank; the power vectors live on the small side, the same on all
+        for weight, rows in sorted(split, key=lambda item: sharded.index(item[0].param)):
+            states = self._power_states([weight], tuple(weight.param.shape))
+            piece = weight.param[rows]
+            projected, fell_back = self._project([weight], piece.float().unsqueeze(0), states, sharded.row_shard(weight.param))
+            if sharded.rank == 0:  # every rank takes the same decision: count it once
+                self._count(fell_back)
+            piece.copy_(projected[0])
+            if states is not None:
+                self.power_states[weight.name] = states[0]
 
     @torch.no_grad()
     def scale_into_ball(self) -> None:

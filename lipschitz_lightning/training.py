@@ -18,12 +18,12 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from lipschitz_lightning.allocator import keep_freed_memory
 from lipschitz_lightning.callbacks import LipschitzMonitor
 from lipschitz_lightning.config import validate_config
-from lipschitz_lightning.errors import ConfigError
+from lipschitz_lightning.errors import ConfigError, Preempted
 from lipschitz_lightning.tradeoff import describe
 
 # The data already sits in memory as tensors; worker processes would only add start-up cost.
@@ -220,7 +220,6 @@ class Run:
 def build(cfg: DictConfig) -> Run:
     """Check the config, then build data, module, callbacks, loggers and trainer."""
     validate_config(cfg)
-    keep_freed_memory()  # every step reuses its buffers instead of faulting fresh pages in
     resumed_step = check_resume(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
@@ -251,6 +250,13 @@ def train(cfg: DictConfig, run: Run | None = None) -> dict:
             raise
     try:
         summary = _fit(run, resolved)
+    except SIGTERMException:
+        step, output_dir = run.trainer.global_step, Path(cfg.paths.output_dir)
+        checkpoint = output_dir / "checkpoints" / "last.ckpt"
+        _write_summary(cfg, {"status": "preempted", "step": step, "checkpoint": str(checkpoint), "config": resolved})
+        raise Preempted(
+            f"stopped by SIGTERM at step {step}; the checkpoint {checkpoint} resumes it: python train.py resume={output_dir}"
+        ) from None
     except Exception as error:
         record_failure(cfg, error, step=run.trainer.global_step)
         raise

@@ -7,8 +7,11 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+
+from lipschitz_lightning.data.fineweb import write_shard
 
 
 def shared_dir() -> Path:
@@ -138,3 +141,36 @@ def shared_data_dir() -> Path:
     if not (directory / "cifar10" / "train.parquet").is_file():
         raise FileNotFoundError(f"CIFAR-10 parquet files not found under {directory}; set LIPSCHITZ_DATA_DIR")
     return directory
+
+
+# ----------------------------------------------------------------------------- a tiny NanoGPT on generated shards
+
+CARD = ["optimizer=muon", "constraint=spectral_hammer", "model=nanogpt"]
+DOC = 0  # the tiny vocabulary's document token
+VOCAB = 512
+
+
+@pytest.fixture(scope="session")
+def counting_shards(tmp_path_factory) -> Path:
+    """Documents of counting sequences: after token t comes t + 1 (a pattern a few steps learn)."""
+    directory = tmp_path_factory.mktemp("shards")
+    rng = np.random.default_rng(0)
+    for name, documents in (("fineweb_train_000001.bin", 400), ("fineweb_val_000000.bin", 40)):
+        tokens = []
+        for _ in range(documents):
+            start, length = rng.integers(1, VOCAB - 64), rng.integers(20, 60)
+            tokens += [DOC] + list(range(start, start + length))
+        write_shard(directory / name, np.array(tokens, dtype=np.uint16))
+    return directory
+
+
+def tiny_nanogpt(shards: Path, *extra: str) -> list[str]:
+    return [
+        *CARD, f"data.dir={shards}", "data.seq_len=256", "data.val_seq_len=256", "data.val_tokens=1024", f"data.vocab_size={VOCAB}",
+        f"model.net.vocab_size={VOCAB}", "model.net.num_blocks=2", "model.net.width=64", "model.net.num_heads=2",
+        "model.net.window_pattern=LS", "model.net.window_max=256", f"model.net.document_token={DOC}",
+        # the recipe's head lr (0.005) is tuned for 6200 steps; a few CPU steps need a faster head
+        "optimizer.role_lr.head=0.05", "trainer.log_every_n_steps=1", *extra,
+    ]
+
+

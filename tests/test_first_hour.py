@@ -169,9 +169,14 @@ def test_a_run_that_fails_on_missing_data_leaves_no_run_directory(tmp_path):
 # ----------------------------------------------------------------------------- 5. the README's commands
 
 
+# the pages whose commands must run as written (docs/paper_code_timing.md runs the paper's code)
+DOCUMENTED = ("README.md", "docs/nanogpt.md")
+
+
 def readme_commands() -> list[tuple[dict, list[str]]]:
-    """Every ``python ...`` command of the README's fenced shell blocks: (environment, arguments)."""
-    text = (REPO / "README.md").read_text()
+    """Every ``python ...`` command of the fenced shell blocks of the README and the documented pages:
+    (environment, arguments)."""
+    text = "\n".join((REPO / page).read_text() for page in DOCUMENTED)
     commands = []
     for block in re.findall(r"```(?:bash|sh|shell)?\n(.*?)```", text, flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():

@@ -261,6 +261,7 @@ class FineWebDataModule(L.LightningDataModule):
     """
 
     kind: ClassVar[str] = "tokens"
+    tokenizer: ClassVar[str] = "gpt2"  # what the tokens are; sampling decodes with it (tiktoken)
 
     def __init__(
         self,

@@ -25,6 +25,7 @@ Lipschitz constant computable from the weights' RMS->RMS norms; ``certificate`` 
 
 from __future__ import annotations
 
+import functools
 import math
 import typing
 from collections.abc import Callable
@@ -35,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lipschitz_lightning.errors import ConfigError
 from lipschitz_lightning.lipschitz import (
     GELU_DIVISOR,
     GPTCertificate,
@@ -51,7 +53,8 @@ GELUS = ("tanh", "exact")
 ROPES = ("standard", "half_truncated")
 TARGET_NORMS = ("modula", "unit")
 ATTENTION_OUTPUT_SCALE = 1 / 3  # Modula's functional attention: (1/3) softmax(...) v
-WINDOW_GRANULE = 128  # sliding windows grow in steps of this many tokens (flex attention's block)
+BLOCK = 128  # flex attention's block of tokens; sliding windows count whole blocks
+DENSE_BAND = 1024  # queries per band of a dense mask (SDPA's path)
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,7 @@ class GPTConfig:
     document_token: NonNegativeInt | None = None
     # one letter per block, L (long) or S (short: half the window); null: no sliding window
     window_pattern: str | None = None
+    # the window's first and last size in tokens, whole blocks of 128 (see window_blocks)
     window_min: PositiveInt = 128
     window_max: PositiveInt = 1792
     # token vectors are looked up with RMS at most this (nn.Embedding's max_norm); null: as stored
@@ -87,37 +91,104 @@ class GPTConfig:
 
 
 # ---------------------------------------------------------------------------- masks
-# Which keys a query may attend to: causal, within the query's document, within the window.
-# One predicate builds both the dense mask (CPU, and the explicit path) and flex attention's
-# block mask (CUDA), so the two kernels compute the same maths.
+# Which keys a query may attend to: causal, within the query's document, and within the last
+# ``window_blocks`` blocks of BLOCK tokens (its own block included). One predicate (``allows``)
+# builds the dense mask (SDPA, the explicit path) and is flex attention's ``mask_mod``; the block
+# tables flex skips work with are an exact summary of it. The window counts whole blocks, as the
+# paper's script and modded-nanogpt do (a query late in its block sees up to BLOCK - 1 more keys
+# than one early in it), and it is a tensor: a new window changes data, not code, so nothing
+# compiled is specialised on it.
 
 
 @dataclass(frozen=True)
 class AttentionMask:
     documents: Tensor | None = None  # (batch, seq) document index of every token
-    window: int | None = None  # a query sees at most this many keys, itself included
-    _dense: dict = field(default_factory=dict, compare=False, repr=False)  # built once per forward, not per block
+    window_blocks: Tensor | None = None  # 0-d integer tensor, at least 1; None: no window
+    _built: dict = field(default_factory=dict, compare=False, repr=False)  # per forward, not per block
 
     @property
     def is_causal_only(self) -> bool:
-        return self.documents is None and self.window is None
+        return self.documents is None and self.window_blocks is None
+
+    def halved(self) -> AttentionMask:
+        """The short window of the blocks marked S: half as many blocks, at least one (the paper's
+        ``window // 2`` is 0 blocks at the start, which its block tables treat as 1)."""
+        if self.window_blocks is None:
+            return self
+        return AttentionMask(self.documents, torch.clamp(self.window_blocks // 2, min=1))
 
     def allows(self, batch: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         allowed = q_idx >= kv_idx
-        if self.window is not None:
-            allowed = allowed & (q_idx - kv_idx < self.window)
+        if self.window_blocks is not None:
+            allowed = allowed & (q_idx // BLOCK - kv_idx // BLOCK < self.window_blocks)
         if self.documents is not None:
             allowed = allowed & (self.documents[batch, q_idx] == self.documents[batch, kv_idx])
         return allowed
 
     def dense(self, batch: int, seq: int, device: torch.device) -> Tensor:
         """``(batch or 1, 1, seq, seq)`` booleans, True where attention is allowed."""
-        key = (batch, seq, device)
-        if key not in self._dense:
+        key = ("dense", batch, seq, device)
+        if key not in self._built:
             b = torch.arange(batch if self.documents is not None else 1, device=device)[:, None, None]
             positions = torch.arange(seq, device=device)
-            self._dense[key] = self.allows(b, positions[None, :, None], positions[None, None, :])[:, None]
-        return self._dense[key]
+            dense = torch.empty(len(b), 1, seq, seq, dtype=torch.bool, device=device)
+            # a band of queries at a time: the predicate's integer temporaries for all seq^2 pairs
+            # at once would be 8x the mask itself (2 GiB at 16k tokens)
+            for start in range(0, seq, DENSE_BAND):
+                queries = positions[None, start : start + DENSE_BAND, None]
+                dense[:, 0, start : start + DENSE_BAND] = self.allows(b, queries, positions[None, None, :])
+            self._built[key] = dense
+        return self._built[key]
+
+    def band(self, batch: int, start: int, stop: int, device: torch.device) -> tuple[int, Tensor]:
+        """The queries ``start:stop`` against every key that any of them may see: the first such
+        key and the ``(batch or 1, 1, stop - start, stop - first)`` mask. Without a window, on CUDA
+        (reading the window's size would wait for the device) or compiled, the keys start at 0."""
+        key = ("band", batch, start, stop, device)
+        if key not in self._built:
+            first = 0
+            # (compiled, reading the size would split the graph and specialise it on every window)
+            if self.window_blocks is not None and device.type != "cuda" and not torch.compiler.is_compiling():
+                first = max(0, (start // BLOCK - int(self.window_blocks) + 1) * BLOCK)
+            b = torch.arange(batch if self.documents is not None else 1, device=device)[:, None, None]
+            queries = torch.arange(start, stop, device=device)[None, :, None]
+            keys = torch.arange(first, stop, device=device)[None, None, :]
+            self._built[key] = first, self.allows(b, queries, keys)[:, None]
+        return self._built[key]
+
+    def block_mask(self, batch: int, seq: int, device: torch.device):
+        """Flex attention's ``BlockMask``, built from block indices (modded-nanogpt's way; no pass
+        over all seq^2 pairs): for every pair of blocks, whether every pair of their tokens is
+        allowed (a full block, no mask evaluated) or only some (a partial block, ``allows`` decides)."""
+        from torch.nn.attention.flex_attention import BlockMask
+
+        key = ("block", batch, seq, device)
+        if key in self._built:
+            return self._built[key]
+        if seq % BLOCK:
+            raise ValueError(f"flex attention runs on sequences of a multiple of {BLOCK} tokens, got {seq} (data.seq_len, data.val_seq_len)")
+        blocks = torch.arange(seq // BLOCK, device=device)
+        q, kv = blocks[:, None], blocks[None, :]
+        some, every = (q >= kv)[None], (q > kv)[None]
+        if self.window_blocks is not None:
+            inside = (q - kv < self.window_blocks)[None]
+            some, every = some & inside, every & inside
+        if self.documents is not None:
+            # document indices never decrease along a sequence, so a block spans [first, last]
+            first, last = self.documents[:, ::BLOCK], self.documents[:, BLOCK - 1 :: BLOCK]
+            some = some & (first[:, :, None] <= last[:, None, :]) & (last[:, :, None] >= first[:, None, :])
+            every = every & (first[:, :, None] == last[:, None, :]) & (last[:, :, None] == first[:, None, :])
+
+        def as_kv_blocks(allowed: Tensor) -> tuple[Tensor, Tensor]:
+            counts = allowed.sum(dim=-1, dtype=torch.int32)
+            indices = allowed.to(torch.int8).argsort(dim=-1, descending=True, stable=True).to(torch.int32)
+            return counts[:, None].contiguous(), indices[:, None].contiguous()
+
+        self._built[key] = BlockMask.from_kv_blocks(
+            *as_kv_blocks(some & ~every), *as_kv_blocks(every), BLOCK_SIZE=BLOCK,
+            mask_mod=lambda b, h, q_idx, kv_idx: self.allows(b, q_idx, kv_idx),
+        )
+        return self._built[key]
 
 
 # ---------------------------------------------------------------------------- attention kernels
@@ -126,9 +197,18 @@ class AttentionMask:
 
 
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: AttentionMask) -> Tensor:
+    """SDPA over bands of ``DENSE_BAND`` queries, each against the keys it may see: the mask (which
+    SDPA turns into floats) never spans all seq^2 pairs, and a window skips the keys behind it."""
     if mask.is_causal_only:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense(q.shape[0], q.shape[-2], q.device), scale=scale)
+    batch, seq = q.shape[0] if mask.documents is not None else 1, q.shape[-2]
+    outputs = []
+    for start in range(0, seq, DENSE_BAND):
+        stop = min(start + DENSE_BAND, seq)
+        first, allowed = mask.band(batch, start, stop, q.device)
+        outputs.append(F.scaled_dot_product_attention(
+            q[..., start:stop, :], k[..., first:stop, :], v[..., first:stop, :], attn_mask=allowed, scale=scale))
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-2)
 
 
 def explicit_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: AttentionMask, stats: dict | None = None, name: str = "") -> Tensor:
@@ -142,23 +222,24 @@ def explicit_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Atte
     return logits.masked_fill(~allowed, float("-inf")).softmax(dim=-1) @ v
 
 
-_compiled_flex = None
+@functools.cache
+def compiled_flex_attention():
+    """Flex attention compiled once per process (uncompiled, it materialises the full score
+    matrix). With the mask's tensors as inputs, a process compiles one graph per sequence length
+    and grad mode: training and validation lengths give two, whatever the window."""
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
+    return torch.compile(flex, dynamic=False)
 
 
 def flex_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: AttentionMask) -> Tensor:
-    """Flex attention with a block mask from the same predicate; compiled once, as it must be to be fast."""
-    from torch.nn.attention.flex_attention import create_block_mask
-    from torch.nn.attention.flex_attention import flex_attention as flex
-
-    global _compiled_flex
-    if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex, dynamic=False) if q.is_cuda else flex
-    batch, seq = q.shape[0], q.shape[-2]
-    block_mask = create_block_mask(
-        lambda b, h, q_idx, kv_idx: mask.allows(b, q_idx, kv_idx),
-        batch if mask.documents is not None else None, None, seq, seq, device=q.device, _compile=q.is_cuda,
-    )
-    return _compiled_flex(q, k, v, block_mask=block_mask, scale=scale)
+    if not q.is_cuda and torch.is_grad_enabled() and q.requires_grad:
+        raise ConfigError(
+            f"model.net.attention=flex trains on CUDA only: torch {torch.__version__}'s flex attention has no backward on "
+            f"{q.device.type} (it runs forward-only there); use model.net.attention=auto (flex on CUDA, SDPA elsewhere)"
+        )
+    block_mask = mask.block_mask(q.shape[0] if mask.documents is not None else 1, q.shape[-2], q.device)
+    return compiled_flex_attention()(q, k, v, block_mask=block_mask, scale=scale)
 
 
 def auto_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: AttentionMask) -> Tensor:
@@ -285,6 +366,11 @@ def check_config(cfg: GPTConfig) -> None:
             f"model.net.window_pattern must give one letter per block, L (long window) or S (short), for "
             f"model.net.num_blocks={cfg.num_blocks} (e.g. {example}), or be null for no window; got {pattern!r}"
         )
+    if pattern is not None and (cfg.window_min % BLOCK or cfg.window_max % BLOCK or cfg.window_min > cfg.window_max):
+        raise ValueError(
+            f"model.net.window_min and model.net.window_max must be multiples of {BLOCK} tokens (the window counts whole "
+            f"blocks), window_min <= window_max; got {cfg.window_min} and {cfg.window_max}"
+        )
 
 
 class GPT(nn.Module):
@@ -316,14 +402,16 @@ class GPT(nn.Module):
                 block.mlp.down.weight.zero_()
             self.head.weight.zero_()
 
-    def window_size(self, progress: float) -> int | None:
-        """The sliding window at a fraction ``progress`` of training: from ``window_min`` up to
-        ``window_max`` tokens, linearly, in steps of 128 (modded-nanogpt's schedule)."""
+    def window_blocks(self, progress: float) -> int | None:
+        """The sliding window, in blocks of 128 tokens, at a fraction ``progress`` of training: the
+        paper's (modded-nanogpt's) schedule ``ceil((window_max - 64) * progress / 128)`` blocks, at
+        least ``window_min``. For 128..1792 that is ``ceil(1728 progress / 128)``: 1 block at the
+        start, 14 windows in all, the last (14 blocks) only in the final 3.7% of training."""
         if self.config.window_pattern is None:
             return None
         cfg = self.config
-        grown = cfg.window_min + (cfg.window_max - cfg.window_min) * min(max(progress, 0.0), 1.0)
-        return min(cfg.window_max, WINDOW_GRANULE * max(1, math.ceil(grown / WINDOW_GRANULE)))
+        grown = math.ceil((cfg.window_max - BLOCK // 2) * min(max(progress, 0.0), 1.0) / BLOCK)
+        return min(cfg.window_max // BLOCK, max(cfg.window_min // BLOCK, grown))
 
     def embed(self, tokens: Tensor) -> Tensor:
         x = self.embedding(tokens)
@@ -335,32 +423,47 @@ class GPT(nn.Module):
             x = x * (self.config.embed_max_rms / rms.clamp(min=self.config.embed_max_rms)).to(x.dtype)
         return x
 
-    def forward(self, tokens: Tensor, stats: dict | None = None, window: int | None = None) -> Tensor:
+    def forward(self, tokens: Tensor, stats: dict | None = None, window: Tensor | int | None = None) -> Tensor:
         """Logits ``(batch, seq, vocab)``. With a ``stats`` dict, also record the activations the
         paper watches: each block's largest token RMS and largest entry, each layer's largest
-        pre-softmax attention logit (this path writes the softmax out, so keep it short)."""
+        pre-softmax attention logit (this path writes the softmax out, so keep it short).
+        ``window``: the sliding window in blocks (``window_blocks``), ignored without a window pattern."""
+        return self.logits(self.features(tokens, stats, window))
+
+    def features(self, tokens: Tensor, stats: dict | None = None, window: Tensor | int | None = None) -> Tensor:
+        """The last block's output ``(batch, seq, width)``: the logits are ``logits(features)``.
+        Training and validation stop here and take the loss over the vocabulary in chunks of
+        tokens (``losses.linear_cross_entropy``), never forming every position's logits at once."""
         documents = None
         if self.config.document_token is not None:
             documents = (tokens == self.config.document_token).cumsum(dim=-1)
-        return self.forward_embedded(self.embed(tokens), stats, AttentionMask(documents, window))
+        if window is not None and self.config.window_pattern is not None:
+            window = torch.as_tensor(window, device=tokens.device)
+        else:
+            window = None
+        return self.features_embedded(self.embed(tokens), stats, AttentionMask(documents, window))
+
+    def logits(self, features: Tensor) -> Tensor:
+        return self.head(features) * self.config.final_scale
 
     def forward_embedded(self, x: Tensor, stats: dict | None = None, mask: AttentionMask | None = None) -> Tensor:
         """The network after the embedding: what the certified bound speaks about."""
+        return self.logits(self.features_embedded(x, stats, mask))
+
+    def features_embedded(self, x: Tensor, stats: dict | None = None, mask: AttentionMask | None = None) -> Tensor:
         if x.shape[1] > self.config.seq_len:
             raise ValueError(f"sequence of {x.shape[1]} tokens is longer than model.net.seq_len={self.config.seq_len}")
         mask = mask or AttentionMask()
         rotary = (self.rotary_cos, self.rotary_sin)
         pattern = self.config.window_pattern
-        short = mask
-        if mask.window is not None and pattern is not None and "S" in pattern:
-            short = AttentionMask(mask.documents, max(WINDOW_GRANULE, mask.window // 2 // WINDOW_GRANULE * WINDOW_GRANULE))
+        # the two masks every block shares: built (lazily, by the first block that needs each) once per forward
+        masks = {"L": mask, "S": mask.halved() if pattern is not None and "S" in pattern else mask}
         for l, block in enumerate(self.blocks):
-            block_mask = short if pattern is not None and pattern[l] == "S" else mask
-            x = block(x, rotary, block_mask, stats, str(l))
+            x = block(x, rotary, masks[pattern[l]] if pattern is not None else mask, stats, str(l))
             if stats is not None:
                 stats[f"activation/rms_max_block{l}"] = x.detach().float().pow(2).mean(dim=-1).sqrt().max()
                 stats[f"activation/abs_max_block{l}"] = x.detach().abs().max().float()
-        return self.head(x) * self.config.final_scale
+        return x
 
     def stat_names(self) -> list[str]:
         """The keys ``forward(..., stats=...)`` fills."""

@@ -13,20 +13,22 @@ per-role learning rates (``role_lr``), a momentum warm-up, and Adam for the role
 gain goes to Adam). One optimizer keeps Lightning's automatic optimization, one LR scheduler and
 one constraint hook.
 
-Matrices of one shape are orthogonalized as one stack, and under DDP each rank orthogonalizes a
-share of every stack and one all-gather hands out the results (``distributed.shared_out``), as in
-modded-nanogpt's distributed Muon.
+Matrices of one shape are orthogonalized as one stack. Under DDP the step is modded-nanogpt's
+distributed Muon, extended to the whole step: one reduce-scatter of the gradients, each rank steps
+and projects the weights it owns (the head and embedding split by rows), one all-gather of the
+weights (``distributed.ShardedStep``).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Literal
+from collections.abc import Callable
+from typing import ClassVar, Literal
 
 import torch
 
 from lipschitz_lightning.constraints import NS_COEFFICIENTS, POLYNOMIAL_FORMS, layer_scale, normalize_token_vectors, orthogonalize
-from lipschitz_lightning.distributed import shared_out
+from lipschitz_lightning.distributed import ShardedStep, all_gather_into, rank_and_world
 from lipschitz_lightning.distributed import stack as stack_of
 from lipschitz_lightning.optim.roles import Role, is_matrix_role, with_target_weight_decay
 from lipschitz_lightning.schema import Betas, NonNegative, NonNegativeInt, Positive, UnitInterval
@@ -36,6 +38,11 @@ ROLES = tuple(role.value for role in Role)
 
 class Muon(torch.optim.Optimizer):
     """Muon for groups built by ``optim.roles.param_groups`` (each carries ``role`` and ``target_norm``).
+
+    Under ``torch.distributed`` with several ranks every step is sharded (``distributed.ShardedStep``):
+    each rank steps and projects the weights it owns. ``reduce_gradients`` says whether the step
+    reduces the gradients itself (the project's ``trainer=ddp`` strategy sets it, and wraps no
+    DDP) or finds them averaged already (Lightning's plain ``ddp``).
 
     ``weight_decay`` is the base ``wd``; each group decays by ``wd * lr * t``.
 
@@ -50,6 +57,8 @@ class Muon(torch.optim.Optimizer):
     ``momentum`` over that many steps. ``polynomial_form`` chooses how Newton-Schulz is evaluated
     (``constraints.odd_polynomial_steps``: ``auto`` takes the Gram form for wide float32 matrices).
     """
+
+    reduce_gradients: ClassVar[bool] = False  # an instance attribute once a strategy sets it
 
     def __init__(
         self,
@@ -86,6 +95,9 @@ class Muon(torch.optim.Optimizer):
         self.warmup_start, self.warmup_steps = momentum_warmup_start, momentum_warmup_steps
         self.adam_betas, self.adam_eps = tuple(adam_betas), adam_eps
         self.polynomial_form = polynomial_form
+        self.projection: Callable[[ShardedStep], None] | None = None
+        self._sharded: ShardedStep | None = None
+        self._cut: set[int] = set()  # split matrices whose state holds this rank's rows only
 
     def momentum_at(self, group: dict) -> float:
         if self.warmup_steps == 0:
@@ -93,61 +105,172 @@ class Muon(torch.optim.Optimizer):
         progress = min(group["step"] / self.warmup_steps, 1.0)
         return (1 - progress) * self.warmup_start + progress * group["momentum"]
 
+    # ------------------------------------------------------------------ what others may ask of it
+
+    def attach_projection(self, project: Callable[[ShardedStep], None]) -> None:
+        """Run the constraint's projection inside a sharded step, on the weights this rank owns,
+        before the one all-gather shares them (``projection.Projector.project``)."""
+        self.projection = project
+
+    @property
+    def shards_its_step(self) -> bool:
+        """Whether each step is split across the ranks (``distributed.ShardedStep``)."""
+        return rank_and_world()[1] > 1
+
+    # ------------------------------------------------------------------ the step
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.shards_its_step:
+            self._sharded_step()
+        else:
+            self._local_step()
+        for group in self.param_groups:
+            group["step"] += 1
+        return loss
+
+    def _local_step(self) -> None:
         stacks: dict[tuple, list] = defaultdict(list)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 if group["adam"]:
-                    self._adam_step(p, group)
+                    self._adam_step(p, group, p.grad, self.state[p])
                     continue
-                update = self._momentum(p, group)
+                update = self._momentum(p.grad, group, self.state[p])
                 if is_matrix_role(group["role"]):
                     stacks[(tuple(p.shape), p.device)].append((p, group, update))
                 else:  # an embedding: normalise each token vector (nn.Embedding stores one per row)
                     self._apply(p, group, normalize_token_vectors(update, self.embed_inflation, dim=-1) * group["target_norm"])
         for stack in stacks.values():
-            updates = stack_of([update for _, _, update in stack])
-            (directions,) = shared_out(
-                len(stack), lambda rows: (orthogonalize(updates[rows], self.ns_coefficients, self.ns_dtype, self.polynomial_form),)
-            )
-            for (p, group, _), direction in zip(stack, directions):
-                self._apply(p, group, direction * (layer_scale(p) * group["target_norm"]))
-        for group in self.param_groups:
-            group["step"] += 1
-        return loss
+            self._orthogonalized_step(stack)
 
-    def _momentum(self, p: torch.Tensor, group: dict) -> torch.Tensor:
-        state = self.state[p]
+    def _orthogonalized_step(self, stack: list) -> None:
+        """One batched Newton-Schulz over matrices of one shape, then their steps."""
+        directions = orthogonalize(stack_of([update for _, _, update in stack]), self.ns_coefficients, self.ns_dtype, self.polynomial_form)
+        for (p, group, _), direction in zip(stack, directions):
+            self._apply(p, group, direction * (layer_scale(p) * group["target_norm"]))
+
+    def _sharded_step(self) -> None:
+        """The step of SPEC §3 on the pieces this rank owns (``distributed.ShardedStep``): one
+        reduce-scatter of the gradients, the owned weights stepped and projected, one all-gather."""
+        if self._sharded is None:
+            self._sharded = ShardedStep([p for group in self.param_groups for p in group["params"]])
+            self._drop_foreign_state()
+        sharded = self._sharded
+        group_of = {id(p): group for group in self.param_groups for p in group["params"]}
+        stacks: dict[tuple, list] = defaultdict(list)
+        split = []
+        for piece, grad in zip(sharded.pieces, sharded.gradients(reduce=self.reduce_gradients)):
+            p = sharded.params[piece.index]
+            group, weight = group_of[id(p)], p if piece.rows is None else p[piece.rows]
+            state = self._piece_state(p, piece.rows)
+            if group["adam"]:
+                self._adam_step(weight, group, grad, state)
+                continue
+            update = self._momentum(grad, group, state)
+            if not is_matrix_role(group["role"]):
+                self._apply(weight, group, normalize_token_vectors(update, self.embed_inflation, dim=-1) * group["target_norm"])
+            elif piece.rows is None:
+                stacks[(tuple(p.shape), p.device)].append((p, group, update))
+            else:
+                split.append((p, group, weight, update, sharded.row_shard(p)))
+        for stack in stacks.values():
+            self._orthogonalized_step(stack)
+        # every rank holds rows (maybe none) of every split matrix and sums its Gram matrices with
+        # the others', in the same order
+        for p, group, weight, update, shard in split:
+            direction = orthogonalize(update, self.ns_coefficients, self.ns_dtype, self.polynomial_form, shard)
+            self._apply(weight, group, direction * (layer_scale(p) * group["target_norm"]))
+        if self.projection is not None:
+            self.projection(sharded)
+        sharded.share_weights()
+
+    def _momentum(self, grad: torch.Tensor, group: dict, state: dict) -> torch.Tensor:
         if not state:
-            state["momentum_buffer"] = torch.zeros_like(p)
+            state["momentum_buffer"] = torch.zeros_like(grad)
         buf, beta = state["momentum_buffer"], self.momentum_at(group)
         if group["nesterov"]:
             # modded-nanogpt's form: average, then look ahead along the average
-            buf.lerp_(p.grad, 1 - beta)
-            return p.grad.lerp(buf, beta)
-        buf.mul_(beta).add_(p.grad, alpha=1 - beta)
+            buf.lerp_(grad, 1 - beta)
+            return grad.lerp(buf, beta)
+        buf.mul_(beta).add_(grad, alpha=1 - beta)
         return buf
 
-    def _apply(self, p: torch.Tensor, group: dict, direction: torch.Tensor) -> None:
+    def _apply(self, weight: torch.Tensor, group: dict, direction: torch.Tensor) -> None:
         if group["weight_decay"]:  # a pass over the weights saved, and p * 1.0 is p exactly
-            p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.add_(direction.to(p.dtype), alpha=-group["lr"])
+            weight.mul_(1 - group["lr"] * group["weight_decay"])
+        weight.add_(direction.to(weight.dtype), alpha=-group["lr"])
 
-    def _adam_step(self, p: torch.Tensor, group: dict) -> None:
-        state = self.state[p]
+    def _adam_step(self, weight: torch.Tensor, group: dict, grad: torch.Tensor, state: dict) -> None:
         if not state:
-            state["exp_avg"], state["exp_avg_sq"], state["adam_step"] = torch.zeros_like(p), torch.zeros_like(p), 0
+            state["exp_avg"], state["exp_avg_sq"], state["adam_step"] = torch.zeros_like(grad), torch.zeros_like(grad), 0
         (beta1, beta2), m, v = self.adam_betas, state["exp_avg"], state["exp_avg_sq"]
         state["adam_step"] += 1
-        m.lerp_(p.grad, 1 - beta1)
-        v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+        m.lerp_(grad, 1 - beta1)
+        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         m_hat = m / (1 - beta1 ** state["adam_step"])
         v_hat = v / (1 - beta2 ** state["adam_step"])
-        self._apply(p, group, m_hat / (v_hat.sqrt() + self.adam_eps))
+        self._apply(weight, group, m_hat / (v_hat.sqrt() + self.adam_eps))
+
+    # ------------------------------------------------------------------ sharded state
+
+    def _piece_state(self, p: torch.Tensor, rows: slice | None) -> dict:
+        """The state of this rank's piece of ``p``: a split matrix's state holds this rank's rows
+        only (a checkpoint, which holds all of them, is cut to them on first use)."""
+        state = self.state[p]
+        if rows is not None and id(p) not in self._cut:
+            for key, value in list(state.items()):
+                if isinstance(value, torch.Tensor) and value.shape == p.shape:
+                    state[key] = value[rows].clone()
+            self._cut.add(id(p))
+        return state
+
+    def _drop_foreign_state(self) -> None:
+        """After loading a checkpoint every rank holds every weight's state: keep what it owns."""
+        for p in self._sharded.params:
+            if self._sharded.part(p) is False:
+                self.state.pop(p, None)
+
+    def state_dict(self) -> dict:
+        """As ``torch.optim.Optimizer.state_dict``, with the whole state of every weight. Sharded,
+        that is a collective (every rank must call it, as Lightning's checkpointing does): the
+        pieces' states are all-gathered, through the same plan as the weights."""
+        state = super().state_dict()
+        if self._sharded is not None:
+            state["state"] = self._gathered_state()
+        return state
+
+    def _gathered_state(self) -> dict[int, dict]:
+        sharded, plan = self._sharded, self._sharded.plan
+        group_of = {id(p): group for group in self.param_groups for p in group["params"]}
+        keys_of = [("exp_avg", "exp_avg_sq") if group_of[id(p)]["adam"] else ("momentum_buffer",) for p in sharded.params]
+        gathered: dict[int, dict] = {index: {} for index in range(len(sharded.params))}
+        for key in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
+            holders = [key in keys for keys in keys_of]
+            if not any(holders):
+                continue
+            pieces = [self.state[sharded.params[piece.index]].get(key) if holders[piece.index] else None for piece in sharded.pieces]
+            mine = torch.zeros(plan.segment, dtype=sharded.dtype, device=sharded.params[0].device)
+            offset = 0
+            for piece, value in zip(sharded.pieces, pieces):
+                if value is not None:
+                    mine[offset : offset + piece.numel].copy_(value.reshape(-1))
+                offset += piece.numel
+            flat = torch.empty(plan.world * plan.segment, dtype=mine.dtype, device=mine.device)
+            all_gather_into(flat, mine)
+            full = [torch.zeros_like(p) if holders[index] else None for index, p in enumerate(sharded.params)]
+            for rank in range(plan.world):
+                plan.unpack(rank, flat[rank * plan.segment : (rank + 1) * plan.segment], full)
+            for index, tensor in enumerate(full):
+                if tensor is not None:
+                    gathered[index][key] = tensor
+        for index, p in enumerate(sharded.params):
+            if group_of[id(p)]["adam"]:
+                gathered[index]["adam_step"] = group_of[id(p)]["step"]  # every piece steps every step
+        return gathered
