@@ -16,54 +16,73 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-import lipschitz_lightning  # noqa: F401  (registers the resolver conf/train.yaml uses)
-from lipschitz_lightning.cli import HYDRA_FILES, Resumed, rank_arguments, resume_arguments, set_cuda_allocator
+from lipschitz_lightning.cli import (
+    HYDRA_FILES,
+    quiet_known_warnings,
+    rank_arguments,
+    register_resolvers,
+    resume_arguments,
+    set_cuda_allocator,
+)
 from lipschitz_lightning.errors import ConfigError, LipschitzLightningError, Preempted, exit_with, one_line
 
 log = logging.getLogger("lipschitz_lightning")
-RESUMED: Resumed | None = None  # set by resume=<run dir>, before Hydra starts
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    # torch and Lightning load here, not at import: --cfg job, --help and Hydra's errors stay quick,
-    # and Lightning's notices find Hydra's logging already set up (so they reach train.log)
-    from lipschitz_lightning.allocator import keep_freed_memory
-    from lipschitz_lightning.training import build, in_multirun, record_failure, train
-
-    # the lightning package gives itself a stderr console on import; Hydra's handlers show its notices already
-    logging.getLogger("lightning").handlers.clear()
-    logging.captureWarnings(True)  # warnings reach train.log too
-    run = None
+def run(args: list[str]) -> None:
+    """``train.py``'s command line: ``resume=`` and the rank's run directory sorted out before Hydra
+    starts, then the Hydra app."""
+    set_cuda_allocator()  # before torch is imported
+    register_resolvers()
     try:
-        if cfg.get("keep_freed_memory"):
-            keep_freed_memory()
-        run = build(cfg)  # config, resume and data checks: nothing trained yet
-        return train(cfg, run).get("val/acc")
-    except Exception as error:
-        if in_multirun():
-            if run is None:
-                record_failure(cfg, error)  # train() records the failures of a built run itself
-            # one diverged or misconfigured grid point is a result, not a reason to stop the sweep:
-            # its summary.json says failed and the report lists it; a SIGTERM stops the whole sweep
-            if isinstance(error, LipschitzLightningError) and not isinstance(error, Preempted):
-                return None
-            raise
-        if run is None:
-            _leave_nothing_behind(Path(cfg.paths.log_dir))
-        if not isinstance(error, LipschitzLightningError):
-            raise
-        log.error(one_line(error))
-        sys.exit(getattr(error, "exit_status", 1))
+        args, resumed = resume_arguments(args)
+    except ConfigError as error:
+        exit_with(error)
+    sys.argv[1:] = rank_arguments(args)
+
+    @hydra.main(version_base="1.3", config_path="conf", config_name="train")
+    def main(cfg: DictConfig) -> float | None:
+        # torch and Lightning load here, not at import: --cfg job, --help and Hydra's errors stay
+        # quick, and Lightning's notices find Hydra's logging already set up (so they reach train.log)
+        from lipschitz_lightning.allocator import keep_freed_memory
+        from lipschitz_lightning.training import build, in_multirun, record_failure, train
+
+        # the lightning package gives itself a stderr console on import; Hydra's handlers show its notices already
+        logging.getLogger("lightning").handlers.clear()
+        logging.captureWarnings(True)  # warnings reach train.log too
+        quiet_known_warnings()
+        built = None
+        try:
+            if cfg.get("keep_freed_memory"):
+                keep_freed_memory()
+            built = build(cfg)  # config, resume and data checks: nothing trained yet
+            return train(cfg, built).get("val/acc")
+        except Exception as error:
+            if in_multirun():
+                if built is None:
+                    record_failure(cfg, error)  # train() records the failures of a built run itself
+                # one diverged or misconfigured grid point is a result, not a reason to stop the sweep:
+                # its summary.json says failed and the report lists it; a SIGTERM stops the whole sweep
+                if isinstance(error, LipschitzLightningError) and not isinstance(error, Preempted):
+                    return None
+                raise
+            if built is None:
+                if resumed is not None:
+                    resumed.restore()  # the run's saved config back: the next resume= re-reads it
+                else:
+                    _leave_nothing_behind(Path(cfg.paths.log_dir))
+            if not isinstance(error, LipschitzLightningError):
+                raise
+            log.error(one_line(error))
+            sys.exit(getattr(error, "exit_status", 1))
+
+    main()
 
 
 def _leave_nothing_behind(log_dir: Path) -> None:
-    """A single run that failed before training leaves no trace: a resumed run gets its saved config
-    back, and a new run directory goes, if it holds only what Hydra wrote into it, with the folders
-    above it up to ``paths.log_dir`` that it leaves empty."""
-    if RESUMED is not None:
-        RESUMED.restore()
-        return
+    """A new single run that failed before training leaves no trace: its run directory goes, if it
+    holds only what Hydra wrote into it, with the folders above it up to ``paths.log_dir`` that it
+    leaves empty."""
     hydra_config = HydraConfig.get()
     output_dir = Path(hydra_config.runtime.output_dir)
     written_by_hydra = {output_dir / f"{hydra_config.job.name}.log"}
@@ -86,10 +105,4 @@ def _leave_nothing_behind(log_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    set_cuda_allocator()  # before torch is imported
-    try:
-        sys.argv[1:], RESUMED = resume_arguments(sys.argv[1:])
-    except ConfigError as error:
-        exit_with(error)
-    sys.argv[1:] = rank_arguments(sys.argv[1:])
-    main()
+    run(sys.argv[1:])

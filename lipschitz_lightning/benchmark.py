@@ -39,6 +39,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lipschitz_lightning.allocator import keep_freed_memory
+from lipschitz_lightning.cli import quiet_known_warnings, register_resolvers
 from lipschitz_lightning.config import validate_config
 from lipschitz_lightning.constraints import LINEAR_METHODS
 from lipschitz_lightning.distributed import count_traffic
@@ -81,6 +82,7 @@ def compose_config(
         overrides.append(f"data.batch_size={batch_size}")
     if constraint is not None:
         overrides.append(f"constraint={constraint}")
+    register_resolvers()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose("train", overrides=overrides)
 
@@ -212,9 +214,10 @@ def run_plain(cfg: DictConfig, datamodule, device: torch.device, sync, time_proj
     forward, windows = plain_forward(cfg, net), {}
     optimizer = instantiate(cfg.optimizer)(param_groups(net.param_specs()))
     scheduler = instantiate(cfg.scheduler)(optimizer)
-    # the callback's own projection, called directly instead of through the optimizer hook
+    # the constraint the callback applies, applied here directly after each step
     constraint = instantiate(cfg.constraint)
-    constraint.scale_into_ball([optimizer])
+    constraint.attach([optimizer])
+    constraint.scale_into_ball()
     batches = train_batches(datamodule, device)
     steps = cfg.trainer.max_steps
     reset_peak_memory(device)
@@ -232,7 +235,7 @@ def run_plain(cfg: DictConfig, datamodule, device: torch.device, sync, time_proj
         if time_projection:
             sync()
             started = time.perf_counter()
-        constraint.project(optimizer)
+        constraint.after_step(optimizer)
         if time_projection:
             sync()
             projection_s.append(time.perf_counter() - started)
@@ -262,10 +265,9 @@ def communication_worker(rank: int, world: int, init_file: str, config: dict, st
         forward, windows = plain_forward(cfg, net), {}
         optimizer = instantiate(cfg.optimizer)(param_groups(net.param_specs()))
         constraint = instantiate(cfg.constraint)
-        constraint.projector = constraint.build_projector([optimizer])
-        constraint.projector.scale_into_ball()
-        if getattr(optimizer, "shards_its_step", False):  # as the callback and trainer=ddp's strategy set it up
-            optimizer.attach_projection(constraint.projector.project)
+        constraint.attach([optimizer])
+        constraint.scale_into_ball()
+        if getattr(optimizer, "shards_its_step", False):  # no DDP wrapper, as with trainer=ddp's strategy
             optimizer.reduce_gradients = True
         batches, sync = train_batches(load_train_data(cfg), device), make_sync(device)
         sent, step_s = [], []
@@ -279,8 +281,7 @@ def communication_worker(rank: int, world: int, init_file: str, config: dict, st
             started = time.perf_counter()
             with count_traffic() as traffic:
                 optimizer.step()
-                if not getattr(optimizer, "shards_its_step", False):
-                    constraint.project(optimizer)
+                constraint.after_step(optimizer)
             sync()
             step_s.append(time.perf_counter() - started)
             sent.append(traffic.sent)
@@ -345,7 +346,8 @@ def step_flops(cfg: DictConfig, datamodule, device: torch.device) -> dict[str, f
     net = instantiate(cfg.model.net).to(device)
     optimizer = instantiate(cfg.optimizer)(param_groups(net.param_specs()))
     constraint = instantiate(cfg.constraint)
-    constraint.scale_into_ball([optimizer])
+    constraint.attach([optimizer])
+    constraint.scale_into_ball()
     x, y = next(train_batches(datamodule, device))
     counts = {}
     with FlopCounterMode(display=False) as counter:
@@ -358,7 +360,7 @@ def step_flops(cfg: DictConfig, datamodule, device: torch.device) -> dict[str, f
         optimizer.step()
     counts["optimizer"] = counter.get_total_flops()
     with FlopCounterMode(display=False) as counter:
-        constraint.project(optimizer)
+        constraint.after_step(optimizer)
     counts["projection"] = counter.get_total_flops()
     counts["total"] = sum(counts.values())
     return {k: v / 1e9 for k, v in counts.items()}
@@ -385,8 +387,9 @@ def quiet() -> None:
     # Lightning's banner ("GPU available ...", "max_steps reached") would bury the tables
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    # lightning's own deprecation notice under newer torch, and its hints about validation we turned off
-    warnings.filterwarnings("ignore", message=r".*(LeafSpec|limit_val_batches|val_dataloader|num_workers).*")
+    quiet_known_warnings()
+    # and Lightning's hints about the validation the timed runs turn off
+    warnings.filterwarnings("ignore", message=r".*(limit_val_batches|val_dataloader).*")
 
 
 def median(values: list[float]) -> float:

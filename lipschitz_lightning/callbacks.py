@@ -1,77 +1,55 @@
-"""Lightning glue: the constraint callback and the norm / certified-bound monitor.
+"""Lightning glue: the constraint's callback, the norm / certified-bound monitor, speed, rank
+agreement, checkpoints at a cadence and on preemption.
 
-The math lives in ``constraints`` and ``lipschitz``; this file only decides when it runs.
+The maths lives in ``projection``, ``constraints`` and ``lipschitz``; this file only decides when it runs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
-import warnings
 from pathlib import Path
-from typing import Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lipschitz_lightning.constraints import COUPLINGS, LINEAR_METHODS, POLYNOMIAL_FORMS, PROJECTION_DTYPES, ns_max_singular_value
-from lipschitz_lightning.distributed import rank_and_world
-from lipschitz_lightning.errors import ConfigError, TrainingDiverged
-from lipschitz_lightning.projection import Projector, constrained_weights
-from lipschitz_lightning.schema import Positive, PositiveInt, UnitInterval
+from lipschitz_lightning.errors import TrainingDiverged
+from lipschitz_lightning.projection import Constraint
+from lipschitz_lightning.schema import PositiveInt
 
 
-class WeightConstraint(Callback):
-    """Projects every weight back into its norm ball after every optimizer step (SPEC §3 step 4).
+class ApplyConstraint(Callback):
+    """Runs a ``projection.Constraint`` after every optimizer step of a Lightning run (SPEC §3 step 4).
 
-    It hooks the optimizer's own ``step`` (``register_step_post_hook``), so it runs exactly once
-    per optimizer step whatever the gradient accumulation, precision plugin or strategy, and it
-    reads the ``lr`` and weight decay of the step that just happened from the parameter groups
-    (the LR scheduler moves on only after the hook). The projection itself is a
-    ``projection.Projector``: batched by shape, shared out across DDP ranks. An optimizer that
-    shards its step across ranks (Muon under DDP) runs the projection itself, inside the step, on
-    the weights each rank owns (``attach_projection``): no hook, and no second all-gather.
+    It hooks the optimizer's own ``step`` (``register_step_post_hook``), so it runs exactly once per
+    optimizer step whatever the gradient accumulation, precision plugin or strategy, and it reads the
+    ``lr`` and weight decay of the step that just happened (the LR scheduler moves on only after
+    the hook). The constraint's state goes into checkpoints with the callback's; at every
+    validation its guards' fallbacks are logged (``constraint/guard_fallbacks``, summed over ranks).
     """
 
-    def __init__(
-        self,
-        method: Literal[tuple(LINEAR_METHODS)],
-        w_max: Positive = 1.0,
-        coupling: Literal[COUPLINGS] = "exact",
-        spectral_wd: UnitInterval = 0.0,
-        head_w_max: Positive | None = None,
-        embed_w_max: Positive = 1.0,
-        power_iters: PositiveInt = 16,
-        polynomial_form: Literal[POLYNOMIAL_FORMS] = "auto",
-        dtype: Literal[PROJECTION_DTYPES] = "float32",
-    ):
-        if method not in LINEAR_METHODS:
-            raise ValueError(f"constraint.method must be one of {sorted(LINEAR_METHODS)}, got {method!r}")
-        if coupling not in COUPLINGS:
-            raise ValueError(f"constraint.coupling must be one of {list(COUPLINGS)}, got {coupling!r}")
-        self.method, self.w_max, self.coupling, self.spectral_wd = method, w_max, coupling, spectral_wd
-        self.head_w_max = w_max if head_w_max is None else head_w_max
-        self.embed_w_max, self.power_iters, self.polynomial_form = embed_w_max, power_iters, polynomial_form
-        self.dtype = dtype
-        self.steps_applied = 0
-        self.projector: Projector | None = None
-        self._restored: dict | None = None  # projector state from a checkpoint, applied once it exists
+    def __init__(self, constraint: Constraint):
+        self.constraint = constraint
         self._hooks: list = []
 
-    # ---------------------------------------------------------------- Lightning hooks
+    @property
+    def state_key(self) -> str:
+        return "WeightConstraint"  # the key earlier checkpoints keep this state under
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.projector = self.build_projector(trainer.optimizers)
+        self.constraint.attach(trainer.optimizers)
         for optimizer in trainer.optimizers:
-            self._warn_if_step_unbounded(optimizer)
-            if getattr(optimizer, "shards_its_step", False):
-                optimizer.attach_projection(self._project_shards)
-            else:
-                self._hooks.append(optimizer.register_step_post_hook(self._after_optimizer_step))
+            self._hooks.append(optimizer.register_step_post_hook(lambda optimizer, args, kwargs: self.constraint.after_step(optimizer)))
         if trainer.global_step == 0:
-            self.projector.scale_into_ball()
+            self.constraint.scale_into_ball()
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not self.constraint.stacks:
+            return
+        count = torch.tensor(float(self.constraint.fallback_count()), device=pl_module.device)
+        pl_module.log("constraint/guard_fallbacks", trainer.strategy.reduce(count, reduce_op="sum"), rank_zero_only=True)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._remove_hooks()
@@ -79,100 +57,16 @@ class WeightConstraint(Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._remove_hooks()
 
-    def state_dict(self) -> dict:
-        """Under DDP a collective (Lightning calls it on every rank): each rank keeps the power
-        vectors and counts the fallbacks of the weights it projects."""
-        projector = self.projector
-        states = projector.power_states_kept() if projector else {}
-        fallbacks = projector.fallback_count() if projector else 0
-        rank, world = rank_and_world()
-        if world > 1:
-            every_rank: list = [None] * world
-            torch.distributed.all_gather_object(every_rank, (states, fallbacks))
-            states = {name: state for kept, _ in every_rank for name, state in kept.items()}
-            fallbacks = sum(count for _, count in every_rank)
-        return {"steps_applied": self.steps_applied, "power_states": states, "fallbacks": fallbacks}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.steps_applied = state_dict["steps_applied"]
-        self._restored = state_dict
-
-    # ---------------------------------------------------------------- the projection
-
-    def build_projector(self, optimizers) -> Projector:
-        """The projector over every weight of ``optimizers`` (usable without a Trainer)."""
-        for optimizer in optimizers:
-            for group in optimizer.param_groups:
-                for param in group["params"]:
-                    if self.method != "none" and param.dtype not in (torch.float32, torch.float64):
-                        raise ConfigError(
-                            f"constraint={self.method} needs float32 or float64 weights, got {param.dtype}: rounding a "
-                            f"projected weight to {param.dtype} can push it past w_max (use trainer.precision=bf16-mixed)"
-                        )
-        projector = Projector(
-            constrained_weights(optimizers), self.method, w_max=self.w_max, head_w_max=self.head_w_max,
-            embed_w_max=self.embed_w_max, coupling=self.coupling, spectral_wd=self.spectral_wd,
-            power_iters=self.power_iters, update_sigma_max=max(update_sigma_max(o) for o in optimizers),
-            form=self.polynomial_form, dtype=None if self.dtype == "float32" else getattr(torch, self.dtype),
-        )
-        if self._restored is not None:
-            projector.power_states = dict(self._restored["power_states"])
-            # the run's total so far, kept by rank 0 (every rank's own count adds to it)
-            projector.restore_fallbacks(self._restored.get("fallbacks", 0) if rank_and_world()[0] == 0 else 0)
-            self._restored = None
-        return projector
-
     def _remove_hooks(self) -> None:
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
 
-    def _warn_if_step_unbounded(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.method == "spectral_soft_cap" and not hasattr(optimizer, "ns_coefficients"):
-            warnings.warn(
-                f"{type(optimizer).__name__}'s step is not spectrally bounded, so the soft cap's coupling "
-                f"(which assumes a step of spectral norm lr * t, as Muon's) does not bound it: after every step "
-                f"each matrix's exact norm is checked, and one the step took past the coupling's range gets the "
-                f"exact cap instead (counted in constraint/guard_fallbacks). svd_cap or spectral_normalize cap directly.",
-                stacklevel=2,
-            )
+    def state_dict(self) -> dict:
+        return self.constraint.state_dict()
 
-    def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-        self.project(optimizer)
-
-    def _project_shards(self, sharded) -> None:
-        self.projector.project(sharded)
-        self.steps_applied += 1
-
-    @torch.no_grad()
-    def project(self, optimizer: torch.optim.Optimizer) -> None:
-        """Project every weight of ``optimizer`` after the step it just took (usable without a Trainer)."""
-        if self.projector is None:
-            self.projector = self.build_projector([optimizer])
-        self.projector.project()
-        self.steps_applied += 1
-
-    @torch.no_grad()
-    def scale_into_ball(self, optimizers) -> None:
-        """Start inside the ball: a layer initialised above its cap is scaled down to it once."""
-        if self.projector is None:
-            self.projector = self.build_projector(optimizers)
-        self.projector.scale_into_ball()
-
-
-def update_sigma_max(optimizer: torch.optim.Optimizer) -> float:
-    """The largest spectral norm of ``optimizer``'s step direction per unit ``lr * t`` (W / scale units).
-
-    Muon: the largest singular value its Newton-Schulz coefficients can output, plus a margin for
-    rounding: 1e-4 in float32 (the tests measure below 1e-5 for either polynomial form), 5% in a
-    16-bit precision (the margin the paper's NanoGPT recipe uses for bfloat16; empirical, not a
-    proof). Other optimizers have no such bound: 1.0, the guard checks their matrices exactly.
-    """
-    coefficients = getattr(optimizer, "ns_coefficients", None)
-    if coefficients is None:
-        return 1.0
-    margin = 1 + 1e-4 if getattr(optimizer, "ns_dtype", torch.float32) in (torch.float32, torch.float64) else 1.05
-    return ns_max_singular_value(coefficients) * margin
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.constraint.load_state_dict(state_dict)
 
 
 class LipschitzMonitor(Callback):
@@ -189,12 +83,6 @@ class LipschitzMonitor(Callback):
         if trainer.sanity_checking:
             return
         self.last_validated_step = trainer.global_step
-        constraint = next((c for c in trainer.callbacks if isinstance(c, WeightConstraint)), None)
-        fallbacks = None
-        if constraint is not None and constraint.projector is not None:
-            # every rank counts the matrices it projected: summed, on every rank (a collective)
-            count = torch.tensor(float(constraint.projector.fallback_count()), device=pl_module.device)
-            fallbacks = float(trainer.strategy.reduce(count, reduce_op="sum"))
         if not trainer.is_global_zero:
             return
         net = pl_module.net
@@ -204,8 +92,6 @@ class LipschitzMonitor(Callback):
         if hasattr(net, "paper_formula_bound"):
             # SPEC §7's formula, for comparison with the paper's numbers: not a certificate
             metrics["lipschitz/bound_paper_formula"] = net.paper_formula_bound(norms)
-        if fallbacks is not None:
-            metrics["constraint/guard_fallbacks"] = fallbacks
         pl_module.log("lipschitz/bound", metrics.pop("lipschitz/bound"), rank_zero_only=True, prog_bar=True)
         pl_module.log_dict(metrics, rank_zero_only=True)
 

@@ -673,6 +673,9 @@ def run(cfg) -> dict[str, dict]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="certify")
 def main(cfg) -> None:
+    from lipschitz_lightning.cli import quiet_known_warnings
+
+    quiet_known_warnings()
     run(cfg)
 
 

@@ -7,10 +7,12 @@ constructor arguments and, for character-level language models, the vocabulary.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from hydra.utils import get_class
 from torch import nn
 
@@ -37,6 +39,54 @@ def network_record(net: nn.Module, vocab: str | None = None, tokenizer: str | No
             "tokenizer": tokenizer}
 
 
+# What a checkpoint may name. A record or run config is data read from a file: a name outside
+# these lists is refused before anything is imported or built, or a checkpoint whose record said
+# "subprocess.Popen" would run a command when opened.
+NETWORKS = ("lipschitz_lightning.models.mlp.MLP", "lipschitz_lightning.models.gpt.GPT")
+CONF_DIRS = (Path(__file__).resolve().parents[1] / "conf", Path(__file__).resolve().parents[1] / "sweeps")
+
+
+@functools.cache
+def configured_targets() -> frozenset[str]:
+    """Every ``_target_`` that this project's configs name (its own classes, Lightning's trainer and
+    loggers, torch's schedulers): the only ones a run config read from a checkpoint may name."""
+    targets: set[str] = set()
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "_target_" and isinstance(value, str):
+                    targets.add(value)
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    for directory in CONF_DIRS:
+        for path in directory.rglob("*.yaml"):
+            walk(yaml.safe_load(path.read_text()))
+    return frozenset(targets)
+
+
+def check_targets(node, where: str) -> None:
+    """Refuse a run config (read from ``where``) naming a ``_target_`` this project's configs do not."""
+    if isinstance(node, dict):
+        target = node.get("_target_")
+        if target is not None and target not in configured_targets():
+            raise ConfigError(f"{where} names {target!r} as a _target_, which no config of this project names: refused, nothing was built")
+        for value in node.values():
+            check_targets(value, where)
+    elif isinstance(node, list):
+        for value in node:
+            check_targets(value, where)
+
+
+def check_record(record: dict, where: str) -> None:
+    target = record.get("target")
+    if target not in NETWORKS:
+        raise ConfigError(f"{where} names {target!r} as its network; only this project's networks load ({', '.join(NETWORKS)}): refused, nothing was built")
+
+
 def load_network(ckpt_path: str | Path, device: str | torch.device = "cpu") -> SavedNetwork:
     path = Path(ckpt_path)
     if not path.is_file():
@@ -49,6 +99,9 @@ def load_network(ckpt_path: str | Path, device: str | torch.device = "cpu") -> S
     record = checkpoint.get("network") if isinstance(checkpoint, dict) else None
     if not record:
         raise ConfigError(f"ckpt_path {str(path)!r} has no network record: it was not written by this project's train.py")
+    check_record(record, f"ckpt_path {str(path)!r}")
+    if checkpoint.get("run_config"):
+        check_targets(checkpoint["run_config"], f"the run config of ckpt_path {str(path)!r}")
     net = get_class(record["target"])(**record["config"])
     state = {k[len(STATE_PREFIX):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(STATE_PREFIX)}
     net.load_state_dict(state)

@@ -19,6 +19,8 @@ from omegaconf import OmegaConf
 
 from lipschitz_lightning.errors import ConfigError
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
 # the files Hydra (re)writes into a run directory before the task starts
 HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")
 # overrides a resumed run sets itself, never carried over from an earlier invocation
@@ -154,3 +156,40 @@ def set_cuda_allocator() -> None:
     step and validation shapes alternate. The user's own setting wins."""
     if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and "PYTORCH_ALLOC_CONF" not in os.environ:
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+
+
+def register_resolvers() -> None:
+    """The resolvers ``conf/`` uses, for whoever composes it (the entry points, the tests): OmegaConf's
+    registry is process-wide, so the library does not do it on import."""
+
+    def if_cuda(on_gpu, otherwise):
+        import torch
+
+        return on_gpu if torch.cuda.is_available() else otherwise
+
+    # conf/train.yaml puts <project root>/sweeps on Hydra's search path, so that `+sweep=...` works
+    # from any working directory (a relative file:// path would not)
+    OmegaConf.register_new_resolver("lipschitz_lightning.project_root", lambda: str(PROJECT_ROOT), replace=True)
+    # the largest of some numbers: a setting that must cover two others (the model's longest sequence)
+    OmegaConf.register_new_resolver("lipschitz_lightning.max", lambda *values: max(values), replace=True)
+    # a setting that differs on a GPU (bfloat16 autocast, bfloat16 Newton-Schulz) and on a CPU
+    OmegaConf.register_new_resolver("lipschitz_lightning.if_cuda", if_cuda, replace=True)
+
+
+# Lightning's notices that say nothing to act on in this project's runs
+KNOWN_WARNINGS = (
+    r".*does not have many workers.*",  # the data already sits in memory as tensors; workers would only add start-up
+    r".*isinstance\(treespec, LeafSpec\).*",  # Lightning 2.6's own pytree use under torch >= 2.10
+    # ckpt_path=<checkpoint> starts a new run directory, so the old directory's best-k bookkeeping is
+    # rightly left behind; resume=<run dir> continues in the old directory and finds it full, as it should
+    r".*The dirpath has changed from.*",
+    r".*Checkpoint directory .* exists and is not empty.*",
+)
+
+
+def quiet_known_warnings() -> None:
+    """Hide ``KNOWN_WARNINGS``: for the entry points, never at import (the filters are process-wide)."""
+    import warnings
+
+    for pattern in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)

@@ -520,6 +520,10 @@ def max_update_norm(lr_t: float, scale: float, coupling: str, update_sigma_max: 
     raise ValueError(f"constraint.coupling must be one of {list(COUPLINGS)}, got {coupling!r}")
 
 
+def _each(value, count: int) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * count
+
+
 def project_stack(
     W: Tensor,
     method: str,
@@ -529,7 +533,7 @@ def project_stack(
     wd_eff: tuple[float, ...],
     spectral_wd: float = 0.0,
     coupling: str = "reference",
-    update_sigma_max: float | None = None,
+    update_sigma_max: float | tuple[float, ...] | None = None,
     power_iters: int = 16,
     power_state: Tensor | None = None,
     guard: bool = True,
@@ -544,7 +548,8 @@ def project_stack(
     the method's guarantee void for this input (soft cap not monotone on [0, k], hard cap input
     beyond its polynomial's range) and applied the exact cap instead.
 
-    ``dtype``: the working precision of the polynomial methods (soft cap, hard cap, orthogonalize);
+    ``update_sigma_max``: the optimizer's step bound (``projection.StepBound``), one for every matrix or
+    one per matrix. ``dtype``: the working precision of the polynomial methods (soft cap, hard cap, orthogonalize);
     ``torch.bfloat16`` rounds every projected weight to bfloat16, as the paper's NanoGPT run does
     (its guarantee then holds up to that rounding). ``shard``: ``W`` is some rows of one split matrix.
     """
@@ -559,7 +564,7 @@ def project_stack(
         w_max=tuple(w_max),
         lr_t=tuple(lr_t),
         wd_eff=tuple(wd_eff),
-        max_update_norm=tuple(max_update_norm(x, scale, coupling, update_sigma_max) for x in lr_t),
+        max_update_norm=tuple(max_update_norm(x, scale, coupling, sigma) for x, sigma in zip(lr_t, _each(update_sigma_max, len(lr_t)))),
         step_bounded=tuple(step_bounded) if step_bounded is not None else (True,) * len(lr_t),
         spectral_wd=spectral_wd,
         coupling=coupling,

@@ -88,6 +88,10 @@ def main(cfg: DictConfig) -> None:
 
     import lightning  # noqa: F401  (it sets its loggers' levels on import)
 
+    from lipschitz_lightning.cli import quiet_known_warnings
+
+    quiet_known_warnings()
+
     # Lightning's notices (accelerator found, ...) would bury the three numbers asked for
     for name in ("lightning", "lightning.pytorch"):
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -1,35 +1,78 @@
-"""The projection step of SPEC §3 for a whole model: every weight back into its ball.
+"""A weight constraint for a whole model (SPEC §3 step 4, §6): every weight back into its ball
+after every optimizer step.
 
-Pure torch (``torch.distributed`` where a process group exists), no Lightning: the
-``WeightConstraint`` callback only decides when ``Projector.project`` runs.
+Pure torch (``torch.distributed`` where a process group exists), no Lightning. A ``Constraint`` is
+a plain object built from ``conf/constraint/*.yaml``; it owns its state (the power-iteration
+vectors, the guards' fallback count) and is applied the same way by the training callback
+(``callbacks.ApplyConstraint``), the benchmark's plain loop and the tests::
+
+    constraint = Constraint("spectral_soft_cap", w_max=6.0)
+    constraint.attach([optimizer])     # the weights, and how each optimizer steps them
+    constraint.scale_into_ball()       # once, before the first step
+    for x, y in batches:
+        ...
+        optimizer.step()
+        constraint.after_step(optimizer)
 
 At NanoGPT scale a per-parameter loop is the wrong shape: 73 matrices, most of them 768x768,
 projected one by one on every one of 8 GPUs. Here matrices of one shape form one stack and go
-through one batched call. Inside Muon's sharded step each rank projects what it owns before the
-step's one all-gather (``distributed.ShardedStep``); after an optimizer that steps every weight on
-every rank (AdamW under DDP) each rank projects a share of every stack and one all-gather per
-stack gives every rank the same bits (``distributed.shared_out``).
+through one batched call. An optimizer that shards its step across ranks (Muon under DDP) runs the
+projection inside the step, on the weights each rank owns, before the step's one all-gather
+(``distributed.ShardedStep``); after an optimizer that steps every weight on every rank (AdamW
+under DDP) each rank projects a share of every stack and one all-gather per stack gives every rank
+the same bits (``distributed.shared_out``).
+
+What a constraint needs from an optimizer is declared, not guessed: ``StepBound`` (the spectral
+norm of its step per unit ``lr * t``, which the soft cap's coupling relies on) and
+``ShardsItsStep``; what it needs from a weight is the parameter group (``roles.ParamGroup``).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
 from lipschitz_lightning.constraints import (
+    COUPLINGS,
+    LINEAR_METHODS,
+    POLYNOMIAL_FORMS,
     POWER_ITERATION_METHODS,
+    PROJECTION_DTYPES,
     RowShard,
     project_embedding,
     project_stack,
     random_start_vector,
 )
-from lipschitz_lightning.distributed import ShardedStep, shared_out
+from lipschitz_lightning.distributed import ShardedStep, rank_and_world, shared_out
 from lipschitz_lightning.distributed import stack as stack_of
+from lipschitz_lightning.errors import ConfigError
 from lipschitz_lightning.lipschitz import rms_norm
-from lipschitz_lightning.optim.roles import Role, step_coefficients
+from lipschitz_lightning.optim.roles import ParamGroup, Role, step_coefficients
+from lipschitz_lightning.schema import Positive, PositiveInt, UnitInterval
+
+
+@runtime_checkable
+class StepBound(Protocol):
+    """An optimizer whose step direction has a known largest spectral norm."""
+
+    def step_spectral_bound(self, group: ParamGroup) -> float | None:
+        """The largest spectral norm of ``group``'s step direction per unit ``lr * t``, in ``W / scale``
+        units, or None where the step has no such bound (an Adam-stepped weight)."""
+
+
+@runtime_checkable
+class ShardsItsStep(Protocol):
+    """An optimizer that splits its step across DDP ranks and runs a projection inside it."""
+
+    shards_its_step: bool
+
+    def attach_projection(self, project: Callable[[ShardedStep], None]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -37,64 +80,121 @@ class ConstrainedWeight:
     name: str
     param: Tensor
     role: str
-    group: dict  # the optimizer's param group: the step's lr and weight decay are read from it
-    step_bounded: bool  # the optimizer's step has spectral norm at most lr * t * update_sigma_max (Muon)
+    group: ParamGroup  # the optimizer's group: the step's lr and weight decay are read from it
+    step_bound: float | None  # StepBound.step_spectral_bound of the group (None: not bounded)
 
 
 def constrained_weights(optimizers) -> list[ConstrainedWeight]:
-    """Every parameter of the optimizers with its name and role (groups from ``roles.param_groups``)."""
+    """Every parameter of the optimizers with its name, role and step bound."""
     weights = []
     for optimizer in optimizers:
         for group_index, group in enumerate(optimizer.param_groups):
             role = group.get("role", Role.HIDDEN.value)
+            bound = optimizer.step_spectral_bound(group) if isinstance(optimizer, StepBound) else None
             for index, param in enumerate(group["params"]):
                 name = group.get("name") if len(group["params"]) == 1 and "name" in group else f"group{group_index}.{index}"
-                bounded = hasattr(optimizer, "ns_coefficients") and not group.get("adam", False)
-                weights.append(ConstrainedWeight(name, param, role, group, bounded))
+                weights.append(ConstrainedWeight(name, param, role, group, bound))
     return weights
 
 
-class Projector:
-    """Projects every matrix of some optimizers with one constraint method after each step.
+class Constraint:
+    """One constraint method for every weight of some optimizers.
 
-    Matrices are stacked by shape; embeddings (rows are token vectors) are pulled back to RMS at
-    most ``embed_w_max``; parameters that are neither (a bias, a gain) are left alone, since a
-    spectral ball means nothing for them. ``fallback_count()`` counts the matrices where a guard
-    replaced the method by the exact cap (see ``constraints.project_stack``), on this rank.
+    Matrices are projected in stacks of one shape (the head with ``head_w_max``), embeddings (rows
+    are token vectors) pulled back to RMS at most ``embed_w_max``; parameters that are neither (a
+    bias, a gain) are left alone, since a spectral ball means nothing for them.
+    ``fallback_count()`` counts the matrices where a guard replaced the method by the exact cap
+    (``constraints.project_stack``), on this rank. The settings are those of the yaml files.
     """
 
     def __init__(
         self,
-        weights: list[ConstrainedWeight],
-        method: str,
-        *,
-        w_max: float,
-        head_w_max: float,
-        embed_w_max: float,
-        coupling: str,
-        spectral_wd: float,
-        power_iters: int,
-        update_sigma_max: float,
+        method: Literal[tuple(LINEAR_METHODS)],
+        w_max: Positive = 1.0,
+        coupling: Literal[COUPLINGS] = "exact",
+        spectral_wd: UnitInterval = 0.0,
+        head_w_max: Positive | None = None,
+        embed_w_max: Positive = 1.0,
+        power_iters: PositiveInt = 16,
+        polynomial_form: Literal[POLYNOMIAL_FORMS] = "auto",
+        dtype: Literal[PROJECTION_DTYPES] = "float32",
         guard: bool = True,
-        form: str = "auto",
-        dtype: torch.dtype | None = None,
     ):
-        self.method, self.w_max, self.head_w_max, self.embed_w_max = method, w_max, head_w_max, embed_w_max
-        self.coupling, self.spectral_wd, self.power_iters = coupling, spectral_wd, power_iters
-        self.update_sigma_max, self.guard, self.form, self.dtype = update_sigma_max, guard, form, dtype
-        self.embeddings = [w for w in weights if w.role == Role.EMBEDDING.value]
-        stacks: dict[tuple, list[ConstrainedWeight]] = defaultdict(list)
-        for weight in weights:
-            if weight.role != Role.EMBEDDING.value and weight.param.ndim == 2:
-                stacks[(tuple(weight.param.shape), weight.param.device, weight.param.dtype)].append(weight)
-        self.stacks = list(stacks.values())
+        self.method, self.w_max, self.coupling, self.spectral_wd = method, w_max, coupling, spectral_wd
+        self.head_w_max = w_max if head_w_max is None else head_w_max
+        self.embed_w_max, self.power_iters, self.form, self.guard = embed_w_max, power_iters, polynomial_form, guard
+        self.dtype = None if dtype == "float32" else getattr(torch, dtype)
+        self.embeddings: list[ConstrainedWeight] = []
+        self.stacks: list[list[ConstrainedWeight]] = []
         self.power_states: dict[str, Tensor] = {}
+        self.steps_applied = 0
         # guards decided on the host are counted on the host, those decided on the device stay there
         # until read: counting never makes a step wait for the device
         self._fallbacks_host = 0
         self._fallbacks_device: Tensor | None = None
         # the weights whose power vectors this rank keeps up to date (None: all of them)
         self.owned: set[str] | None = None
+        self._in_step: set[int] = set()  # optimizers that run the projection inside their step
+
+    # ------------------------------------------------------------------ attaching
+
+    def attach(self, optimizers) -> None:
+        """Take the weights of ``optimizers``; an optimizer that shards its step gets the projection
+        to run inside it (``after_step`` then does nothing for it)."""
+        optimizers = list(optimizers)
+        weights = constrained_weights(optimizers)
+        if self.method != "none":
+            for weight in weights:
+                if weight.param.dtype not in (torch.float32, torch.float64):
+                    raise ConfigError(
+                        f"constraint={self.method} needs float32 or float64 weights, got {weight.param.dtype}: rounding a "
+                        f"projected weight to {weight.param.dtype} can push it past w_max (use trainer.precision=bf16-mixed)"
+                    )
+        if self.method == "spectral_soft_cap" and any(w.step_bound is None and w.role != Role.EMBEDDING.value for w in weights):
+            warnings.warn(
+                "an optimizer's step is not spectrally bounded (Adam's), so the soft cap's coupling (which assumes a step of "
+                "spectral norm lr * t, as Muon's) does not bound it: after every step each matrix's exact norm is checked, "
+                "and one the step took past the coupling's range gets the exact cap instead (counted in "
+                "constraint/guard_fallbacks). svd_cap or spectral_normalize cap directly.",
+                stacklevel=2,
+            )
+        self.embeddings = [w for w in weights if w.role == Role.EMBEDDING.value]
+        stacks: dict[tuple, list[ConstrainedWeight]] = defaultdict(list)
+        for weight in weights:
+            if weight.role != Role.EMBEDDING.value and weight.param.ndim == 2:
+                stacks[(tuple(weight.param.shape), weight.param.device, weight.param.dtype)].append(weight)
+        self.stacks = list(stacks.values())
+        self._in_step = set()
+        for optimizer in optimizers:
+            if isinstance(optimizer, ShardsItsStep) and optimizer.shards_its_step:
+                optimizer.attach_projection(self.project)
+                self._in_step.add(id(optimizer))
+
+    def after_step(self, optimizer) -> None:
+        """What runs after ``optimizer.step()``: the projection, unless the step ran it itself."""
+        if id(optimizer) not in self._in_step:
+            self.project()
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict:
+        """The power vectors, the fallback count and the steps applied. Under DDP a collective (every
+        rank must call it, as Lightning's checkpointing does): each rank keeps the power vectors and
+        counts the fallbacks of the weights it projects."""
+        states, fallbacks = self.power_states_kept(), self.fallback_count()
+        rank, world = rank_and_world()
+        if world > 1:
+            every_rank: list = [None] * world
+            torch.distributed.all_gather_object(every_rank, (states, fallbacks))
+            states = {name: state for kept, _ in every_rank for name, state in kept.items()}
+            fallbacks = sum(count for _, count in every_rank)
+        return {"steps_applied": self.steps_applied, "power_states": states, "fallbacks": fallbacks}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps_applied = state["steps_applied"]
+        self.power_states = dict(state["power_states"])
+        # the run's total so far, kept by rank 0 (every rank's own count adds to it)
+        self._fallbacks_host, self._fallbacks_device = (int(state.get("fallbacks", 0)) if rank_and_world()[0] == 0 else 0), None
 
     def cap(self, weight: ConstrainedWeight) -> float:
         return self.head_w_max if weight.role == Role.HEAD.value else self.w_max
@@ -103,9 +203,6 @@ class Projector:
         """The guards' fallbacks so far on this rank (reads the device: call it when logging)."""
         device = 0 if self._fallbacks_device is None else int(self._fallbacks_device)
         return self._fallbacks_host + device
-
-    def restore_fallbacks(self, count: int) -> None:
-        self._fallbacks_host, self._fallbacks_device = int(count), None
 
     def _count(self, fell_back: Tensor) -> None:
         if fell_back.device.type == "cpu":
@@ -131,15 +228,19 @@ class Projector:
         lr_t, wd_eff = zip(*(step_coefficients(weight.group) for weight in stack))
         return project_stack(
             W, self.method, w_max=tuple(self.cap(weight) for weight in stack), lr_t=lr_t, wd_eff=wd_eff,
-            spectral_wd=self.spectral_wd, coupling=self.coupling, update_sigma_max=self.update_sigma_max,
+            spectral_wd=self.spectral_wd, coupling=self.coupling,
+            update_sigma_max=tuple(1.0 if weight.step_bound is None else weight.step_bound for weight in stack),
             power_iters=self.power_iters, power_state=states, guard=self.guard,
-            step_bounded=tuple(weight.step_bounded for weight in stack), form=self.form, dtype=self.dtype, shard=shard,
+            step_bounded=tuple(weight.step_bound is not None for weight in stack), form=self.form, dtype=self.dtype, shard=shard,
         )
+
+    # ------------------------------------------------------------------ projecting
 
     @torch.no_grad()
     def project(self, sharded: ShardedStep | None = None) -> None:
         """Every weight back into its ball. With ``sharded`` (inside a sharded optimizer step), only
         the weights, or rows of split matrices, this rank owns: the step's all-gather shares them."""
+        self.steps_applied += 1
         if self.method == "none":  # the unconstrained baseline: decay is its only regulariser
             return
         if sharded is not None:

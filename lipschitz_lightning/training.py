@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,20 +20,11 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from lipschitz_lightning.callbacks import LipschitzMonitor
+from lipschitz_lightning.callbacks import ApplyConstraint, LipschitzMonitor
+from lipschitz_lightning.checkpoints import check_record, check_targets
 from lipschitz_lightning.config import validate_config
 from lipschitz_lightning.errors import ConfigError, Preempted
 from lipschitz_lightning.tradeoff import describe
-
-# The data already sits in memory as tensors; worker processes would only add start-up cost.
-warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-# Lightning 2.6 under torch >= 2.10 warns about its own pytree use on every run; nothing to act on.
-warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
-# ckpt_path=<checkpoint> starts a new run directory, so the old directory's best-k bookkeeping is
-# rightly left behind; resume=<run dir> continues in the old directory and keeps it.
-warnings.filterwarnings("ignore", message=r".*The dirpath has changed from.*")
-# ... and finds its checkpoint directory full, as it should.
-warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
 
 # The run's own messages; under train.py, Hydra's job logging (conf/hydra/job_logging/) sends them
 # to the console and to <run dir>/train.log.
@@ -138,8 +128,10 @@ def check_resume(cfg: DictConfig) -> int | None:
             f"trainer.max_steps is {max_steps}, but the checkpoint's learning rate decays to 0 at step {schedule_end} "
             f"(scheduler.total_iters) and a resumed run keeps its schedule: give trainer.max_steps={schedule_end}, {hint}"
         )
+    check_record(checkpoint.get("network") or {}, f"ckpt_path {str(path)!r}")
     run_config = checkpoint.get("run_config")
     if run_config:
+        check_targets(run_config, f"the run config of ckpt_path {str(path)!r}")
         then, now = _kept_settings(run_config), _kept_settings(OmegaConf.to_container(cfg, resolve=True))
         for key in sorted(then.keys() | now.keys()):
             if then.get(key, _ABSENT) != now.get(key, _ABSENT):
@@ -195,7 +187,8 @@ class StepProgressBar(TQDMProgressBar):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step
-        if self.train_progress_bar is not None and self._should_update(step, trainer.max_steps) and not self.train_progress_bar.disable:
+        refresh = step % max(self.refresh_rate, 1) == 0 or step >= trainer.max_steps
+        if self.train_progress_bar is not None and refresh and not self.train_progress_bar.disable:
             self.train_progress_bar.n = step
             self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes
 
@@ -226,7 +219,7 @@ def build(cfg: DictConfig) -> Run:
     datamodule.prepare_data()  # missing or corrupt data fails here, before anything else is built
     module = instantiate(cfg.model, optimizer=instantiate(cfg.optimizer), scheduler=instantiate(cfg.scheduler))
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
-    callbacks = _instantiate_all(cfg.get("callbacks")) + [instantiate(cfg.constraint), FinalValidation()]
+    callbacks = _instantiate_all(cfg.get("callbacks")) + [ApplyConstraint(instantiate(cfg.constraint)), FinalValidation()]
     loggers = _instantiate_loggers(cfg, resumed_step)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     return Run(cfg, datamodule, module, callbacks, loggers, trainer)

@@ -144,8 +144,10 @@ class StepClock(Callback):
 def train_once(name: str, overrides: list[str], steps: int, expected_graphs: int, sync_window: tuple[int, int] | None = None) -> dict:
     from hydra import compose, initialize_config_dir
 
+    from lipschitz_lightning.cli import register_resolvers
     from lipschitz_lightning.training import build, train
 
+    register_resolvers()
     with tempfile.TemporaryDirectory(prefix="gpu-check-run-") as output_dir:
         with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
             cfg = compose("train", overrides=[*overrides, f"trainer.max_steps={steps}", f"paths.output_dir={output_dir}",

@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from lipschitz_lightning.cli import register_resolvers
 from lipschitz_lightning.data.fineweb import write_shard
+
+register_resolvers()  # what train.py does before composing conf/: the tests compose it too
 
 
 def shared_dir() -> Path:

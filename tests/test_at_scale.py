@@ -19,11 +19,11 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from conftest import QUIET_TRAINER, VOCAB, tiny_nanogpt
-from lipschitz_lightning.callbacks import WeightConstraint
 from lipschitz_lightning.cli import rank_arguments, set_cuda_allocator
 from lipschitz_lightning.losses import linear_cross_entropy
 from lipschitz_lightning.models import GPT
 from lipschitz_lightning.optim import Muon, param_groups
+from lipschitz_lightning.projection import Constraint
 from lipschitz_lightning.training import build, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,8 +134,9 @@ def test_a_step_never_reads_the_device(monkeypatch):
     net = GPT(vocab_size=VOCAB, width=32, num_heads=2, num_blocks=2, seq_len=256, target_norms="unit", zero_init=False,
               document_token=0, window_pattern="LS", window_max=256, embed_max_rms=1.0)
     optimizer = Muon(param_groups(net.param_specs()), lr=0.05, nesterov=True, ns_coefficients="nanogpt", adam_roles=["embedding"])
-    constraint = WeightConstraint("spectral_soft_cap", w_max=1.0)
-    constraint.scale_into_ball([optimizer])
+    constraint = Constraint("spectral_soft_cap", w_max=1.0)
+    constraint.attach([optimizer])
+    constraint.scale_into_ball()
     tokens = torch.randint(1, VOCAB, (2, 257))
     window = torch.tensor(1, dtype=torch.int32)
     reads = []
@@ -156,11 +157,11 @@ def test_a_step_never_reads_the_device(monkeypatch):
         loss, correct = linear_cross_entropy(features.flatten(0, 1), net.head.weight, tokens[:, 1:].flatten())
         loss.backward()
         optimizer.step()
-        constraint.project(optimizer)
+        constraint.after_step(optimizer)
         optimizer.zero_grad(set_to_none=True)
     monkeypatch.undo()
     assert reads == []
-    assert math.isfinite(float(loss)) and constraint.projector.fallback_count() == 0
+    assert math.isfinite(float(loss)) and constraint.fallback_count() == 0
 
 
 # ------------------------------------------------------------------------------ memory

@@ -11,10 +11,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lipschitz_lightning.callbacks import RankAgreement, WeightConstraint
+from lipschitz_lightning.callbacks import RankAgreement
 from lipschitz_lightning.distributed import ShardPlan, count_traffic, newton_schulz_cost
 from lipschitz_lightning.models import GPT
 from lipschitz_lightning.optim import Muon, param_groups
+from lipschitz_lightning.projection import Constraint
 
 # ------------------------------------------------------------------------------ the plan
 
@@ -97,12 +98,10 @@ def train_tiny(rank: int, world: int, method: str, steps: int) -> dict:
     torch.set_num_threads(1)
     net = tiny_nanogpt()
     optimizer = recipe_muon(net)
-    constraint = WeightConstraint(method, w_max=1.0, head_w_max=1.0, embed_w_max=1.0)
-    projector = constraint.projector = constraint.build_projector([optimizer])
-    projector.scale_into_ball()
-    if optimizer.shards_its_step:
-        optimizer.attach_projection(projector.project)
-        optimizer.reduce_gradients = True  # no DDP wrapper: the step reduces
+    constraint = Constraint(method, w_max=1.0, head_w_max=1.0, embed_w_max=1.0)
+    constraint.attach([optimizer])  # a sharded step runs the projection itself
+    constraint.scale_into_ball()
+    optimizer.reduce_gradients = True  # no DDP wrapper: the step reduces
     tokens = global_batch(world).chunk(world)[rank]
     traffic = []
     for step in range(steps):
@@ -112,8 +111,7 @@ def train_tiny(rank: int, world: int, method: str, steps: int) -> dict:
         loss.backward()
         with count_traffic() as counted:
             optimizer.step()
-        if not optimizer.shards_its_step:
-            projector.project()
+            constraint.after_step(optimizer)
         traffic.append(counted)
     plan = optimizer._sharded.plan if optimizer._sharded is not None else None
     return {
@@ -123,7 +121,7 @@ def train_tiny(rank: int, world: int, method: str, steps: int) -> dict:
         "segment": plan.segment if plan else None,
         "ideal": plan.ideal_bytes(4) if plan else None,
         "optimizer": optimizer.state_dict(),
-        "power_states": constraint.state_dict()["power_states"] if world > 1 else projector.power_states_kept(),
+        "power_states": constraint.state_dict()["power_states"],
     }
 
 

@@ -14,7 +14,7 @@ import torch
 from omegaconf import OmegaConf
 
 from lipschitz_lightning import constraints as C
-from lipschitz_lightning.callbacks import WeightConstraint
+from lipschitz_lightning.projection import Constraint
 from lipschitz_lightning.config import TARGET_SECTIONS, target_settings, validate_config
 from lipschitz_lightning.errors import ConfigError
 from lipschitz_lightning.optim import Muon, ParamSpec, Role, param_groups
@@ -147,7 +147,7 @@ def test_a_constraint_refuses_weights_it_cannot_keep_exact():
     weight = torch.nn.Parameter(torch.randn(8, 8, dtype=torch.bfloat16))
     optimizer = Muon(param_groups([ParamSpec("w", weight, Role.HIDDEN, 1.0)]))
     with pytest.raises(ConfigError, match="bfloat16"):
-        WeightConstraint("spectral_soft_cap").build_projector([optimizer])
+        Constraint("spectral_soft_cap").attach([optimizer])
 
 
 # ------------------------------------------------------------------------------ config checks

@@ -14,7 +14,7 @@ from hydra.errors import HydraException
 from lightning.pytorch.callbacks import Callback
 
 from conftest import SPEC_METHODS
-from lipschitz_lightning.callbacks import WeightConstraint
+from lipschitz_lightning.callbacks import ApplyConstraint
 from lipschitz_lightning.errors import ConfigError, DataError, TrainingDiverged
 from lipschitz_lightning.training import build, train
 
@@ -38,25 +38,25 @@ def test_every_optimizer_constraint_pair_composes_and_trains(make_config, optimi
     assert summary["lipschitz/bound"] > 0
     changed = [not torch.equal(b, p) for b, p in zip(before, run.module.parameters())]
     assert all(changed), "every layer must move (zero-init input layer included)"
-    constraint_cb = next(c for c in run.callbacks if isinstance(c, WeightConstraint))
-    assert constraint_cb.steps_applied == 4
+    constraint = next(c for c in run.callbacks if isinstance(c, ApplyConstraint)).constraint
+    assert constraint.steps_applied == 4
 
 
 def test_constraint_runs_once_per_optimizer_step_under_gradient_accumulation(make_config):
     cfg = make_config("constraint=svd_cap", "trainer.max_steps=5", "trainer.accumulate_grad_batches=4", "trainer.val_check_interval=5")
     run = build(cfg)
     seen_lr = []
-    constraint_cb = next(c for c in run.callbacks if isinstance(c, WeightConstraint))
-    apply = constraint_cb._after_optimizer_step
+    constraint = next(c for c in run.callbacks if isinstance(c, ApplyConstraint)).constraint
+    apply = constraint.after_step
 
-    def spy(optimizer, args, kwargs):
+    def spy(optimizer):
         seen_lr.append(optimizer.param_groups[0]["lr"])
-        apply(optimizer, args, kwargs)
+        apply(optimizer)
 
-    constraint_cb._after_optimizer_step = spy
+    constraint.after_step = spy
     train(cfg, run)
     assert run.trainer.global_step == 5
-    assert constraint_cb.steps_applied == 5
+    assert constraint.steps_applied == 5
     # the linear decay's lr of each step (lr * (1 - s/5)), read before the scheduler moves on
     lr = cfg.optimizer.lr
     assert seen_lr == pytest.approx([lr * (1 - s / 5) for s in range(5)])

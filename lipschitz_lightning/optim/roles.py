@@ -1,9 +1,16 @@
-"""Parameter roles and target norms (SPEC §5): what the optimizer and the constraint need per weight."""
+"""Parameter roles and target norms (SPEC §5): what the optimizer and the constraint need per weight.
+
+A model describes its weights as ``ParamSpec`` records (``param_specs()``); ``param_groups`` turns
+them into the optimizer's parameter groups, whose keys are the ``ParamGroup`` record: the one
+contract between the models, the optimizers and the constraint (``projection.Constraint`` reads the
+step's ``lr`` and ``weight_decay`` from the group it projects).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import TypedDict
 
 from torch import nn
 
@@ -20,6 +27,17 @@ class ParamSpec:
     param: nn.Parameter
     role: Role
     target_norm: float
+
+
+class ParamGroup(TypedDict, total=False):
+    """An optimizer's parameter group as this project's optimizers and constraint read it."""
+
+    params: list[nn.Parameter]  # one weight (param_groups makes one group per weight)
+    name: str  # its name in the bound (q0, mlp_in1, out, embed, layers.0, ...)
+    role: str  # a Role value
+    target_norm: float  # t of SPEC §5
+    weight_decay: float  # wd * t: the base decay premultiplied by the target norm
+    lr: float  # the step's learning rate (the scheduler's)
 
 
 def mlp_target_norms(num_layers: int) -> list[float]:
@@ -40,7 +58,7 @@ def gpt_target_norms(blocks_mass: float) -> dict[str, float]:
     }
 
 
-def param_groups(specs: list[ParamSpec]) -> list[dict]:
+def param_groups(specs: list[ParamSpec]) -> list[ParamGroup]:
     """One optimizer group per weight, carrying its name, role and target norm."""
     return [
         {"params": [spec.param], "name": spec.name, "role": spec.role.value, "target_norm": spec.target_norm}
@@ -61,7 +79,7 @@ def with_target_weight_decay(groups, weight_decay: float) -> list[dict]:
     return [{**g, "weight_decay": weight_decay * g.get("target_norm", 1.0)} for g in groups]
 
 
-def step_coefficients(group: dict) -> tuple[float, float]:
+def step_coefficients(group: ParamGroup) -> tuple[float, float]:
     """``(lr * t, wd * lr * t)`` of the step a group just took: what the soft cap's coupling needs."""
     lr = float(group["lr"])
     return lr * group["target_norm"], lr * group["weight_decay"]
