@@ -16,15 +16,23 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from lipschitz_lightning.cli import (
+from lipschitz_lightning.commands.cli import (
     HYDRA_FILES,
+    check_composition,
     quiet_known_warnings,
     rank_arguments,
     register_resolvers,
     resume_arguments,
     set_cuda_allocator,
 )
-from lipschitz_lightning.errors import ConfigError, LipschitzLightningError, Preempted, exit_with, one_line
+from lipschitz_lightning.commands.settings import check_train_settings
+from lipschitz_lightning.errors import (
+    ConfigError,
+    LipschitzLightningError,
+    Preempted,
+    exit_with,
+    one_line,
+)
 
 log = logging.getLogger("lipschitz_lightning")
 
@@ -36,16 +44,25 @@ def run(args: list[str]) -> None:
     register_resolvers()
     try:
         args, resumed = resume_arguments(args)
+        args = rank_arguments(args)
+        composed = check_composition("train", args)  # an unknown option or key: one line, before torch
+        if composed is not None:
+            check_train_settings(composed)
     except ConfigError as error:
         exit_with(error)
-    sys.argv[1:] = rank_arguments(args)
+    sys.argv[1:] = args
 
     @hydra.main(version_base="1.3", config_path="conf", config_name="train")
     def main(cfg: DictConfig) -> float | None:
         # torch and Lightning load here, not at import: --cfg job, --help and Hydra's errors stay
         # quick, and Lightning's notices find Hydra's logging already set up (so they reach train.log)
-        from lipschitz_lightning.allocator import keep_freed_memory
-        from lipschitz_lightning.training import build, in_multirun, record_failure, train
+        from lipschitz_lightning.commands.allocator import keep_freed_memory
+        from lipschitz_lightning.commands.train import (
+            build,
+            in_multirun,
+            record_failure,
+            train,
+        )
 
         # the lightning package gives itself a stderr console on import; Hydra's handlers show its notices already
         logging.getLogger("lightning").handlers.clear()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import NoReturn
 
@@ -40,3 +41,10 @@ def exit_with(error: BaseException, status: int | None = None) -> NoReturn:
     status = getattr(error, "exit_status", 1) if status is None else status
     print(one_line(error), file=sys.stderr, flush=True)
     sys.exit(status)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with a usage error as this project's one line ``error: ...`` and exit status 1."""
+
+    def error(self, message: str):
+        exit_with(ConfigError(f"{message} (see --help)"))

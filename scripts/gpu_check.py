@@ -144,8 +144,8 @@ class StepClock(Callback):
 def train_once(name: str, overrides: list[str], steps: int, expected_graphs: int, sync_window: tuple[int, int] | None = None) -> dict:
     from hydra import compose, initialize_config_dir
 
-    from lipschitz_lightning.cli import register_resolvers
-    from lipschitz_lightning.training import build, train
+    from lipschitz_lightning.commands.cli import register_resolvers
+    from lipschitz_lightning.commands.train import build, train
 
     register_resolvers()
     with tempfile.TemporaryDirectory(prefix="gpu-check-run-") as output_dir:

@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 
-from lipschitz_lightning.cli import register_resolvers
+from lipschitz_lightning.commands.cli import register_resolvers
 from lipschitz_lightning.data.fineweb import write_shard
 
 register_resolvers()  # what train.py does before composing conf/: the tests compose it too
@@ -79,7 +80,7 @@ def reference_fixtures() -> dict:
 
 # ----------------------------------------------------------------------------- pipeline helpers
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+from lipschitz_lightning import CONF_DIR  # noqa: E402  (the tests compose the same configs)
 QUIET_TRAINER = [
     "~callbacks.progress_bar",
     "+trainer.enable_progress_bar=false",
@@ -177,3 +178,39 @@ def tiny_nanogpt(shards: Path, *extra: str) -> list[str]:
     ]
 
 
+
+
+# ----------------------------------------------------------------------------- what the guarantees' tests share
+
+
+class NormRecorder(Callback):
+    """After every optimizer step of a run: every weight's exact norm (``net.layer_norms()``:
+    RMS->RMS for matrices, the largest token RMS for an embedding)."""
+
+    def __init__(self):
+        self.history: list[dict[str, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.history.append(pl_module.net.layer_norms())
+
+    def largest(self, exclude: tuple[str, ...] = ()) -> float:
+        return max(value for step in self.history for name, value in step.items() if name not in exclude)
+
+
+def ascend_ratio(ratio, a: torch.Tensor, b: torch.Tensor, *, steps: int, lr: float, project=None) -> float:
+    """The largest ``ratio(a, b)`` (one value per pair) that Adam's gradient ascent finds from the
+    pairs ``(a, b)``, each pair kept where ``project`` puts it: the adversarial search every
+    certificate test runs against its bound."""
+    project = project or (lambda x: x)
+    a, b = project(a.detach().clone()).requires_grad_(True), project(b.detach().clone()).requires_grad_(True)
+    search = torch.optim.Adam([a, b], lr=lr)
+    best = 0.0
+    for _ in range(steps):
+        with torch.no_grad():
+            a.copy_(project(a)), b.copy_(project(b))
+        value = ratio(a, b)
+        best = max(best, float(value.detach().max()))
+        search.zero_grad()
+        (-value.sum()).backward()
+        search.step()
+    return best

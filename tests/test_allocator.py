@@ -13,7 +13,7 @@ import pytest
 # all freed at the end. In a fresh process, since the setting is process-wide.
 PROGRAM = """
 import json, resource, sys, torch
-from lipschitz_lightning.allocator import keep_freed_memory
+from lipschitz_lightning.commands.allocator import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "keep" else None
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -19,12 +19,12 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from conftest import QUIET_TRAINER, VOCAB, tiny_nanogpt
-from lipschitz_lightning.cli import rank_arguments, set_cuda_allocator
-from lipschitz_lightning.losses import linear_cross_entropy
+from lipschitz_lightning.commands.cli import rank_arguments, set_cuda_allocator
+from lipschitz_lightning.core.losses import linear_cross_entropy
 from lipschitz_lightning.models import GPT
 from lipschitz_lightning.optim import Muon, param_groups
-from lipschitz_lightning.projection import Constraint
-from lipschitz_lightning.training import build, train
+from lipschitz_lightning.core.projection import Constraint
+from lipschitz_lightning.commands.train import build, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,6 +37,7 @@ def run_train(*overrides: str, env: dict | None = None, timeout: int = 600) -> s
 # ------------------------------------------------------------------------------ preemption
 
 
+@pytest.mark.slow
 def test_a_sigterm_leaves_a_resumable_checkpoint_and_a_failing_status(tmp_path, counting_shards):
     out = tmp_path / "run"
     overrides = [*tiny_nanogpt(counting_shards), "scheduler=constant", "trainer.max_steps=100000", "trainer.val_check_interval=100000",
@@ -75,6 +76,7 @@ def test_ranks_after_the_first_under_torchrun_write_no_run_directory(tmp_path, m
     assert rank_arguments(["x=1"]) == ["x=1"]
 
 
+@pytest.mark.slow
 def test_a_rank_three_process_trains_and_leaves_nothing_under_the_log_dir(tmp_path, counting_shards):
     result = run_train(*tiny_nanogpt(counting_shards), "trainer.max_steps=2", "trainer.val_check_interval=2",
                        f"paths.log_dir={tmp_path / 'logs'}", *QUIET_TRAINER, env={"RANK": "3"})
@@ -167,6 +169,7 @@ def test_a_step_never_reads_the_device(monkeypatch):
 # ------------------------------------------------------------------------------ memory
 
 
+@pytest.mark.slow
 def test_a_16k_token_validation_over_the_gpt2_vocabulary_peaks_under_3_gb(shared_data_dir, tmp_path):
     # the measurement: the CPU demo's command with data.val_seq_len=16384, two steps; before
     # the chunked loss and the banded attention masks this process peaked at 9.2-11.8 GB
@@ -193,10 +196,11 @@ def test_a_16k_token_validation_over_the_gpt2_vocabulary_peaks_under_3_gb(shared
 # ------------------------------------------------------------------------------ sampling GPT-2 tokens
 
 
+@pytest.mark.slow
 def test_a_nanogpt_checkpoint_samples_text_through_its_tokenizer(tmp_path, counting_shards, monkeypatch):
     import tiktoken
 
-    from lipschitz_lightning.sample import sample
+    from lipschitz_lightning.commands.sample import sample
 
     cfg_run = tiny_nanogpt(counting_shards, "trainer.max_steps=2", "trainer.val_check_interval=2", f"hydra.run.dir={tmp_path / 'run'}")
     result = run_train(*cfg_run, *QUIET_TRAINER)
@@ -220,6 +224,7 @@ def test_a_nanogpt_checkpoint_samples_text_through_its_tokenizer(tmp_path, count
 # ------------------------------------------------------------------------------ the GPU check, on a CPU
 
 
+@pytest.mark.slow
 def test_the_gpu_checks_cpu_smoke_runs_the_same_code_paths():
     result = subprocess.run(["bash", "scripts/gpu_check.sh", "--cpu-smoke"], cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -17,10 +17,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from lipschitz_lightning import certify as C
-from lipschitz_lightning.lipschitz import rms_norm
+from lipschitz_lightning.commands import certify as C
+from lipschitz_lightning.commands.runs import load_run
+from lipschitz_lightning.robustness import attacks, observe, precision
+from lipschitz_lightning.robustness import certified as cert
+from lipschitz_lightning.core.bounds import rms_norm
 from lipschitz_lightning.models import GPT, MLP
-from lipschitz_lightning.training import train
+from lipschitz_lightning.commands.train import train
 from test_gpt import tiny_checkpoints  # noqa: F401  (a constrained and an unconstrained tiny GPT)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,23 +51,23 @@ def settings(ckpt_path, out_dir, **overrides):
 def test_margins_units_and_certified_radius_by_hand():
     logits = torch.tensor([[3.0, 1.0, 0.5], [0.0, 2.0, 1.0], [1.0, 1.0, 0.0]])
     labels = torch.tensor([0, 2, 0])
-    torch.testing.assert_close(C.margins(logits, labels), torch.tensor([2.0, -1.0, 0.0]))
+    torch.testing.assert_close(cert.margins(logits, labels), torch.tensor([2.0, -1.0, 0.0]))
     # rms(dy) <= L rms(dx), 3072 inputs, 10 outputs: ||dy|| <= L sqrt(10 / 3072) ||dx||
-    assert C.l2_bound(4.0, 3072, 10) == pytest.approx(4.0 * 0.0570544, rel=1e-5)
+    assert cert.l2_bound(4.0, 3072, 10) == pytest.approx(4.0 * 0.0570544, rel=1e-5)
     # L_rms = 4: L_l2 = 0.2282177; a margin of 0.5 survives every l2 change below
     # 0.5 / (sqrt(2) * 0.2282177) = 1.549193, i.e. 395.04/255
-    bound_l2 = C.l2_bound(4.0, 3072, 10)
-    radius = C.certified_radius(torch.tensor([0.5, -0.3]), bound_l2)
+    bound_l2 = cert.l2_bound(4.0, 3072, 10)
+    radius = cert.certified_radius(torch.tensor([0.5, -0.3]), bound_l2)
     torch.testing.assert_close(radius, torch.tensor([1.549193, 0.0]), rtol=1e-5, atol=0)
-    assert C.certified(torch.tensor([0.5]), bound_l2, 1.5491).item()
-    assert not C.certified(torch.tensor([0.5]), bound_l2, 1.5493).item()
-    assert not C.certified(torch.tensor([-0.5]), bound_l2, 1e-9).item()  # misclassified: never certified
+    assert cert.certified(torch.tensor([0.5]), bound_l2, 1.5491).item()
+    assert not cert.certified(torch.tensor([0.5]), bound_l2, 1.5493).item()
+    assert not cert.certified(torch.tensor([-0.5]), bound_l2, 1e-9).item()  # misclassified: never certified
 
 
 def test_the_l2_bound_of_a_linear_map_is_its_spectral_norm():
     # for f(x) = W x the best l2 constant is sigma_max(W); the RMS->RMS norm converts to it exactly
     W = torch.randn(10, 3072, dtype=torch.float64)
-    assert C.l2_bound(rms_norm(W), 3072, 10) == pytest.approx(float(torch.linalg.matrix_norm(W, ord=2)), rel=1e-9)
+    assert cert.l2_bound(rms_norm(W), 3072, 10) == pytest.approx(float(torch.linalg.matrix_norm(W, ord=2)), rel=1e-9)
 
 
 def test_the_pgd_attack_breaks_a_linear_classifier_just_past_its_exact_radius():
@@ -74,9 +77,9 @@ def test_the_pgd_attack_breaks_a_linear_classifier_just_past_its_exact_radius():
         net.weight.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]]))
     x, y = torch.tensor([[0.6, 0.2, 0.5, 0.5]]), torch.tensor([0])
     exact = 0.4 / math.sqrt(2)
-    broken, _ = C.pgd_l2(net, x, y, exact * 0.95, steps=50, restarts=1)
+    broken, _ = attacks.pgd_l2(net, x, y, exact * 0.95, steps=50, restarts=1)
     assert not broken.item()
-    broken, delta = C.pgd_l2(net, x, y, exact * 1.05, steps=50, restarts=1)
+    broken, delta = attacks.pgd_l2(net, x, y, exact * 1.05, steps=50, restarts=1)
     assert broken.item() and float(delta.norm()) <= exact * 1.05 * (1 + 1e-6)
 
 
@@ -84,12 +87,12 @@ def test_the_attack_stays_in_the_ball_and_the_box():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(20, 16), torch.nn.ReLU(), torch.nn.Linear(16, 5))
     x, y = torch.rand(64, 20), torch.randint(0, 5, (64,))
-    broken, delta = C.pgd_l2(net, x, y, 0.3, steps=20, restarts=3, generator=torch.Generator().manual_seed(0))
+    broken, delta = attacks.pgd_l2(net, x, y, 0.3, steps=20, restarts=3, generator=torch.Generator().manual_seed(0))
     assert broken.any()
     assert float(delta.norm(dim=1).max()) <= 0.3 * (1 + 1e-5)
     assert float((x + delta).min()) >= 0 and float((x + delta).max()) <= 1
     with torch.no_grad():  # every reported perturbation does flip its point
-        assert (C.margins(net(x + delta), y)[broken] <= 0).all()
+        assert (cert.margins(net(x + delta), y)[broken] <= 0).all()
 
 
 def test_lower_bounds_of_a_linear_map_reach_its_norm_and_a_violation_is_recognised():
@@ -99,17 +102,17 @@ def test_lower_bounds_of_a_linear_map_reach_its_norm_and_a_violation_is_recognis
         net.weight.copy_(W)
     exact = rms_norm(W)
     x = torch.rand(6, 48, dtype=torch.float64)
-    norms, directions = C.jacobian_norms(net, x)
+    norms, directions = attacks.jacobian_norms(net, x)
     torch.testing.assert_close(norms, torch.full((6,), exact, dtype=torch.float64))
-    found, _ = C.pair_search(copy.deepcopy(net).float(), net, x[:3], directions[:3], steps=5, lr=1e-3, gap=1e-3)
-    assert found == pytest.approx(exact, rel=1e-6) and found <= exact * (1 + C.SLACK)
+    found, _ = attacks.pair_search(copy.deepcopy(net).float(), net, x[:3], directions[:3], steps=5, lr=1e-3, gap=1e-3)
+    assert found == pytest.approx(exact, rel=1e-6) and found <= exact * (1 + cert.SLACK)
     # the margin of a legitimate pair falls by no more than sqrt(2) L_l2 ||delta||; with half the bound it does
     label, delta = torch.tensor(0), directions[0] * 0.01
-    bound_l2 = C.l2_bound(exact, 48, 10)
-    assert C.lipschitz_violation(net, x[0], delta, label, bound_l2) is None
-    drop = float(C.margins(net(x[:1]), label.view(1)) - C.margins(net(x[:1] + delta), label.view(1)))
+    bound_l2 = cert.l2_bound(exact, 48, 10)
+    assert attacks.lipschitz_violation(net, x[0], delta, label, bound_l2) is None
+    drop = float(cert.margins(net(x[:1]), label.view(1)) - cert.margins(net(x[:1] + delta), label.view(1)))
     if drop > 0:  # the steepest direction need not lower this particular margin
-        assert C.lipschitz_violation(net, x[0], delta, label, drop / (math.sqrt(2) * 0.01) / 2) is not None
+        assert attacks.lipschitz_violation(net, x[0], delta, label, drop / (math.sqrt(2) * 0.01) / 2) is not None
 
 
 def test_weights_cast_to_low_precision_stay_close_and_fp8_is_amax_scaled():
@@ -118,10 +121,10 @@ def test_weights_cast_to_low_precision_stay_close_and_fp8_is_amax_scaled():
     with torch.no_grad():
         net.weight.mul_(0.01)  # RMS-scale entries: unscaled e4m3 would lose them to subnormals
     for dtype, tolerance in ((torch.bfloat16, 2**-8), (torch.float8_e4m3fn, 2**-4)):
-        cast = C.with_weights_cast(net, dtype)
+        cast = precision.with_weights_cast(net, dtype)
         error = (cast.weight - net.weight).abs() / net.weight.abs().clamp(min=net.weight.abs().max() / 64)
         assert 0 < float(error.max()) <= tolerance, dtype
-    fp8 = C.cast_tensor(net.weight.detach(), torch.float8_e4m3fn)
+    fp8 = precision.cast_tensor(net.weight.detach(), torch.float8_e4m3fn)
     assert float(fp8.abs().max()) == pytest.approx(float(net.weight.abs().max()), rel=1e-6)  # amax lands on 448 exactly
     unscaled = net.weight.detach().to(torch.float8_e4m3fn).float()
     assert float((fp8 - net.weight).abs().mean()) < float((unscaled - net.weight).abs().mean()) / 4
@@ -156,15 +159,15 @@ def test_certified_never_exceeds_attacked_point_by_point(tiny_classifier, tmp_pa
     assert result["radii"][0]["certified_acc"] > 0 and result["radii"][-1]["empirical_acc"] < result["accuracy"]
 
     # again, point by point, from the plain functions
-    loaded = C.load(cfg, tiny_classifier)
+    loaded = load_run(cfg, tiny_classifier)
     net = C.frozen(loaded.saved.net)
     x, y = C.validation_set(loaded, None)
     with torch.no_grad():
-        margin = C.margins(net(x), y)
-    bound_l2 = C.l2_bound(net.certified_bound(), 3072, 10)
+        margin = cert.margins(net(x), y)
+    bound_l2 = cert.l2_bound(net.certified_bound(), 3072, 10)
     for eps in cfg.radii:
-        broken, delta = C.pgd_l2(net, x, y, eps, steps=20, restarts=2, generator=torch.Generator().manual_seed(1))
-        safe = C.certified(margin, bound_l2, eps)
+        broken, delta = attacks.pgd_l2(net, x, y, eps, steps=20, restarts=2, generator=torch.Generator().manual_seed(1))
+        safe = cert.certified(margin, bound_l2, eps)
         assert not (safe & broken).any(), eps
         assert float(safe.float().mean()) == pytest.approx(next(r["certified_acc"] for r in result["radii"] if r["radius"] == eps))
 
@@ -205,6 +208,7 @@ def test_a_bound_that_is_too_small_is_caught_by_the_lower_bound(tiny_classifier,
         C.certify(settings(tiny_classifier, tmp_path, radii=[1e-9]))
 
 
+@pytest.mark.slow
 def test_the_command_line_end_to_end(tiny_classifier, tmp_path):
     """One subprocess: the table on stdout, the files next to the checkpoint's run, nothing in the cwd."""
     cwd = tmp_path / "cwd"
@@ -225,16 +229,10 @@ def test_the_command_line_end_to_end(tiny_classifier, tmp_path):
 
 
 def run_command(monkeypatch, capsys, *overrides) -> tuple[int, str]:
-    """The command's config composed from ``overrides`` as Hydra composes the command line, then the
-    command's own layer (``certify.run``) in this process: (exit status, stderr)."""
-    from hydra import compose, initialize_config_dir
-
-    from conftest import CONF_DIR
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("certify", overrides=list(overrides))
+    """``python -m lipschitz_lightning.certify <overrides>`` in this process: the settings composed and
+    checked as on the command line, then the command: (exit status, stderr)."""
     with pytest.raises(SystemExit) as exit_:
-        C.run(cfg)
+        C.main(list(overrides))
     return exit_.value.code, capsys.readouterr().err
 
 
@@ -252,11 +250,12 @@ def test_bad_inputs_are_one_line_errors(tiny_classifier, tmp_path, monkeypatch, 
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(b"not a checkpoint")
     cases = [
-        ([], "error: ckpt_path must name a checkpoint"),
+        ([], "error: ckpt_path must be given"),
         ([f"ckpt_path={tmp_path / 'missing.ckpt'}"], "error: ckpt_path must be an existing checkpoint file"),
         ([f"ckpt_path={garbage}"], f"error: ckpt_path '{garbage}' is not a readable checkpoint"),
-        ([f"ckpt_path={tiny_classifier}", "radii=[0.1,0]"], "error: radii must be a list of l2 radii > 0"),
-        ([f"ckpt_path={tiny_classifier}", "radii=-0.1"], "error: radii must be a list of l2 radii > 0"),
+        ([f"ckpt_path={tiny_classifier}", "radii=[0.1,0]"], "error: radii.1 must be a number > 0, got 0"),
+        ([f"ckpt_path={tiny_classifier}", "radii=-0.1"], "error: radii must be a non-empty list, each a number > 0"),
+        ([f"ckpt_path={tiny_classifier}", "attack.stepz=3"], "error: attack.stepz is not a setting of "),
         ([f"ckpt_path={tiny_classifier}", "attack.steps=0"], "error: attack.steps must be an integer >= 1, got 0"),
         ([f"ckpt_path={tiny_classifier}", "lower_bound.lr=0"], "error: lower_bound.lr must be a number > 0, got 0"),
         ([f"ckpt_path={tiny_classifier}", "examples=0"], "error: examples must be an integer >= 1"),
@@ -288,7 +287,7 @@ def test_a_language_model_observes_less_than_it_certifies(tiny_checkpoints, tmp_
             assert 0 < block["activation_rms_observed"] <= block["activation_rms_certified"]
             assert 0 < block["attention_logit_observed"] <= block["attention_logit_certified"]
             assert block["attention_logit_observed"] >= block["attention_logit_observed_signed_max"]
-        assert result["bound"] == pytest.approx(C.load(settings(result["checkpoint"], None), result["checkpoint"]).saved.net.certified_bound())
+        assert result["bound"] == pytest.approx(load_run(settings(result["checkpoint"], None), result["checkpoint"]).saved.net.certified_bound())
     assert "| block | activation RMS: certified | observed |" in (tmp_path / "certify.md").read_text()
     assert (tmp_path / "certify.png").stat().st_size > 0
 
@@ -308,12 +307,12 @@ def test_a_language_model_above_its_certificate_fails_loudly(tiny_checkpoints, t
 def test_absolute_logits_are_recorded_and_the_model_is_left_as_it_was(tiny_checkpoints):  # noqa: F811
     from lipschitz_lightning.models import gpt
 
-    from lipschitz_lightning.checkpoints import load_network
+    from lipschitz_lightning.lit.checkpoints import load_network
 
     original = gpt.explicit_attention
     net = C.frozen(load_network(tiny_checkpoints["constrained"]).net)
     tokens = torch.randint(0, 65, (2, 16), generator=torch.Generator().manual_seed(0))
-    observed = C.observe_language_model(net, [(tokens, tokens)], max_batches=1, stats_tokens=8)
+    observed = observe.observe_language_model(net, [(tokens, tokens)], max_batches=1, stats_tokens=8)
     assert gpt.explicit_attention is original
     # against the logits written out by hand: the first 8 tokens, causal, for each layer's q and k
     stats: dict = {}

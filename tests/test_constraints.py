@@ -1,4 +1,4 @@
-"""Tests of ``lipschitz_lightning.constraints`` (SPEC §2, §4, §6).
+"""Tests of ``lipschitz_lightning.core.constraints`` (SPEC §2, §4, §6).
 
 Three kinds of evidence:
 
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import SPEC_METHODS
-from lipschitz_lightning import constraints as C
+from lipschitz_lightning.core import constraints as C
 
 # Tolerances of shared/reference/README.md: the polynomial methods and the SVD cap are
 # deterministic, the power-iteration methods start from a random vector.
@@ -686,3 +686,29 @@ def test_project_linear_matches_plain_spec_recipe(shape, method):
         assert_power_close(out, expected)
     else:
         assert_poly_close(out, expected)
+
+
+def test_a_new_constraint_is_one_function_and_one_yaml_file(make_config, tmp_path, monkeypatch):
+    # docs/constraints.md, followed to the letter: a function registered with register_constraint
+    # and a yaml file naming it; the settings accept it and a run keeps every layer in its ball
+    from lipschitz_lightning.commands.train import build, train
+    from lipschitz_lightning.core import constraints
+
+    monkeypatch.setattr(constraints, "LINEAR_METHODS", dict(constraints.LINEAR_METHODS))  # undone after the test
+    monkeypatch.setattr("lipschitz_lightning.core.projection.LINEAR_METHODS", constraints.LINEAR_METHODS)
+
+    @constraints.register_constraint("toy_clip", caps_at_one=True)
+    def toy_clip(M, ctx):
+        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+        return (U * S.clamp(max=1.0).unsqueeze(-2)) @ Vh
+
+    (tmp_path / "conf" / "constraint").mkdir(parents=True)
+    (tmp_path / "conf" / "constraint" / "toy_clip.yaml").write_text(
+        "_target_: lipschitz_lightning.core.projection.Constraint\nmethod: toy_clip\nw_max: 0.5\n"
+    )
+    cfg = make_config(f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "constraint=toy_clip", "optimizer.lr=0.5")
+    run = build(cfg)
+    train(cfg, run)
+    for layer in run.module.net.layers:
+        W = layer.weight.detach().double()
+        assert float(torch.linalg.matrix_norm(W, ord=2)) * (W.shape[1] / W.shape[0]) ** 0.5 <= 0.5 * (1 + 1e-5)

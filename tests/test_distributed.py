@@ -11,11 +11,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lipschitz_lightning.callbacks import RankAgreement
-from lipschitz_lightning.distributed import ShardPlan, count_traffic, newton_schulz_cost
+from lipschitz_lightning.lit.callbacks import RankAgreement
+from lipschitz_lightning.core.sharding import ShardPlan, count_traffic, newton_schulz_cost
 from lipschitz_lightning.models import GPT
 from lipschitz_lightning.optim import Muon, param_groups
-from lipschitz_lightning.projection import Constraint
+from lipschitz_lightning.core.projection import Constraint
 
 # ------------------------------------------------------------------------------ the plan
 
@@ -139,6 +139,7 @@ def run_ranks(tmp_path: Path, world: int, method: str, steps: int) -> list[dict]
     return [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(world)]
 
 
+@pytest.mark.slow
 def test_eight_ranks_one_step_the_traffic_and_one_process(tmp_path):
     # the recipe's step on 8 gloo ranks: every rank ends with the same bytes, one process's weights
     # after one step to ~1e-6, and the step sends one reduce-scatter and one all-gather of the flat
@@ -157,6 +158,7 @@ def test_eight_ranks_one_step_the_traffic_and_one_process(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["spectral_soft_cap", "spectral_hammer", "spectral_normalize", "spectral_hard_cap", "svd_cap", "orthogonalize"])
+@pytest.mark.slow
 def test_two_ranks_three_steps_equal_one_process_for_each_constraint(tmp_path, method):
     ranks = run_ranks(tmp_path, 2, method, steps=3)
     single = train_tiny(0, 1, method, steps=3)

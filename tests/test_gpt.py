@@ -12,16 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
+from conftest import NormRecorder, ascend_ratio
 from omegaconf import OmegaConf
 
 from lipschitz_lightning.data.shakespeare import CharVocab, ShakespeareDataModule
 from lipschitz_lightning.errors import ConfigError
-from lipschitz_lightning.lipschitz import rms_norm
+from lipschitz_lightning.core.bounds import rms_norm
 from lipschitz_lightning.models import GPT
 from lipschitz_lightning.optim import Role, gpt_target_norms
-from lipschitz_lightning.sample import load_language_model, sample
-from lipschitz_lightning.training import build, train
+from lipschitz_lightning.commands.sample import load_language_model, sample
+from lipschitz_lightning.commands.train import build, train
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(vocab_size=11, width=16, num_heads=2, num_blocks=2, seq_len=8)
@@ -182,18 +182,8 @@ def test_no_pair_of_embedded_inputs_beats_the_certified_bound(layernorm_substitu
     near = into_unit_ball(x + 1e-3 * torch.randn(256, 8, 16, generator=generator))
     sampled = max(ratio(x, far).max(), ratio(x, near).max())
 
-    a = x[:64].clone().requires_grad_(True)
-    b = (x[:64] + 0.05 * torch.randn(64, 8, 16, generator=generator)).requires_grad_(True)
-    search = torch.optim.Adam([a, b], lr=2e-2)
-    searched = torch.tensor(0.0)
-    for _ in range(150):
-        with torch.no_grad():
-            a.copy_(into_unit_ball(a)), b.copy_(into_unit_ball(b))
-        r = ratio(a, b)
-        searched = torch.maximum(searched, r.max().detach())
-        search.zero_grad()
-        (-r.sum()).backward()
-        search.step()
+    searched = ascend_ratio(ratio, x[:64], x[:64] + 0.05 * torch.randn(64, 8, 16, generator=generator),
+                            steps=150, lr=2e-2, project=into_unit_ball)
     print(f"\nGPT ({layernorm_substitute}): bound {bound:.4g}, sampled {float(sampled):.4g}, searched {float(searched):.4g}")
     assert 0 < float(sampled) <= float(searched) * 1.5
     assert max(float(sampled), float(searched)) <= bound * (1 + 1e-5)
@@ -259,14 +249,6 @@ def gpt_overrides(shared_data_dir: Path, *extra: str) -> list[str]:
     ]
 
 
-class NormRecorder(Callback):
-    def __init__(self):
-        self.history: list[dict[str, float]] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.history.append(pl_module.net.layer_norms())
-
-
 def test_muon_soft_cap_keeps_every_matrix_and_embedding_in_its_ball(make_config, shared_data_dir, tmp_path):
     w_max = 1.0  # the q, k, v matrices start at norm 1 and Muon's steps push them up at once
     cfg = make_config(*gpt_overrides(shared_data_dir, f"constraint.w_max={w_max}", "trainer.max_steps=30", "trainer.val_check_interval=30"))
@@ -299,6 +281,7 @@ def test_tiny_gpt_learns_shakespeare_and_logs_bound_and_stats(make_config, share
 
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                     reason="TorchInductor compiles C++ on a CPU: no C++ compiler on this machine")
+@pytest.mark.slow
 def test_compiled_forward_trains_like_the_eager_one(make_config, shared_data_dir, tmp_path):
     # model.compile=true (README, Speed) must change how fast, not what: the same losses as eager,
     # validation included, and a checkpoint with the network's keys only
@@ -343,6 +326,7 @@ def test_sampling_gives_the_requested_characters_from_the_vocab(tiny_checkpoints
     assert len(sample(sample_config(tiny_checkpoints[kind], temperature=0, num_tokens=3))) == len("ROMEO:") + 3
 
 
+@pytest.mark.slow
 def test_sampling_from_the_command_line(tiny_checkpoints):
     result = subprocess.run(
         [sys.executable, "-m", "lipschitz_lightning.sample", f"ckpt_path={tiny_checkpoints['constrained']}", "prompt=KING", "num_tokens=10"],
@@ -380,6 +364,7 @@ def test_bad_gpt_settings_are_rejected_before_any_work(make_config, shared_data_
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_benchmark_times_the_gpt_pipeline_against_a_plain_loop(shared_data_dir):
     result = subprocess.run(
         # Hydra overrides first: --methods takes every word after it

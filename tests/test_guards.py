@@ -13,13 +13,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from lipschitz_lightning import constraints as C
-from lipschitz_lightning.projection import Constraint
-from lipschitz_lightning.config import TARGET_SECTIONS, target_settings, validate_config
+from lipschitz_lightning.core import constraints as C
+from lipschitz_lightning.core.projection import Constraint
+from lipschitz_lightning.commands.settings import TARGET_SECTIONS, target_settings, validate_config
 from lipschitz_lightning.errors import ConfigError
 from lipschitz_lightning.optim import Muon, ParamSpec, Role, param_groups
-from lipschitz_lightning.schema import has_range
-from lipschitz_lightning.training import build, train
+from lipschitz_lightning.core.types import has_range
+from lipschitz_lightning.commands.train import build, train
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -236,6 +236,7 @@ def test_a_model_alone_brings_its_data(model, data, tmp_path):
     assert cfg.data._target_.lower().endswith(f"{data}datamodule".replace("cifar10", "cifar10"))
 
 
+@pytest.mark.slow
 def test_model_gpt_alone_trains_from_the_command_line(shared_data_dir, tmp_path):
     result = subprocess.run(
         [sys.executable, "train.py", "model=gpt", "data.seq_len=16", "data.batch_size=4", "data.val_batch_size=512",
@@ -268,6 +269,7 @@ def test_muon_sends_a_bias_to_adam_instead_of_crashing():
     torch.testing.assert_close(bias.detach(), expected, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_the_command_line_names_a_guarded_setting_in_one_line(tiny_cifar, tmp_path):
     result = subprocess.run(
         [sys.executable, "train.py", "trainer.precision=bf16-true", f"paths.data_dir={tiny_cifar}", f"paths.log_dir={tmp_path}"],

@@ -1,4 +1,4 @@
-"""Tests of ``lipschitz_lightning.lipschitz``: norms in the SPEC's units (§2) and the bounds (§7)."""
+"""Tests of ``lipschitz_lightning.core.bounds``: norms in the SPEC's units (§2) and the bounds (§7)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lipschitz_lightning import lipschitz as Lip
+from lipschitz_lightning.core import bounds as Lip
 
 GELU_MAX_SLOPE = 1.1289  # SPEC §7, written out rather than read from the package
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lipschitz_lightning import constraints as C
+from lipschitz_lightning.core import constraints as C
+from lipschitz_lightning.core import linalg
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -51,8 +52,8 @@ def test_soft_and_hard_cap_gram_forms_match_the_direct_forms(shape):
 
 def test_auto_takes_the_gram_form_only_where_it_saves_work_in_float32():
     wide, square = torch.zeros(4, 40), torch.zeros(16, 16)
-    assert C._uses_gram(wide, "auto") and not C._uses_gram(square, "auto")
-    assert not C._uses_gram(wide.bfloat16(), "auto")  # 16-bit rounding would compound through Q
-    assert C._uses_gram(square, "gram") and not C._uses_gram(wide, "direct")
+    assert linalg._uses_gram(wide, "auto") and not linalg._uses_gram(square, "auto")
+    assert not linalg._uses_gram(wide.bfloat16(), "auto")  # 16-bit rounding would compound through Q
+    assert linalg._uses_gram(square, "gram") and not linalg._uses_gram(wide, "direct")
     with pytest.raises(ValueError, match="gram"):
-        C._uses_gram(wide, "fast")
+        linalg._uses_gram(wide, "fast")

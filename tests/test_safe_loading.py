@@ -52,6 +52,7 @@ def command(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("where", ["record", "run_config"])
+@pytest.mark.slow
 def test_sample_evaluate_certify_and_resume_refuse_a_checkpoint_that_names_a_foreign_class(trained_run, tmp_path, where):
     run_dir, marker = poisoned(trained_run, tmp_path, where)
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
@@ -70,7 +71,7 @@ def test_sample_evaluate_certify_and_resume_refuse_a_checkpoint_that_names_a_for
 
 
 def test_a_checkpoint_of_this_project_still_loads(trained_run):
-    from lipschitz_lightning.checkpoints import load_network
+    from lipschitz_lightning.lit.checkpoints import load_network
 
     saved = load_network(trained_run / "checkpoints" / "last.ckpt")
     assert saved.target == "lipschitz_lightning.models.mlp.MLP" and saved.checkpoint["global_step"] == 2

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lipschitz_lightning import report
-from lipschitz_lightning.tradeoff import describe
+from lipschitz_lightning.commands import report
+from lipschitz_lightning.commands.tradeoff import describe
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_RUN = [
@@ -50,6 +50,7 @@ def smoke_sweep(tiny_cifar, tmp_path_factory) -> Path:
     )
 
 
+@pytest.mark.slow
 def test_every_run_of_the_multirun_writes_a_summary(smoke_sweep):
     summaries = [json.loads(p.read_text()) for p in sorted(smoke_sweep.glob("*/summary.json"))]
     assert len(summaries) == 4
@@ -97,6 +98,7 @@ def test_wandb_runs_are_tagged_and_grouped_by_sweep(smoke_sweep):
     assert groups == {f"smoke/{smoke_sweep.name}"}
 
 
+@pytest.mark.slow
 def test_a_failed_run_is_listed_not_dropped(tiny_cifar, tmp_path):
     sweep_dir = multirun(
         tmp_path, tiny_cifar, "+sweep=smoke", "+pair=muon_spectral_soft_cap", "tradeoff.level=0",
@@ -128,12 +130,13 @@ def test_pareto_frontier_keeps_only_undominated_points():
 
 
 @pytest.mark.parametrize("sweep", ["smoke", "cifar_tradeoff", "shakespeare_tradeoff"])
+@pytest.mark.slow
 def test_every_grid_point_of_every_sweep_composes_and_validates(sweep):
     """Each (pair, level) of a shipped sweep resolves to a config that passes validation."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from lipschitz_lightning.config import validate_config
+    from lipschitz_lightning.commands.settings import validate_config
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         base = compose("train", overrides=[f"+sweep={sweep}"], return_hydra_config=True)

@@ -10,6 +10,7 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 
+from lipschitz_lightning.core.types import NonNegativeInt, PositiveInt
 from lipschitz_lightning.data.common import (
     BatchTensorDataset,
     IndexedSplitsDataModule,
@@ -18,7 +19,6 @@ from lipschitz_lightning.data.common import (
     ensure_local,
 )
 from lipschitz_lightning.errors import DataError
-from lipschitz_lightning.schema import NonNegativeInt, PositiveInt
 
 HUB_ID = "uoft-cs/cifar10"
 SPLITS = {"train": "train", "val": "test"}  # the paper validates on the test split

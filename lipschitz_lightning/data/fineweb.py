@@ -15,7 +15,6 @@ so a resumed run sees exactly the batches the uninterrupted one saw.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -28,9 +27,14 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from lipschitz_lightning.core.types import PositiveInt
 from lipschitz_lightning.data.common import IndexedSplitsDataModule, SequentialBatches
-from lipschitz_lightning.errors import ConfigError, DataError, LipschitzLightningError
-from lipschitz_lightning.schema import PositiveInt
+from lipschitz_lightning.errors import (
+    ConfigError,
+    DataError,
+    LipschitzLightningError,
+    OneLineParser,
+)
 
 MAGIC = 20240520
 VERSION = 1
@@ -382,7 +386,7 @@ def download(num_shards: int, directory: Path | str) -> list[Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m lipschitz_lightning.data.fineweb",
         description="Download FineWeb-10B GPT-2 token shards (100M tokens, 200 MB each) for the NanoGPT recipe.",
     )

@@ -15,9 +15,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from lipschitz_lightning.core.types import NonNegativeInt, PositiveInt
 from lipschitz_lightning.data.common import IndexedSplitsDataModule, ensure_local
 from lipschitz_lightning.errors import ConfigError, DataError
-from lipschitz_lightning.schema import NonNegativeInt, PositiveInt
 
 SOURCE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TRAIN_FRACTION = 0.9

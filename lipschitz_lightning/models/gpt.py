@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import math
-import typing
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Literal
@@ -36,8 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lipschitz_lightning.errors import ConfigError
-from lipschitz_lightning.lipschitz import (
+from lipschitz_lightning.core.bounds import (
     GELU_DIVISOR,
     GPTCertificate,
     embedding_norm,
@@ -45,8 +43,9 @@ from lipschitz_lightning.lipschitz import (
     gpt_certificate,
     rms_norm,
 )
-from lipschitz_lightning.optim.roles import ParamSpec, Role, gpt_target_norms
-from lipschitz_lightning.schema import NonNegativeInt, Positive, PositiveInt, check
+from lipschitz_lightning.core.roles import ParamSpec, Role, gpt_target_norms
+from lipschitz_lightning.core.types import NonNegativeInt, Positive, PositiveInt
+from lipschitz_lightning.errors import ConfigError
 
 LAYERNORM_SUBSTITUTES = ("none", "rmsnorm", "layernorm", "tanh")
 GELUS = ("tanh", "exact")
@@ -349,37 +348,12 @@ class Block(nn.Module):
         return x
 
 
-def check_config(cfg: GPTConfig) -> None:
-    """Every field against its annotation, then what the annotations cannot say: relations."""
-    for name, hint in typing.get_type_hints(GPTConfig, include_extras=True).items():
-        ok, description = check(getattr(cfg, name), hint)
-        if not ok:
-            raise ValueError(f"model.net.{name} must be {description}, got {getattr(cfg, name)!r}")
-    if cfg.width % cfg.num_heads:
-        raise ValueError(f"model.net.num_heads={cfg.num_heads} must divide model.net.width={cfg.width}")
-    if (cfg.width // cfg.num_heads) % 2:
-        raise ValueError(f"model.net.width / model.net.num_heads = {cfg.width // cfg.num_heads} must be even for RoPE")
-    pattern = cfg.window_pattern
-    if pattern is not None and (len(pattern) != cfg.num_blocks or set(pattern) - {"L", "S"}):
-        example = ("L" + "S" * (cfg.num_blocks - 2) + "L")[: cfg.num_blocks]
-        raise ValueError(
-            f"model.net.window_pattern must give one letter per block, L (long window) or S (short), for "
-            f"model.net.num_blocks={cfg.num_blocks} (e.g. {example}), or be null for no window; got {pattern!r}"
-        )
-    if pattern is not None and (cfg.window_min % BLOCK or cfg.window_max % BLOCK or cfg.window_min > cfg.window_max):
-        raise ValueError(
-            f"model.net.window_min and model.net.window_max must be multiples of {BLOCK} tokens (the window counts whole "
-            f"blocks), window_min <= window_max; got {cfg.window_min} and {cfg.window_max}"
-        )
-
-
 class GPT(nn.Module):
-    config_schema = GPTConfig  # the settings of model.net, checked before anything is built
+    config_schema = GPTConfig  # the settings of model.net: commands.settings checks them before anything is built
 
     def __init__(self, **config):
         super().__init__()
         cfg = GPTConfig(**config)
-        check_config(cfg)
         self.config = cfg
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_blocks))
@@ -528,7 +502,7 @@ class GPT(nn.Module):
         return self.certificate(norms).bound
 
     def paper_formula_bound(self, norms: dict[str, float] | None = None) -> float:
-        """SPEC §7's formula, for parity with the paper's code only: not a certificate (see lipschitz.py)."""
+        """SPEC §7's formula, for parity with the paper's code only: not a certificate (see core/bounds.py)."""
         if self.config.layernorm_substitute in ("rmsnorm", "layernorm"):
             return math.inf
         norms = norms if norms is not None else self.layer_norms()

@@ -6,13 +6,12 @@ import math
 from typing import Annotated
 
 import annotated_types as at
-
 import torch
 from torch import Tensor, nn
 
-from lipschitz_lightning.lipschitz import mlp_bound, rms_norm
-from lipschitz_lightning.optim.roles import ParamSpec, Role, mlp_target_norms
-from lipschitz_lightning.schema import Positive, PositiveInt
+from lipschitz_lightning.core.bounds import mlp_bound, rms_norm
+from lipschitz_lightning.core.roles import ParamSpec, Role, mlp_target_norms
+from lipschitz_lightning.core.types import Positive, PositiveInt
 
 
 def relu(x: Tensor) -> Tensor:
@@ -35,8 +34,6 @@ class MLP(nn.Module):
         super().__init__()
         self.config = dict(input_dim=input_dim, width=width, num_layers=num_layers, num_classes=num_classes,
                            zero_init=zero_init, final_scale=final_scale)
-        if num_layers < 2:
-            raise ValueError(f"model.net.num_layers must be at least 2, got {num_layers}")
         dims = [input_dim] + [width] * (num_layers - 1) + [num_classes]
         self.layers = nn.ModuleList(nn.Linear(i, o, bias=False) for i, o in zip(dims[:-1], dims[1:]))
         self.final_scale = final_scale

@@ -14,8 +14,8 @@ from typing import Literal
 
 import torch
 
-from lipschitz_lightning.optim.roles import with_target_weight_decay
-from lipschitz_lightning.schema import Betas, NonNegative, Positive
+from lipschitz_lightning.core.roles import with_target_weight_decay
+from lipschitz_lightning.core.types import Betas, NonNegative, Positive
 
 VARIANTS = ("reference", "torch")
 

@@ -16,7 +16,7 @@ one constraint hook.
 Matrices of one shape are orthogonalized as one stack. Under DDP the step is modded-nanogpt's
 distributed Muon, extended to the whole step: one reduce-scatter of the gradients, each rank steps
 and projects the weights it owns (the head and embedding split by rows), one all-gather of the
-weights (``distributed.ShardedStep``).
+weights (``core.sharding.ShardedStep``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import ClassVar, Literal
 
 import torch
 
-from lipschitz_lightning.constraints import (
+from lipschitz_lightning.core.constraints import (
     NS_COEFFICIENTS,
     POLYNOMIAL_FORMS,
     layer_scale,
@@ -35,18 +35,33 @@ from lipschitz_lightning.constraints import (
     ns_max_singular_value,
     orthogonalize,
 )
-from lipschitz_lightning.distributed import ShardedStep, all_gather_into, rank_and_world
-from lipschitz_lightning.distributed import stack as stack_of
-from lipschitz_lightning.optim.roles import Role, is_matrix_role, with_target_weight_decay
-from lipschitz_lightning.schema import Betas, NonNegative, NonNegativeInt, Positive, UnitInterval
+from lipschitz_lightning.core.roles import (
+    Role,
+    is_matrix_role,
+    with_target_weight_decay,
+)
+from lipschitz_lightning.core.sharding import (
+    ShardedStep,
+    ShardPlan,
+    all_gather_into,
+    rank_and_world,
+)
+from lipschitz_lightning.core.sharding import stack as stack_of
+from lipschitz_lightning.core.types import (
+    Betas,
+    NonNegative,
+    NonNegativeInt,
+    Positive,
+    UnitInterval,
+)
 
 ROLES = tuple(role.value for role in Role)
 
 
 class Muon(torch.optim.Optimizer):
-    """Muon for groups built by ``optim.roles.param_groups`` (each carries ``role`` and ``target_norm``).
+    """Muon for groups built by ``core.roles.param_groups`` (each carries ``role`` and ``target_norm``).
 
-    Under ``torch.distributed`` with several ranks every step is sharded (``distributed.ShardedStep``):
+    Under ``torch.distributed`` with several ranks every step is sharded (``core.sharding.ShardedStep``):
     each rank steps and projects the weights it owns. ``reduce_gradients`` says whether the step
     reduces the gradients itself (the project's ``trainer=ddp`` strategy sets it, and wraps no
     DDP) or finds them averaged already (Lightning's plain ``ddp``).
@@ -127,13 +142,18 @@ class Muon(torch.optim.Optimizer):
 
     def attach_projection(self, project: Callable[[ShardedStep], None]) -> None:
         """Run the constraint's projection inside a sharded step, on the weights this rank owns,
-        before the one all-gather shares them (``projection.Projector.project``)."""
+        before the one all-gather shares them (``core.projection.Constraint``)."""
         self.projection = project
 
     @property
     def shards_its_step(self) -> bool:
-        """Whether each step is split across the ranks (``distributed.ShardedStep``)."""
+        """Whether each step is split across the ranks (``core.sharding.ShardedStep``)."""
         return rank_and_world()[1] > 1
+
+    @property
+    def shard_plan(self) -> ShardPlan | None:
+        """Which rank owns which piece of which weight (``core.sharding.ShardPlan``), once a sharded step has run."""
+        return None if self._sharded is None else self._sharded.plan
 
     # ------------------------------------------------------------------ the step
 
@@ -175,7 +195,7 @@ class Muon(torch.optim.Optimizer):
             self._apply(p, group, direction * (layer_scale(p) * group["target_norm"]))
 
     def _sharded_step(self) -> None:
-        """The step of SPEC §3 on the pieces this rank owns (``distributed.ShardedStep``): one
+        """The step of SPEC §3 on the pieces this rank owns (``core.sharding.ShardedStep``): one
         reduce-scatter of the gradients, the owned weights stepped and projected, one all-gather."""
         if self._sharded is None:
             self._sharded = ShardedStep([p for group in self.param_groups for p in group["params"]])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lipschitz_lightning.schema import NonNegative, PositiveInt, UnitInterval
+from lipschitz_lightning.core.types import NonNegative, PositiveInt, UnitInterval
 
 
 class StableCooldown(torch.optim.lr_scheduler.LambdaLR):

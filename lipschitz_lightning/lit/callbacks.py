@@ -12,12 +12,12 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lipschitz_lightning.core.projection import Constraint
+from lipschitz_lightning.core.types import PositiveInt
 from lipschitz_lightning.errors import TrainingDiverged
-from lipschitz_lightning.projection import Constraint
-from lipschitz_lightning.schema import PositiveInt
 
 
 class ApplyConstraint(Callback):
@@ -205,3 +205,52 @@ class SaveOnPreemption(Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException) and trainer.global_step > 0:
             trainer.save_checkpoint(str(Path(self.dirpath) / "last.ckpt"))
+
+
+class FinalValidation(Callback):
+    """Validate, and so checkpoint, the last step of every run.
+
+    Lightning validates every ``val_check_interval`` steps only: a 250-step run with an interval of
+    100 would end with its last 50 steps neither validated nor in ``last.ckpt``, and a run shorter
+    than the interval would write no checkpoint at all. Asking the loop to stop at the last step
+    makes Lightning validate there (its early-stopping path), and the ModelCheckpoints save.
+    """
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        if 0 < trainer.max_steps <= trainer.global_step:
+            trainer.should_stop = True
+
+
+class StepProgressBar(TQDMProgressBar):
+    """Lightning's progress bar, counted in optimizer steps out of ``trainer.max_steps``.
+
+    The training batches are an endless stream, so Lightning's per-epoch bar has no total. This one
+    shows ``step k/max_steps`` and, from the first validation on, the latest ``val/acc`` and
+    ``lipschitz/bound`` (both logged with ``prog_bar=True``).
+    """
+
+    def on_train_start(self, trainer: L.Trainer, *args) -> None:
+        super().on_train_start(trainer, *args)
+        self._count_steps(trainer)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args) -> None:
+        super().on_train_epoch_start(trainer, *args)  # not called when a run resumes mid-epoch
+        self._count_steps(trainer)
+
+    def _count_steps(self, trainer: L.Trainer) -> None:
+        bar = self.train_progress_bar
+        bar.total = trainer.max_steps
+        bar.n = bar.initial = trainer.global_step  # a resumed run starts where it stopped
+        bar.set_description("step")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        refresh = step % max(self.refresh_rate, 1) == 0 or step >= trainer.max_steps
+        if self.train_progress_bar is not None and refresh and not self.train_progress_bar.disable:
+            self.train_progress_bar.n = step
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)  # the logger's version: "" for every run here
+        return metrics

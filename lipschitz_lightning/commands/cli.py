@@ -1,7 +1,9 @@
-"""What ``train.py`` does before and around Hydra: ``resume=<run dir>`` and the console/file split.
+"""What the entry points share before any work: ``resume=<run dir>``, the rank's run directory,
+the config resolvers and known warnings, composing and checking a command's settings, the
+console/file split of the log.
 
-Kept free of torch and Lightning, so that ``--cfg job``, ``--help`` and Hydra's own errors answer
-in a second.
+Kept free of torch and Lightning, so that ``--cfg job``, ``--help`` and a bad setting answer in a
+second.
 """
 
 from __future__ import annotations
@@ -11,15 +13,15 @@ import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
+from lipschitz_lightning import CONF_DIR, PROJECT_ROOT
 from lipschitz_lightning.errors import ConfigError
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 # the files Hydra (re)writes into a run directory before the task starts
 HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")
@@ -193,3 +195,114 @@ def quiet_known_warnings() -> None:
 
     for pattern in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
+
+
+def check_composition(config_name: str, args: list[str]) -> DictConfig | None:
+    """Compose ``conf/<config_name>.yaml`` with the command line's overrides as Hydra will, so that an
+    unknown option or key is one ``ConfigError`` line now, before torch is imported, rather than
+    Hydra's message later; returns the composed config. Hydra's flags (``--cfg``, ``--help``, ``-m``)
+    leave it all to Hydra (None)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    if any(a.startswith("-") for a in args):
+        return None
+    overrides = [a for a in args if "=" in a]
+    try:
+        # a sweep's overrides (a=1,2 under +sweep=...) make a multirun: each job is composed by Hydra
+        if any(o.is_sweep_override() for o in OverridesParser.create().parse_overrides(overrides)):
+            return None
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(config_name, overrides=overrides)
+    except (HydraException, ValueError) as error:
+        raise ConfigError(composition_error(config_name, overrides, error)) from None
+
+
+def composition_error(config_name: str, overrides: list[str], error: Exception) -> str:
+    from hydra import compose, initialize_config_dir
+
+    message = str(error)
+    if isinstance(error, ValueError):  # Hydra's own, for a group given a number: model=5
+        for override in overrides:
+            key, _, value = override.partition("=")
+            group = CONF_DIR / key.lstrip("+~")
+            options = sorted(path.stem for path in group.glob("*.yaml")) if group.is_dir() else []
+            if options and value not in options:
+                return f"{key.lstrip('+~')}={value} is not an option of {key.lstrip('+~')}; allowed: {', '.join(options)}"
+        return message
+    missing = re.search(r"Could not find '(\w+)/([^']*)'.*?Available options in '\w+':\n((?:\t.*\n?)*)", message, flags=re.S)
+    if missing:
+        group, option, listed = missing.groups()
+        options = [line.strip() for line in listed.split("Config search path")[0].splitlines() if line.strip() and line.startswith("\t")]
+        return f"{group}={option} is not an option of {group}; allowed: {', '.join(options)}"
+    unknown = re.search(r"Could not override '([\w.]+)'", message)
+    if unknown:
+        key = unknown.group(1)
+        section = key.rsplit(".", 1)[0] if "." in key else None
+        rest = [o for o in overrides if _key(o) != key]
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name, overrides=rest, return_hydra_config=True)
+        if section is None:
+            if OmegaConf.is_dict(cfg.get(key)):
+                inner = [str(k) for k in cfg[key] if not str(k).startswith("_")]
+                return f"{key} holds settings, not one value: give {key}.<setting>=<value>; its settings: {', '.join(inner)}"
+            allowed = [str(k) for k in cfg if k != "hydra"]
+            return f"{key} is not a setting of {config_name}; allowed: {', '.join(allowed)}"
+        node = OmegaConf.select(cfg, section, default=None)
+        if OmegaConf.is_dict(node):
+            from lipschitz_lightning.commands.settings import accepted_keys, owner
+
+            allowed = (accepted_keys(node) if "_target_" in node else None) or [k for k in node if not str(k).startswith("_")]
+            return f"{key} is not a setting of {owner(cfg, section)}; allowed: {', '.join(map(str, allowed))}"
+    return " ".join(line.strip() for line in message.splitlines() if line.strip() and not line.startswith(("\tprovider", "Config search path")))
+
+
+def compose_command(config_name: str, args: list[str], usage: str) -> DictConfig | None:
+    """A command's settings: ``conf/<config_name>.yaml`` with the ``key=value`` arguments, composed as
+    Hydra composes them (these commands want no run directory and no log, so no Hydra app). An
+    unknown key or option is one ``ConfigError`` line. ``--cfg job`` prints the composed settings and
+    ``--help`` the usage; both return None."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    if "--help" in args or "-h" in args:
+        print(usage.strip())
+        return None
+    flags = [a for a in args if a.startswith("-") and a not in ("--cfg", "job")]
+    if flags:
+        raise ConfigError(f"{flags[0]} is not an option of this command: give key=value settings (see --help)")
+    overrides = [a for a in args if a not in ("--cfg", "job")]
+    bare = [a for a in overrides if "=" not in a]
+    if bare:
+        raise ConfigError(f"{bare[0]!r} is not a setting: give key=value (see --help)")
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name, overrides=overrides)
+    except (HydraException, ValueError) as error:
+        raise ConfigError(composition_error(config_name, overrides, error)) from None
+    if "--cfg" in args:
+        print(OmegaConf.to_yaml(cfg, resolve=False))
+        return None
+    return cfg
+
+
+def command_main(name: str, argv: list[str] | None = None) -> None:
+    """``python -m lipschitz_lightning.<name>`` for the commands configured by ``conf/<name>.yaml``
+    (sample, evaluate, certify): the settings composed and checked (``settings.COMMAND_SETTINGS``)
+    before torch is imported, then ``lipschitz_lightning.commands.<name>.run``."""
+    import importlib
+
+    from lipschitz_lightning.commands.settings import COMMAND_SETTINGS, command_settings
+    from lipschitz_lightning.errors import exit_with
+
+    args = sys.argv[1:] if argv is None else argv
+    usage = "\n".join(line.lstrip("# ") for line in (CONF_DIR / f"{name}.yaml").read_text().splitlines() if line.startswith("#"))
+    try:
+        cfg = compose_command(name, args, usage)
+        if cfg is None:
+            return
+        command_settings(COMMAND_SETTINGS[name], cfg, f"python -m lipschitz_lightning.{name}")
+    except ConfigError as error:
+        exit_with(error)
+    importlib.import_module(f"lipschitz_lightning.commands.{name}").run(cfg)

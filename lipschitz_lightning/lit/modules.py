@@ -6,7 +6,6 @@ from collections.abc import Callable
 from typing import Annotated
 
 import annotated_types as at
-
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -14,11 +13,11 @@ from torch import nn
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
 
-from lipschitz_lightning.checkpoints import network_record
+from lipschitz_lightning.core.losses import linear_cross_entropy
+from lipschitz_lightning.core.roles import param_groups
+from lipschitz_lightning.core.types import PositiveInt
 from lipschitz_lightning.errors import TrainingDiverged
-from lipschitz_lightning.losses import linear_cross_entropy
-from lipschitz_lightning.optim.roles import param_groups
-from lipschitz_lightning.schema import PositiveInt
+from lipschitz_lightning.lit.checkpoints import network_record
 
 
 def flatten_positions(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,7 +47,7 @@ class CorrectFraction(Metric):
 class ClassificationModule(L.LightningModule):
     """Cross-entropy classification. ``net`` provides ``param_specs()`` (roles, target norms)."""
 
-    data_kind = "images"  # the ``kind`` of datamodule it trains on (config.py checks the pairing)
+    data_kind = "images"  # the ``kind`` of datamodule it trains on (commands/settings.py checks the pairing)
 
     def __init__(
         self,
@@ -158,7 +157,7 @@ class LanguageModelModule(ClassificationModule):
     ``stats_tokens`` tokens of the batch's first sequence, which, the model being causal, are
     exactly those tokens' activations in the full pass.
     Checkpoints carry the network's constructor arguments and its data's vocabulary (the characters,
-    or the tokenizer's name), so that ``lipschitz_lightning.sample`` rebuilds the model from the
+    or the tokenizer's name), so that ``python -m lipschitz_lightning.sample`` rebuilds the model from the
     checkpoint alone.
     """
 

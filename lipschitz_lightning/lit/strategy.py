@@ -1,5 +1,5 @@
 """``trainer=ddp``'s strategy: Lightning's DDP, without DDP's gradient all-reduce for the weights
-whose optimizer reduces their gradients itself (Muon's sharded step, ``distributed.ShardedStep``).
+whose optimizer reduces their gradients itself (Muon's sharded step, ``core.sharding.ShardedStep``).
 
 DDP would all-reduce every gradient (every rank receives all of them) and the sharded step would
 then reduce-scatter them again; here the sharded step's reduce-scatter is the only gradient

@@ -4,7 +4,7 @@ after every optimizer step.
 Pure torch (``torch.distributed`` where a process group exists), no Lightning. A ``Constraint`` is
 a plain object built from ``conf/constraint/*.yaml``; it owns its state (the power-iteration
 vectors, the guards' fallback count) and is applied the same way by the training callback
-(``callbacks.ApplyConstraint``), the benchmark's plain loop and the tests::
+(``lit.callbacks.ApplyConstraint``), the benchmark's plain loop and the tests::
 
     constraint = Constraint("spectral_soft_cap", w_max=6.0)
     constraint.attach([optimizer])     # the weights, and how each optimizer steps them
@@ -18,9 +18,9 @@ At NanoGPT scale a per-parameter loop is the wrong shape: 73 matrices, most of t
 projected one by one on every one of 8 GPUs. Here matrices of one shape form one stack and go
 through one batched call. An optimizer that shards its step across ranks (Muon under DDP) runs the
 projection inside the step, on the weights each rank owns, before the step's one all-gather
-(``distributed.ShardedStep``); after an optimizer that steps every weight on every rank (AdamW
+(``core.sharding.ShardedStep``); after an optimizer that steps every weight on every rank (AdamW
 under DDP) each rank projects a share of every stack and one all-gather per stack gives every rank
-the same bits (``distributed.shared_out``).
+the same bits (``core.sharding.shared_out``).
 
 What a constraint needs from an optimizer is declared, not guessed: ``StepBound`` (the spectral
 norm of its step per unit ``lr * t``, which the soft cap's coupling relies on) and
@@ -38,7 +38,8 @@ from typing import Literal, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from lipschitz_lightning.constraints import (
+from lipschitz_lightning.core.bounds import rms_norm
+from lipschitz_lightning.core.constraints import (
     COUPLINGS,
     LINEAR_METHODS,
     POLYNOMIAL_FORMS,
@@ -49,12 +50,16 @@ from lipschitz_lightning.constraints import (
     project_stack,
     random_start_vector,
 )
-from lipschitz_lightning.distributed import ShardedStep, rank_and_world, shared_out
-from lipschitz_lightning.distributed import stack as stack_of
+from lipschitz_lightning.core.roles import ParamGroup, Role, step_coefficients
+from lipschitz_lightning.core.sharding import (
+    ShardedStep,
+    ShardPlan,
+    rank_and_world,
+    shared_out,
+)
+from lipschitz_lightning.core.sharding import stack as stack_of
+from lipschitz_lightning.core.types import Positive, PositiveInt, UnitInterval, one_of
 from lipschitz_lightning.errors import ConfigError
-from lipschitz_lightning.lipschitz import rms_norm
-from lipschitz_lightning.optim.roles import ParamGroup, Role, step_coefficients
-from lipschitz_lightning.schema import Positive, PositiveInt, UnitInterval
 
 
 @runtime_checkable
@@ -71,6 +76,7 @@ class ShardsItsStep(Protocol):
     """An optimizer that splits its step across DDP ranks and runs a projection inside it."""
 
     shards_its_step: bool
+    shard_plan: ShardPlan | None  # which rank owns which piece, once a sharded step has run
 
     def attach_projection(self, project: Callable[[ShardedStep], None]) -> None: ...
 
@@ -109,7 +115,7 @@ class Constraint:
 
     def __init__(
         self,
-        method: Literal[tuple(LINEAR_METHODS)],
+        method: one_of(LINEAR_METHODS),
         w_max: Positive = 1.0,
         coupling: Literal[COUPLINGS] = "exact",
         spectral_wd: UnitInterval = 0.0,

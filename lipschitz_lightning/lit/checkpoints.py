@@ -16,6 +16,7 @@ import yaml
 from hydra.utils import get_class
 from torch import nn
 
+from lipschitz_lightning import CONF_DIR, PROJECT_ROOT
 from lipschitz_lightning.errors import ConfigError
 
 STATE_PREFIX = "net."  # the LightningModules keep the network as ``self.net``
@@ -43,7 +44,7 @@ def network_record(net: nn.Module, vocab: str | None = None, tokenizer: str | No
 # these lists is refused before anything is imported or built, or a checkpoint whose record said
 # "subprocess.Popen" would run a command when opened.
 NETWORKS = ("lipschitz_lightning.models.mlp.MLP", "lipschitz_lightning.models.gpt.GPT")
-CONF_DIRS = (Path(__file__).resolve().parents[1] / "conf", Path(__file__).resolve().parents[1] / "sweeps")
+CONF_DIRS = (CONF_DIR, PROJECT_ROOT / "sweeps")
 
 
 @functools.cache
@@ -68,11 +69,22 @@ def configured_targets() -> frozenset[str]:
     return frozenset(targets)
 
 
+# what the configs named before the package had its layers (checkpoints written then carry them)
+EARLIER_TARGETS = frozenset({
+    "lipschitz_lightning.callbacks.WeightConstraint", "lipschitz_lightning.callbacks.LipschitzMonitor",
+    "lipschitz_lightning.callbacks.SpeedMonitor", "lipschitz_lightning.callbacks.RankAgreement",
+    "lipschitz_lightning.callbacks.PeriodicCheckpoint", "lipschitz_lightning.callbacks.SaveOnPreemption",
+    "lipschitz_lightning.training.StepProgressBar", "lipschitz_lightning.modules.ClassificationModule",
+    "lipschitz_lightning.modules.LanguageModelModule", "lipschitz_lightning.strategy.ShardedStepDDP",
+    "lipschitz_lightning.projection.Constraint", "lightning.pytorch.callbacks.ModelCheckpoint",
+})
+
+
 def check_targets(node, where: str) -> None:
     """Refuse a run config (read from ``where``) naming a ``_target_`` this project's configs do not."""
     if isinstance(node, dict):
         target = node.get("_target_")
-        if target is not None and target not in configured_targets():
+        if target is not None and target not in configured_targets() and target not in EARLIER_TARGETS:
             raise ConfigError(f"{where} names {target!r} as a _target_, which no config of this project names: refused, nothing was built")
         for value in node.values():
             check_targets(value, where)

@@ -1,0 +1,109 @@
+"""What a setting admits: the signatures of the config targets are the schema of the configs.
+
+A setting's range lives in its annotation, next to the parameter it constrains
+(``w_max: Positive``), in ``annotated_types``' vocabulary, which pydantic reads:
+``commands.settings`` checks every key of every ``_target_`` section of the composed config
+against its target's annotations with pydantic before anything is built, so a new setting is
+checked the moment it is added; a test fails for any numeric setting whose annotation gives no range.
+
+No torch, no hydra, no Lightning here: the models, optimizers and constraints import these aliases.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import types
+import typing
+from typing import Annotated, Any, Literal, Union
+
+import annotated_types as at
+
+Positive = Annotated[float, at.Gt(0)]
+NonNegative = Annotated[float, at.Ge(0)]
+UnitInterval = Annotated[float, at.Interval(ge=0, lt=1)]  # momenta, betas, decay fractions
+PositiveInt = Annotated[int, at.Ge(1)]
+NonNegativeInt = Annotated[int, at.Ge(0)]
+Betas = tuple[UnitInterval, UnitInterval]
+
+
+class InRegistry:
+    """True for the keys of a registry that may grow after import (the constraint methods): an
+    ``annotated_types.Predicate`` that pydantic checks and ``describe`` lists."""
+
+    def __init__(self, registry):
+        self.registry = registry
+
+    def __call__(self, value) -> bool:
+        return value in self.registry
+
+
+def one_of(registry) -> Any:
+    """A string that is a key of ``registry`` at the time it is checked."""
+    return Annotated[str, at.Predicate(InRegistry(registry))]
+
+_BOUNDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+_SEQUENCES = (list, collections.abc.Sequence)
+_MAPPINGS = (dict, collections.abc.Mapping)
+
+
+def _range(metadata) -> list[tuple[str, float]]:
+    bounds = []
+    for item in metadata:
+        for key in _BOUNDS:
+            bound = getattr(item, key, None)
+            if bound is not None:
+                bounds.append((key, bound))
+    return bounds
+
+
+def _describe_range(kind: str, bounds: list[tuple[str, float]]) -> str:
+    keys = dict(bounds)
+    if "ge" in keys and ("lt" in keys or "le" in keys):
+        upper = ")" if "lt" in keys else "]"
+        return f"{kind} in [{keys['ge']:g}, {keys.get('lt', keys.get('le')):g}{upper}"
+    return " ".join([kind] + [f"{_BOUNDS[key]} {bound:g}" for key, bound in bounds])
+
+
+def describe(hint: Any) -> str:
+    """What a type ``hint`` admits, in words, for a one-line error: ``a number > 0``, ``one of ['a', 'b']``,
+    ``an integer >= 1 or null``. (pydantic decides whether a value fits: ``commands.settings.check``.)"""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Annotated:
+        registry = next((item.func.registry for item in args[1:] if isinstance(item, at.Predicate) and isinstance(item.func, InRegistry)), None)
+        if registry is not None:
+            return f"one of {list(registry)}"
+        base, bounds = args[0], _range(args[1:])
+        least = next((item.min_length for item in args[1:] if isinstance(item, at.MinLen)), 0)
+        if least and typing.get_origin(base) in _SEQUENCES:
+            return "a non-empty " + describe(base).removeprefix("a ")
+        if not bounds:
+            return describe(base)
+        return _describe_range("an integer" if base is int else "a number", bounds)
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if arg is type(None) else describe(arg) for arg in args)
+    if origin is Literal:
+        return f"one of {list(args)}"
+    words = {type(None): "null", bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    if hint in words:
+        return words[hint]
+    if origin is tuple and args and args[-1] is not Ellipsis:  # fixed length, e.g. betas
+        return f"{len(args)} values, each {describe(args[0])}"
+    if origin in _SEQUENCES:
+        return f"a list, each {describe(args[0] if args else Any)}"
+    if origin in _MAPPINGS:
+        key_hint, value_hint = args or (Any, Any)
+        return f"a mapping from {describe(key_hint)} to {describe(value_hint)}"
+    return "anything"
+
+
+def has_range(hint: Any) -> bool:
+    """Whether every number a hint admits is bounded (a range or a set of choices): a bare
+    ``int`` or ``float`` is not, so a test can insist that no setting is left unchecked."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Annotated:
+        return bool(_range(args[1:])) or has_range(args[0])
+    if hint in (int, float):
+        return False
+    if origin in (Union, types.UnionType, tuple, *_SEQUENCES, *_MAPPINGS):
+        return all(has_range(arg) for arg in args if arg not in (type(None), Ellipsis))
+    return True

@@ -1,0 +1,63 @@
+"""The front page stays a front page, and its tables say what conf/ holds."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# the table's group -> the folder whose yaml files are its options
+GROUPS = {
+    "optimizer": "conf/optimizer", "constraint": "conf/constraint", "model": "conf/model", "data": "conf/data",
+    "scheduler": "conf/scheduler", "trainer": "conf/trainer", "logger": "conf/logger", "experiment": "conf/experiment",
+    "+sweep": "sweeps/sweep",
+}
+
+
+def group_table(page: Path) -> dict[str, set[str]]:
+    rows = re.findall(r"^\| `([+\w]+)` \| (.*) \|$", page.read_text(), flags=re.M)
+    # an option is a backticked name at the start of the cell or after a comma (not inside a parenthesis)
+    return {group: set(re.findall(r"(?:^|, )`([\w]+)`", re.sub(r"\([^)]*\)", "", cell))) for group, cell in rows if group in GROUPS}
+
+
+def test_the_readme_fits_on_a_few_screens():
+    assert len((REPO / "README.md").read_text().splitlines()) <= 300
+
+
+def test_the_group_tables_list_every_option_conf_has():
+    for page in (REPO / "README.md", REPO / "docs" / "configuration.md"):
+        table = group_table(page)
+        assert set(table) == set(GROUPS), page
+        for group, folder in GROUPS.items():
+            options = {path.stem for path in (REPO / folder).glob("*.yaml")}
+            assert table[group] == options, f"{page.name}: {group}: the table has {sorted(table[group])}, {folder} has {sorted(options)}"
+
+
+def test_every_page_the_readme_links_exists():
+    for page in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if not target.startswith("http"):
+                assert (page.parent / target).exists(), f"{page.name} links {target}"
+
+
+def test_the_python_api_page_runs_as_written():
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / "docs" / "api.md").read_text(), flags=re.S)
+    assert len(blocks) == 2
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "docs/api.md", "exec"), namespace)
+    gpt, certificate = namespace["gpt"], namespace["certificate"]
+    assert certificate.bound == gpt.certified_bound() and math.isfinite(namespace["loss"].item())
+    assert max(gpt.layer_norms().values()) <= 2.0 * (1 + 1e-4)  # the constraint held the GPT in its ball
+
+
+def test_the_python_api_still_imports_from_where_it_always_was():
+    from lipschitz_lightning import constraints, lipschitz
+    from lipschitz_lightning.core import bounds, constraints as core_constraints
+
+    for name in ("project_linear", "soft_cap", "soft_cap_coupling", "svd_cap", "orthogonalize", "hard_cap",
+                 "spectral_normalize", "spectral_hammer", "spectral_weight_decay", "project_stack"):
+        assert getattr(constraints, name) is getattr(core_constraints, name), name
+    for name in ("rms_norm", "mlp_bound", "gpt_certificate", "gpt_bound_paper_formula"):
+        assert getattr(lipschitz, name) is getattr(bounds, name), name

@@ -1,0 +1,62 @@
+"""The package's layers, as its folders show them: no import runs from a lower layer up to a higher
+one, and the ground floor (the maths) imports neither Lightning nor Hydra."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "lipschitz_lightning"
+
+# lowest first; a module may import its own layer and the ones below
+LAYERS = {
+    "errors": 0, "__init__": 0,
+    "core": 1,
+    "models": 2, "optim": 2, "data": 2, "robustness": 2,
+    "lit": 3,
+    "commands": 4,
+    # the documented entry points kept at the top: `python -m lipschitz_lightning.<command>` and the
+    # Python API (lipschitz_lightning.constraints, lipschitz_lightning.lipschitz)
+    "constraints": 5, "lipschitz": 5, "evaluate": 5, "certify": 5, "sample": 5, "benchmark": 5, "report": 5,
+}
+PURE = ("core", "robustness")  # torch only
+
+
+def layer(parts: tuple[str, ...]) -> int:
+    return LAYERS[parts[0].removesuffix(".py")]
+
+
+def imports(path: Path) -> list[tuple[str, int]]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.append((node.module, node.lineno))
+            if node.module == "lipschitz_lightning":
+                found += [(f"lipschitz_lightning.{alias.name}", node.lineno) for alias in node.names]
+    return found
+
+
+def test_every_module_has_a_layer_and_imports_only_downwards():
+    offences = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE).parts
+        own = layer(parts)
+        for name, line in imports(path):
+            if not name.startswith("lipschitz_lightning."):
+                continue
+            target = name.split(".")[1]
+            if target in LAYERS and LAYERS[target] > own:
+                offences.append(f"{path.relative_to(PACKAGE)}:{line} imports {name} (layer {LAYERS[target]} > {own})")
+    assert not offences, "\n".join(offences)
+
+
+def test_the_ground_floor_imports_neither_lightning_nor_hydra():
+    offences = []
+    for folder in PURE:
+        for path in sorted((PACKAGE / folder).rglob("*.py")):
+            for name, line in imports(path):
+                if name.split(".")[0] in ("lightning", "pytorch_lightning", "hydra", "omegaconf"):
+                    offences.append(f"{path.relative_to(PACKAGE)}:{line} imports {name}")
+    assert not offences, "\n".join(offences)
