@@ -83,14 +83,14 @@ def check_blocks(rows: list[dict], where: str) -> None:
 # ----------------------------------------------------------------------------- the command
 
 
-def validate_settings(cfg) -> list[str]:
+def checkpoint_paths(cfg) -> list[str]:
     """What the settings' types cannot say, checked before anything is loaded (the types are
     ``settings.CertifySettings``'s); returns the checkpoint paths."""
     paths = [cfg.ckpt_path] if isinstance(cfg.ckpt_path, str) else list(cfg.ckpt_path)
     for path in paths:  # all of them before any work (load_network says the same of a file it cannot read)
         if not Path(path).is_file():
             raise ConfigError(f"ckpt_path must be an existing checkpoint file, got {path!r}")
-    out = Path(cfg.out_dir) if cfg.out_dir is not None else default_out_dir(paths[0])
+    out = output_dir(cfg)
     existing = next(p for p in (out, *out.parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK):
         raise ConfigError(f"out_dir {str(out)!r} cannot be written: {str(existing)!r} is not a writable folder")
@@ -267,6 +267,13 @@ def _names(paths: list[str]) -> list[str]:
     return [p if names.count(n) > 1 else n for n, p in zip(names, paths)]
 
 
+def output_dir(cfg) -> Path:
+    """``out_dir``, or by default the run directory of the first checkpoint."""
+    if cfg.out_dir is not None:
+        return Path(cfg.out_dir)
+    return default_out_dir(cfg.ckpt_path if isinstance(cfg.ckpt_path, str) else cfg.ckpt_path[0])
+
+
 def default_out_dir(ckpt_path: str) -> Path:
     """The run directory of a checkpoint (``<run>`` for ``<run>/checkpoints/x.ckpt``), else its folder."""
     path = Path(ckpt_path)
@@ -276,7 +283,7 @@ def default_out_dir(ckpt_path: str) -> Path:
 def certify(cfg) -> dict[str, dict]:
     """Certify every checkpoint of ``cfg.ckpt_path``; write certify.json, .md and .png into the
     output folder (``cfg.out_dir``, or the first checkpoint's run directory); return the results."""
-    paths = validate_settings(cfg)
+    paths = checkpoint_paths(cfg)
     torch.manual_seed(cfg.seed)
     results = {}
     for name, path in zip(_names(paths), paths):
@@ -288,7 +295,7 @@ def certify(cfg) -> dict[str, dict]:
             result = certify_classifier(cfg, loaded)
         result["seconds"] = time.perf_counter() - started
         results[name] = result
-    out = Path(cfg.out_dir) if cfg.out_dir is not None else default_out_dir(paths[0])
+    out = output_dir(cfg)
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / "certify.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -385,7 +392,7 @@ def run(cfg) -> dict[str, dict]:
         results = certify(cfg)
     except LipschitzLightningError as error:
         exit_with(error, EXIT_CERTIFICATE_BROKEN if isinstance(error, CertificateBroken) else EXIT_BAD_INPUT)
-    out = Path(cfg.out_dir) if cfg.out_dir is not None else default_out_dir(validate_settings(cfg)[0])
+    out = output_dir(cfg)
     print(markdown(results), flush=True)
     print(f"\nwritten: {out / 'certify.json'}, {out / 'certify.md'}, {out / 'certify.png'} ({time.perf_counter() - started:.0f} s)", flush=True)
     return results

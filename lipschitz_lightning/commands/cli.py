@@ -197,12 +197,24 @@ def quiet_known_warnings() -> None:
         warnings.filterwarnings("ignore", message=pattern)
 
 
+def compose_checked(config_name: str, overrides: list[str]) -> DictConfig:
+    """``conf/<config_name>.yaml`` composed with ``overrides`` as Hydra composes it; an unknown option
+    or key, or a group given a number, is one ``ConfigError`` line (``composition_error``)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(config_name, overrides=overrides)
+    except (HydraException, ValueError) as error:  # ValueError: Hydra's own, for model=5
+        raise ConfigError(composition_error(config_name, overrides, error)) from None
+
+
 def check_composition(config_name: str, args: list[str]) -> DictConfig | None:
     """Compose ``conf/<config_name>.yaml`` with the command line's overrides as Hydra will, so that an
     unknown option or key is one ``ConfigError`` line now, before torch is imported, rather than
     Hydra's message later; returns the composed config. Hydra's flags (``--cfg``, ``--help``, ``-m``)
     leave it all to Hydra (None)."""
-    from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
@@ -213,29 +225,33 @@ def check_composition(config_name: str, args: list[str]) -> DictConfig | None:
         # a sweep's overrides (a=1,2 under +sweep=...) make a multirun: each job is composed by Hydra
         if any(o.is_sweep_override() for o in OverridesParser.create().parse_overrides(overrides)):
             return None
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose(config_name, overrides=overrides)
-    except (HydraException, ValueError) as error:
+    except HydraException as error:
         raise ConfigError(composition_error(config_name, overrides, error)) from None
+    return compose_checked(config_name, overrides)
 
 
 def composition_error(config_name: str, overrides: list[str], error: Exception) -> str:
     from hydra import compose, initialize_config_dir
 
+    from lipschitz_lightning.commands.settings import (
+        accepted_keys,
+        holds_settings,
+        owner,
+    )
+
     message = str(error)
     if isinstance(error, ValueError):  # Hydra's own, for a group given a number: model=5
         for override in overrides:
-            key, _, value = override.partition("=")
-            group = CONF_DIR / key.lstrip("+~")
-            options = sorted(path.stem for path in group.glob("*.yaml")) if group.is_dir() else []
+            group, value = _key(override), override.split("=", 1)[1]
+            options = sorted(path.stem for path in (CONF_DIR / group).glob("*.yaml")) if (CONF_DIR / group).is_dir() else []
             if options and value not in options:
-                return f"{key.lstrip('+~')}={value} is not an option of {key.lstrip('+~')}; allowed: {', '.join(options)}"
+                return _not_an_option(group, value, options)
         return message
     missing = re.search(r"Could not find '(\w+)/([^']*)'.*?Available options in '\w+':\n((?:\t.*\n?)*)", message, flags=re.S)
     if missing:
         group, option, listed = missing.groups()
         options = [line.strip() for line in listed.split("Config search path")[0].splitlines() if line.strip() and line.startswith("\t")]
-        return f"{group}={option} is not an option of {group}; allowed: {', '.join(options)}"
+        return _not_an_option(group, option, options)
     unknown = re.search(r"Could not override '([\w.]+)'", message)
     if unknown:
         key = unknown.group(1)
@@ -245,17 +261,18 @@ def composition_error(config_name: str, overrides: list[str], error: Exception) 
             cfg = compose(config_name, overrides=rest, return_hydra_config=True)
         if section is None:
             if OmegaConf.is_dict(cfg.get(key)):
-                inner = [str(k) for k in cfg[key] if not str(k).startswith("_")]
-                return f"{key} holds settings, not one value: give {key}.<setting>=<value>; its settings: {', '.join(inner)}"
+                return holds_settings(key, [str(k) for k in cfg[key] if not str(k).startswith("_")])
             allowed = [str(k) for k in cfg if k != "hydra"]
             return f"{key} is not a setting of {config_name}; allowed: {', '.join(allowed)}"
         node = OmegaConf.select(cfg, section, default=None)
         if OmegaConf.is_dict(node):
-            from lipschitz_lightning.commands.settings import accepted_keys, owner
-
             allowed = (accepted_keys(node) if "_target_" in node else None) or [k for k in node if not str(k).startswith("_")]
             return f"{key} is not a setting of {owner(cfg, section)}; allowed: {', '.join(map(str, allowed))}"
     return " ".join(line.strip() for line in message.splitlines() if line.strip() and not line.startswith(("\tprovider", "Config search path")))
+
+
+def _not_an_option(group: str, option: str, options: list[str]) -> str:
+    return f"{group}={option} is not an option of {group}; allowed: {', '.join(options)}"
 
 
 def compose_command(config_name: str, args: list[str], usage: str) -> DictConfig | None:
@@ -263,9 +280,6 @@ def compose_command(config_name: str, args: list[str], usage: str) -> DictConfig
     Hydra composes them (these commands want no run directory and no log, so no Hydra app). An
     unknown key or option is one ``ConfigError`` line. ``--cfg job`` prints the composed settings and
     ``--help`` the usage; both return None."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-
     if "--help" in args or "-h" in args:
         print(usage.strip())
         return None
@@ -276,11 +290,7 @@ def compose_command(config_name: str, args: list[str], usage: str) -> DictConfig
     bare = [a for a in overrides if "=" not in a]
     if bare:
         raise ConfigError(f"{bare[0]!r} is not a setting: give key=value (see --help)")
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose(config_name, overrides=overrides)
-    except (HydraException, ValueError) as error:
-        raise ConfigError(composition_error(config_name, overrides, error)) from None
+    cfg = compose_checked(config_name, overrides)
     if "--cfg" in args:
         print(OmegaConf.to_yaml(cfg, resolve=False))
         return None

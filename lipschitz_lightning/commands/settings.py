@@ -86,9 +86,15 @@ def check(value: Any, hint: Any) -> tuple[bool, str]:
 
 
 class Settings(BaseModel):
-    """A command's settings: every key typed, any other key refused."""
+    """A command's settings: every key typed, any other key refused (subclasses inherit this config
+    and change only what they name)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, populate_by_name=True)
+    model_config = ConfigDict(**STRICT, extra="forbid", populate_by_name=True)
+
+
+def holds_settings(key: str, settings: list[str]) -> str:
+    """The message for a group of settings given one value (``attack=3``)."""
+    return f"{key} holds settings, not one value: give {key}.<setting>=<value>; its settings: {', '.join(settings)}"
 
 
 def validate_settings(model: type[Settings], values: dict, command: str, prefix: str = "") -> Settings:
@@ -103,8 +109,8 @@ def validate_settings(model: type[Settings], values: dict, command: str, prefix:
             allowed = _fields(model, first["loc"][:-1])
             raise ConfigError(f"{key} is not a setting of {command}; allowed: {', '.join(allowed)}") from None
         inner = _fields(model, first["loc"])
-        if inner:  # a group of settings given one value: attack=3
-            raise ConfigError(f"{key} holds settings, not one value: give {key}.<setting>=<value>; its settings: {', '.join(inner)}") from None
+        if inner:
+            raise ConfigError(holds_settings(key, inner)) from None
         raise ConfigError(f"{key} must be {_describe_field(model, first['loc'])}, got {first.get('input')!r}") from None
 
 
@@ -139,7 +145,7 @@ class TrainerSettings(Settings):
     """The Lightning trainer keys this project's configs set; any other Trainer argument
     (``+trainer.gradient_clip_val=...``) passes to Lightning, which checks it."""
 
-    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False, populate_by_name=True)
+    model_config = ConfigDict(extra="allow")
     target: Literal["lightning.pytorch.Trainer"] = Field(alias="_target_")
     default_root_dir: str | None = None
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps", "tpu"] = "auto"
@@ -164,7 +170,6 @@ class TrainerSettings(Settings):
 class TrainSettings(Settings):
     """``conf/train.yaml``'s own keys; the groups are checked by their targets and their own models."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
     task_name: str
     tags: list[str]
     seed: int
@@ -263,8 +268,7 @@ def check_train_settings(cfg: DictConfig) -> None:
                 ok, allowed = check(value, hints[key])
             except Exception:  # a type pydantic cannot read (a Logger, a Profiler): Lightning checks it
                 continue
-            if not ok:
-                raise ConfigError(f"trainer.{key} must be {allowed}, got {value!r}")
+            _raise_unless(f"trainer.{key}", ok, allowed, value)
 
 
 COMMAND_SETTINGS: dict[str, type[Settings]] = {"sample": SampleSettings, "evaluate": EvaluateSettings, "certify": CertifySettings}
@@ -349,12 +353,6 @@ def _value(cfg: DictConfig, key: str) -> Any:
     return value
 
 
-def _check_value(key: str, value: Any, hint: Any) -> None:
-    ok, description = check(value, hint)
-    if not ok:
-        raise ConfigError(f"{key} must be {description}, got {value!r}")
-
-
 def _check_section_values(cfg: DictConfig, section: str) -> None:
     node = OmegaConf.select(cfg, section, default=None)
     if not OmegaConf.is_dict(node) or "_target_" not in node:
@@ -365,7 +363,8 @@ def _check_section_values(cfg: DictConfig, section: str) -> None:
     for key in node:
         if str(key).startswith("_") or key not in settings or OmegaConf.is_dict(node[key]) and "_target_" in node[key]:
             continue
-        _check_value(f"{section}.{key}", _value(cfg, f"{section}.{key}"), settings[key])
+        value = _value(cfg, f"{section}.{key}")
+        _raise_unless(f"{section}.{key}", *check(value, settings[key]), value=value)
 
 
 # ---------------------------------------------------------------------------- relations across keys

@@ -20,25 +20,20 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
-from hydra.errors import HydraException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lipschitz_lightning import CONF_DIR
 from lipschitz_lightning.commands.benchmark import WARMUP
 from lipschitz_lightning.commands.cli import (
-    composition_error,
+    compose_checked,
     quiet_known_warnings,
     register_resolvers,
 )
 from lipschitz_lightning.commands.train import build
-from lipschitz_lightning.core.losses import linear_cross_entropy
 from lipschitz_lightning.core.projection import ShardsItsStep
 from lipschitz_lightning.core.roles import param_groups
 from lipschitz_lightning.core.sharding import count_traffic
 from lipschitz_lightning.errors import (
-    ConfigError,
     LipschitzLightningError,
 )
 from lipschitz_lightning.lit.modules import flatten_positions
@@ -74,11 +69,7 @@ def compose_config(
     if constraint is not None:
         overrides.append(f"constraint={constraint}")
     register_resolvers()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose("train", overrides=overrides)
-    except (HydraException, ValueError) as error:  # an unknown option or key: one line
-        raise ConfigError(composition_error("train", overrides, error)) from None
+    return compose_checked("train", overrides)
 
 
 def make_sync(device: torch.device):
@@ -177,19 +168,13 @@ def plain_forward(cfg: DictConfig, net: torch.nn.Module):
     return torch.compile(forward) if cfg.model.get("compile", False) else forward
 
 
-def train_loss(cfg: DictConfig, net: torch.nn.Module, forward, x: torch.Tensor, y: torch.Tensor, progress: float,
-               windows: dict) -> torch.Tensor:
-    """The module's training loss: for a language model, the window of training's progress (a device
-    tensor made once per size, as the module keeps them) and the loss over the vocabulary in chunks
-    (``LanguageModelModule.loss_and_correct``); the classifier's cross-entropy otherwise."""
-    if not hasattr(net, "window_blocks"):
+def train_loss(cfg: DictConfig, net: torch.nn.Module, forward, x: torch.Tensor, y: torch.Tensor, progress: float) -> torch.Tensor:
+    """The module's training loss: for a language model, the window of training's progress and the
+    loss over the vocabulary in chunks (``LanguageModelModule.loss_and_correct``); the classifier's
+    cross-entropy otherwise."""
+    if not hasattr(net, "next_token_loss"):
         return F.cross_entropy(*flatten_positions(forward(x), y))
-    blocks = net.window_blocks(progress)
-    if blocks is not None and blocks not in windows:
-        windows[blocks] = torch.tensor(blocks, dtype=torch.int32, device=x.device)
-    features = forward(x, window=None if blocks is None else windows[blocks])
-    loss, _ = linear_cross_entropy(features.flatten(0, -2), net.head.weight, y.flatten(), net.config.final_scale,
-                                   cfg.model.get("loss_chunk", 4096))
+    loss, _ = net.next_token_loss(forward(x, window=net.window(progress, x.device)), y, cfg.model.get("loss_chunk", 4096))
     return loss
 
 
@@ -205,7 +190,7 @@ def peak_memory_gib(device: torch.device) -> float:
 def run_plain(cfg: DictConfig, datamodule, device: torch.device, sync, time_projection: bool = False) -> Timing:
     torch.manual_seed(cfg.seed)
     net = instantiate(cfg.model.net).to(device)
-    forward, windows = plain_forward(cfg, net), {}
+    forward = plain_forward(cfg, net)
     optimizer = instantiate(cfg.optimizer)(param_groups(net.param_specs()))
     scheduler = instantiate(cfg.scheduler)(optimizer)
     # the constraint the callback applies, applied here directly after each step
@@ -222,7 +207,7 @@ def run_plain(cfg: DictConfig, datamodule, device: torch.device, sync, time_proj
         stamps.append(time.perf_counter())
         x, y = next(batches)
         with autocast(cfg, device):
-            loss = train_loss(cfg, net, forward, x, y, step / steps, windows)
+            loss = train_loss(cfg, net, forward, x, y, step / steps)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -256,7 +241,7 @@ def communication_worker(rank: int, world: int, init_file: str, config: dict, st
         cfg = OmegaConf.create(config)
         torch.manual_seed(cfg.seed)
         net = instantiate(cfg.model.net).to(device)
-        forward, windows = plain_forward(cfg, net), {}
+        forward = plain_forward(cfg, net)
         optimizer = instantiate(cfg.optimizer)(param_groups(net.param_specs()))
         constraint = instantiate(cfg.constraint)
         constraint.attach([optimizer])
@@ -268,7 +253,7 @@ def communication_worker(rank: int, world: int, init_file: str, config: dict, st
         for step in range(steps):
             x, y = next(batches)
             with autocast(cfg, device):
-                loss = train_loss(cfg, net, forward, x, y, step / steps, windows)
+                loss = train_loss(cfg, net, forward, x, y, step / steps)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             sync()
@@ -345,7 +330,7 @@ def step_flops(cfg: DictConfig, datamodule, device: torch.device) -> dict[str, f
     x, y = next(train_batches(datamodule, device))
     counts = {}
     with FlopCounterMode(display=False) as counter:
-        loss = train_loss(cfg, net, net.features if hasattr(net, "features") else net, x, y, 0.0, {})
+        loss = train_loss(cfg, net, net.features if hasattr(net, "features") else net, x, y, 0.0)
     counts["forward"] = counter.get_total_flops()
     with FlopCounterMode(display=False) as counter:
         loss.backward()

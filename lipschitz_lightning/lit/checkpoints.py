@@ -8,6 +8,7 @@ constructor arguments and, for character-level language models, the vocabulary.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,26 +48,24 @@ NETWORKS = ("lipschitz_lightning.models.mlp.MLP", "lipschitz_lightning.models.gp
 CONF_DIRS = (CONF_DIR, PROJECT_ROOT / "sweeps")
 
 
+def named_targets(node) -> Iterator:
+    """Every ``_target_`` a config (plain dicts and lists) names, at any depth."""
+    if isinstance(node, dict):
+        if node.get("_target_") is not None:
+            yield node["_target_"]
+        for value in node.values():
+            yield from named_targets(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from named_targets(value)
+
+
 @functools.cache
 def configured_targets() -> frozenset[str]:
     """Every ``_target_`` that this project's configs name (its own classes, Lightning's trainer and
     loggers, torch's schedulers): the only ones a run config read from a checkpoint may name."""
-    targets: set[str] = set()
-
-    def walk(node) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if key == "_target_" and isinstance(value, str):
-                    targets.add(value)
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    for directory in CONF_DIRS:
-        for path in directory.rglob("*.yaml"):
-            walk(yaml.safe_load(path.read_text()))
-    return frozenset(targets)
+    return frozenset(target for directory in CONF_DIRS for path in directory.rglob("*.yaml")
+                     for target in named_targets(yaml.safe_load(path.read_text())))
 
 
 # what the configs named before the package had its layers (checkpoints written then carry them)
@@ -82,15 +81,9 @@ EARLIER_TARGETS = frozenset({
 
 def check_targets(node, where: str) -> None:
     """Refuse a run config (read from ``where``) naming a ``_target_`` this project's configs do not."""
-    if isinstance(node, dict):
-        target = node.get("_target_")
-        if target is not None and target not in configured_targets() and target not in EARLIER_TARGETS:
+    for target in named_targets(node):
+        if target not in configured_targets() and target not in EARLIER_TARGETS:
             raise ConfigError(f"{where} names {target!r} as a _target_, which no config of this project names: refused, nothing was built")
-        for value in node.values():
-            check_targets(value, where)
-    elif isinstance(node, list):
-        for value in node:
-            check_targets(value, where)
 
 
 def check_record(record: dict, where: str) -> None:

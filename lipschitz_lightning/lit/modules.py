@@ -13,7 +13,6 @@ from torch import nn
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
 
-from lipschitz_lightning.core.losses import linear_cross_entropy
 from lipschitz_lightning.core.roles import param_groups
 from lipschitz_lightning.core.types import PositiveInt
 from lipschitz_lightning.errors import TrainingDiverged
@@ -147,7 +146,7 @@ class LanguageModelModule(ClassificationModule):
     """Next-token prediction: mean token cross-entropy and token accuracy over ``vocab_size`` classes.
 
     The loss is taken over the vocabulary ``loss_chunk`` positions at a time
-    (``losses.linear_cross_entropy``), so no step or validation holds every position's logits.
+    (``GPT.next_token_loss``), so no step or validation holds every position's logits.
     The network sees the sliding window of the current point of training (``net.window_blocks``).
     Validation also runs the network's instrumented forward (``net.features(x, stats=...)``, the
     softmax written out) and logs, as maxima over the validation set, each block's largest
@@ -172,7 +171,6 @@ class LanguageModelModule(ClassificationModule):
         self.vocab_chars: str | None = None
         self.tokenizer: str | None = None
         self._stat_maxima: dict[str, torch.Tensor] = {}
-        self._windows: dict[tuple, torch.Tensor] = {}
 
     def on_fit_start(self) -> None:
         datamodule = self.trainer.datamodule
@@ -181,16 +179,9 @@ class LanguageModelModule(ClassificationModule):
         self.tokenizer = getattr(datamodule, "tokenizer", None) or self.tokenizer
 
     def window(self, device: torch.device) -> torch.Tensor | None:
-        """The attention window (in blocks) at this point of training, as a device tensor made once
-        per size: a Python int would specialise compiled code on it, a fresh tensor copy per step
-        would wait for the device. None: plain causal attention."""
+        """The attention window at this point of training (``net.window``); outside a fit, the last."""
         progress = self.global_step / self.trainer.max_steps if self._trainer is not None and self.trainer.max_steps > 0 else 1.0
-        blocks = self.net.window_blocks(progress)
-        if blocks is None:
-            return None
-        if (blocks, device) not in self._windows:
-            self._windows[(blocks, device)] = torch.tensor(blocks, dtype=torch.int32, device=device)
-        return self._windows[(blocks, device)]
+        return self.net.window(progress, device)
 
     def forward(self, x: torch.Tensor, stats: dict | None = None) -> torch.Tensor:
         if stats is not None:
@@ -205,9 +196,7 @@ class LanguageModelModule(ClassificationModule):
     def loss_and_correct(self, batch, features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
         x, y = batch
         features = self.features(x) if features is None else features
-        loss, correct = linear_cross_entropy(
-            features.flatten(0, -2), self.net.head.weight, y.flatten(), self.net.config.final_scale, self.loss_chunk
-        )
+        loss, correct = self.net.next_token_loss(features, y, self.loss_chunk)
         return loss, correct, y.numel()
 
     def validation_step(self, batch, batch_idx: int) -> None:

@@ -43,6 +43,7 @@ from lipschitz_lightning.core.bounds import (
     gpt_certificate,
     rms_norm,
 )
+from lipschitz_lightning.core.losses import linear_cross_entropy
 from lipschitz_lightning.core.roles import ParamSpec, Role, gpt_target_norms
 from lipschitz_lightning.core.types import NonNegativeInt, Positive, PositiveInt
 from lipschitz_lightning.errors import ConfigError
@@ -361,6 +362,7 @@ class GPT(nn.Module):
         cos, sin = rotary_tables(cfg.seq_len, cfg.width // cfg.num_heads, cfg.rope_base, cfg.rope)
         self.register_buffer("rotary_cos", cos, persistent=False)
         self.register_buffer("rotary_sin", sin, persistent=False)
+        self._window_tensors: dict[tuple, Tensor] = {}  # see window()
         self.reset_parameters()
 
     @torch.no_grad()
@@ -386,6 +388,23 @@ class GPT(nn.Module):
         cfg = self.config
         grown = math.ceil((cfg.window_max - BLOCK // 2) * min(max(progress, 0.0), 1.0) / BLOCK)
         return min(cfg.window_max // BLOCK, max(cfg.window_min // BLOCK, grown))
+
+    def window(self, progress: float, device: torch.device) -> Tensor | None:
+        """``window_blocks(progress)`` as a device tensor made once per size, for training: a Python
+        int would specialise compiled code on it, a fresh tensor copy per step would wait for the
+        device. None: plain causal attention."""
+        blocks = self.window_blocks(progress)
+        if blocks is None:
+            return None
+        if (blocks, device) not in self._window_tensors:
+            self._window_tensors[(blocks, device)] = torch.tensor(blocks, dtype=torch.int32, device=device)
+        return self._window_tensors[(blocks, device)]
+
+    def next_token_loss(self, features: Tensor, targets: Tensor, chunk: int = 4096) -> tuple[Tensor, Tensor]:
+        """The mean cross-entropy of the head's logits at every position, and how many of their
+        argmaxes were right, the vocabulary taken ``chunk`` positions at a time
+        (``core.losses.linear_cross_entropy``: no step holds every position's logits)."""
+        return linear_cross_entropy(features.flatten(0, -2), self.head.weight, targets.flatten(), self.config.final_scale, chunk)
 
     def embed(self, tokens: Tensor) -> Tensor:
         x = self.embedding(tokens)

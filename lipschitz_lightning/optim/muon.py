@@ -183,8 +183,8 @@ class Muon(torch.optim.Optimizer):
                 update = self._momentum(p.grad, group, self.state[p])
                 if is_matrix_role(group["role"]):
                     stacks[(tuple(p.shape), p.device)].append((p, group, update))
-                else:  # an embedding: normalise each token vector (nn.Embedding stores one per row)
-                    self._apply(p, group, normalize_token_vectors(update, self.embed_inflation, dim=-1) * group["target_norm"])
+                else:
+                    self._embedding_step(p, group, update)
         for stack in stacks.values():
             self._orthogonalized_step(stack)
 
@@ -213,7 +213,7 @@ class Muon(torch.optim.Optimizer):
                 continue
             update = self._momentum(grad, group, state)
             if not is_matrix_role(group["role"]):
-                self._apply(weight, group, normalize_token_vectors(update, self.embed_inflation, dim=-1) * group["target_norm"])
+                self._embedding_step(weight, group, update)
             elif piece.rows is None:
                 stacks[(tuple(p.shape), p.device)].append((p, group, update))
             else:
@@ -244,6 +244,10 @@ class Muon(torch.optim.Optimizer):
         if group["weight_decay"]:  # a pass over the weights saved, and p * 1.0 is p exactly
             weight.mul_(1 - group["lr"] * group["weight_decay"])
         weight.add_(direction.to(weight.dtype), alpha=-group["lr"])
+
+    def _embedding_step(self, weight: torch.Tensor, group: dict, update: torch.Tensor) -> None:
+        """An embedding's step: each token vector (nn.Embedding stores one per row) normalised."""
+        self._apply(weight, group, normalize_token_vectors(update, self.embed_inflation, dim=-1) * group["target_norm"])
 
     def _adam_step(self, weight: torch.Tensor, group: dict, grad: torch.Tensor, state: dict) -> None:
         if not state:
