@@ -51,10 +51,12 @@ def test_a_good_command_line_passes_and_a_trainer_argument_goes_through(tmp_path
     "command, args, message",
     [
         ("sample", ["ckpt_path=x", "num_tokens=abc"], "num_tokens must be an integer >= 0, got 'abc'"),
+        ("sample", ["ckpt_path=x", "prompt="], "prompt must be a non-empty string, got ''"),
         ("sample", ["ckpt_path=x", "temperature=-1"], "temperature must be a number >= 0, got -1"),
         ("evaluate", ["ckpt_path=x", "data=foo"], "data holds settings, not one value: give data.<setting>=<value>; its settings: val_batch_size"),
         ("evaluate", ["ckpt_path=x", "device=tpu"], "device must be one of "),
         ("certify", ["ckpt_path=x", "attack=3"], "attack holds settings, not one value: give attack.<setting>=<value>; its settings: steps, "),
+        ("certify", ["ckpt_path=[a,'']"], "ckpt_path must be a non-empty string or a non-empty list, each a non-empty string, got ['a', '']"),
         ("certify", ["ckpt_path=x", "radii=[-1]"], "radii.0 must be a number > 0, got -1"),
         ("certify", ["ckpt_path=x", "attack.stepz=3"], "attack.stepz is not a setting of "),
         ("certify", ["ckpt_path=x", "--verbose"], "--verbose is not an option of this command"),

@@ -85,8 +85,6 @@ def sample(cfg: DictConfig) -> str:
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model, vocab = load_language_model(cfg.ckpt_path, device)
     prompt = str(cfg.prompt)
-    if not prompt:
-        raise ConfigError("prompt must hold at least one character")
     try:
         prompt_tokens = vocab.encode(prompt).to(device)
     except ValueError as error:

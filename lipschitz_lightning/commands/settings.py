@@ -104,14 +104,26 @@ def validate_settings(model: type[Settings], values: dict, command: str, prefix:
         return model.model_validate(values)
     except ValidationError as error:
         first = error.errors()[0]
-        key = prefix + ".".join(str(part) for part in first["loc"])
+        loc = _without_union_tags(model, first["loc"])
+        key = prefix + ".".join(str(part) for part in loc)
         if first["type"] == "extra_forbidden":
-            allowed = _fields(model, first["loc"][:-1])
+            allowed = _fields(model, loc[:-1])
             raise ConfigError(f"{key} is not a setting of {command}; allowed: {', '.join(allowed)}") from None
-        inner = _fields(model, first["loc"])
+        inner = _fields(model, loc)
         if inner:
             raise ConfigError(holds_settings(key, inner)) from None
-        raise ConfigError(f"{key} must be {_describe_field(model, first['loc'])}, got {first.get('input')!r}") from None
+        raise ConfigError(f"{key} must be {_describe_field(model, loc)}, got {first.get('input')!r}") from None
+
+
+def _without_union_tags(model: type[BaseModel], loc: tuple) -> tuple:
+    """pydantic's error location less the names it gives a union's branches (``ckpt_path.constrained-str``):
+    field names and list indices only, so the key is the user's and its description the whole union's."""
+    kept: list = []
+    for part in loc:
+        hint = _field_hint(model, tuple(kept))
+        if isinstance(part, int) or (isinstance(hint, type) and issubclass(hint, BaseModel)):
+            kept.append(part)
+    return tuple(kept)
 
 
 def _field_hint(model: type[BaseModel], loc: tuple) -> Any:
@@ -195,7 +207,7 @@ class DataPaths(Settings):
 
 class SampleSettings(Settings):
     ckpt_path: str
-    prompt: str
+    prompt: Annotated[str, at.MinLen(1)]
     num_tokens: NonNegativeInt
     temperature: NonNegative  # 0: greedy
     seed: int

@@ -74,7 +74,7 @@ def describe(hint: Any) -> str:
             return f"one of {list(registry)}"
         base, bounds = args[0], _range(args[1:])
         least = next((item.min_length for item in args[1:] if isinstance(item, at.MinLen)), 0)
-        if least and typing.get_origin(base) in _SEQUENCES:
+        if least and (typing.get_origin(base) in _SEQUENCES or base is str):
             return "a non-empty " + describe(base).removeprefix("a ")
         if not bounds:
             return describe(base)
