@@ -53,7 +53,7 @@ def run(args: list[str]) -> None:
     sys.argv[1:] = args
 
     @hydra.main(version_base="1.3", config_path="conf", config_name="train")
-    def main(cfg: DictConfig) -> float | None:
+    def main(cfg: DictConfig) -> float | tuple[float, ...] | None:
         # torch and Lightning load here, not at import: --cfg job, --help and Hydra's errors stay
         # quick, and Lightning's notices find Hydra's logging already set up (so they reach train.log)
         from lipschitz_lightning.commands.allocator import keep_freed_memory
@@ -73,7 +73,10 @@ def run(args: list[str]) -> None:
             if cfg.get("keep_freed_memory"):
                 keep_freed_memory()
             built = build(cfg)  # config, resume and data checks: nothing trained yet
-            return train(cfg, built).get("val/acc")
+            summary = train(cfg, built)
+            if cfg.get("optimized_metrics"):  # a search's objectives, in its order
+                return tuple(summary.get(key) for key in cfg.optimized_metrics)  # a missing one: a failed trial
+            return summary.get("val/acc")
         except Exception as error:
             if in_multirun():
                 if built is None:

@@ -28,6 +28,13 @@ from lipschitz_lightning.errors import ConfigError
         (["+trainer.detect_anomaly=maybe"], "trainer.detect_anomaly must be true or false, got 'maybe'"),
         (["constraint.w_max=0"], "constraint.w_max must be a number > 0, got 0"),
         (["model.net.width=-3"], "model.net.width must be an integer >= 1, got -3"),
+        (["loss=certified_margin", "loss.radius=abc"], "loss.radius must be a number >= 0 or a fraction such as 36/255, got 'abc'"),
+        (["loss.temperature=0"], "loss.temperature must be a number > 0, got 0"),
+        (["loss=cross_entropy", "loss.radius=0.1"], "loss.radius is not a setting of loss=cross_entropy; allowed: temperature"),
+        (["loss=hinge"], "loss=hinge is not an option of loss; allowed: certified_margin, cross_entropy"),
+        (["data.holdout=60000"], "data.holdout must be an integer in [0, 49000], got 60000"),
+        (["data.flip=maybe"], "data.flip must be true or false, got 'maybe'"),
+        (["optimized_metrics=[]"], "optimized_metrics must be a non-empty list"),
     ],
 )
 def test_train_refuses_a_bad_command_line_in_one_line(args, message, tmp_path):

@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 GROUPS = {
     "optimizer": "conf/optimizer", "constraint": "conf/constraint", "model": "conf/model", "data": "conf/data",
     "scheduler": "conf/scheduler", "trainer": "conf/trainer", "logger": "conf/logger", "experiment": "conf/experiment",
-    "+sweep": "sweeps/sweep",
+    "loss": "conf/loss", "+sweep": "sweeps/sweep", "+hparams_search": "sweeps/hparams_search",
 }
 
 

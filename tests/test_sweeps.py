@@ -129,7 +129,7 @@ def test_pareto_frontier_keeps_only_undominated_points():
     assert report.pareto_frontier(points) == [5, 0, 1, 3]
 
 
-@pytest.mark.parametrize("sweep", ["smoke", "cifar_tradeoff", "shakespeare_tradeoff"])
+@pytest.mark.parametrize("sweep", ["smoke", "cifar_tradeoff", "cifar_tradeoff_loss", "shakespeare_tradeoff"])
 @pytest.mark.slow
 def test_every_grid_point_of_every_sweep_composes_and_validates(sweep):
     """Each (pair, level) of a shipped sweep resolves to a config that passes validation."""

@@ -98,9 +98,12 @@ def checkpoint_paths(cfg) -> list[str]:
 
 
 def validation_set(loaded: Loaded, limit: int | None) -> tuple[Tensor, Tensor]:
-    """The first ``limit`` validation examples (all when None), as the module sees them."""
+    """The first ``limit`` test images (all when None), as the module sees them: the validation split,
+    or the test split of a run that validated on images held out of training (``data.holdout``)."""
     xs, ys, count = [], [], 0
-    for batch in loaded.datamodule.val_dataloader():
+    datamodule = loaded.datamodule
+    held_out = getattr(datamodule, "holds_out_validation", False)
+    for batch in datamodule.test_dataloader() if held_out else datamodule.val_dataloader():
         x, y = loaded.datamodule.on_after_batch_transfer(batch, 0)
         xs.append(x), ys.append(y)
         count += len(x)
@@ -121,7 +124,13 @@ def run_label(run_config: dict) -> str:
         from lipschitz_lightning.commands.tradeoff import describe
 
         label = describe(run_config)
-        return label.pair + (f", w_max {label.w_max:g}" if label.w_max is not None else "")
+        loss = run_config.get("loss") or {}
+        trained = ""
+        if loss.get("radius"):
+            trained = f", margin loss at {loss['radius']}, T {loss.get('temperature', 1):g}"
+        elif loss.get("temperature", 1) != 1:
+            trained = f", T {loss['temperature']:g}"
+        return label.pair + (f", w_max {label.w_max:.3g}" if label.w_max is not None else "") + trained
     except (KeyError, TypeError, AttributeError):
         return ""
 
@@ -344,8 +353,9 @@ def markdown(results: dict[str, dict]) -> str:
 
 def plot(results: dict[str, dict], path: Path) -> None:
     """Classifiers: certified accuracy against l2 radius (one line per checkpoint) with the PGD
-    accuracy at the attacked radii (dots). Language models: per block, certified bounds (solid)
-    and observed maxima (dashed)."""
+    accuracy at the attacked radii (dots), and certified accuracy at the first radius against clean
+    accuracy (one point per checkpoint: the robustness each run bought, and at what price).
+    Language models: per block, certified bounds (solid) and observed maxima (dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -353,7 +363,7 @@ def plot(results: dict[str, dict], path: Path) -> None:
 
     classifiers = {k: v for k, v in results.items() if v["kind"] == "classifier"}
     models = {k: v for k, v in results.items() if v["kind"] == "language_model"}
-    count = bool(classifiers) + bool(models)
+    count = 2 * bool(classifiers) + bool(models)
     figure, panels = plt.subplots(1, count, figsize=(7 * count, 4.8), squeeze=False)
     panels = list(panels[0])
     if classifiers:
@@ -364,6 +374,15 @@ def plot(results: dict[str, dict], path: Path) -> None:
             axes.plot([row["radius_x255"] for row in r["radii"]], [row["empirical_acc"] for row in r["radii"]], "o", color=line.get_color())
         axes.set(xlabel="l2 radius in units of 1/255 (pixels in [0, 1], 3072 values)", ylabel="accuracy on the test split",
                  title="certified accuracy (lines) and accuracy under PGD (dots)", ylim=(0, None))
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=7)
+        axes = panels.pop(0)
+        for name, r in classifiers.items():
+            first = r["radii"][0]
+            axes.scatter([100 * r["accuracy"]], [100 * first["certified_acc"]], label=f"{name} ({r['run']})" if r["run"] else name)
+        radius = classifiers[next(iter(classifiers))]["radii"][0]["radius_x255"]
+        axes.set(xlabel="clean accuracy on the test split (%)", ylabel=f"certified accuracy at l2 {radius:.4g}/255 (%)",
+                 title="what each run's bound certifies, against its accuracy", ylim=(0, None))
         axes.grid(alpha=0.3)
         axes.legend(fontsize=7)
     if models:

@@ -44,6 +44,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     )
     trainer.validate(module, datamodule=loaded.datamodule, verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "lipschitz/", "norm/"))}
+    if getattr(loaded.datamodule, "holds_out_validation", False):  # validation held out of training: the test split too
+        trainer.test(module, datamodule=loaded.datamodule, verbose=False)
+        metrics |= {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}  # test() replaced val's
     return {"step": int(saved.checkpoint.get("global_step", 0)), **metrics}
 
 

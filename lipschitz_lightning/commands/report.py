@@ -1,18 +1,25 @@
-"""Gather a sweep's runs into one table and the paper's picture: certified bound vs accuracy.
+"""Gather sweeps' runs into one table and the paper's picture: certified bound vs accuracy.
 
     python -m lipschitz_lightning.report logs/cifar_tradeoff/multiruns/<date> [more dirs] [--out DIR]
+    python -m lipschitz_lightning.report logs/cifar_tradeoff/multiruns/<date> logs/cifar_frontier/searches
 
 Every run directory (one holding ``summary.json`` or Hydra's ``.hydra/``) is one row. Runs that
 failed, diverged or never finished are rows too, with their status and error, and are listed
-under the table rather than dropped. Writes ``tradeoff.csv``, ``tradeoff.md`` and ``tradeoff.png``
+under the table rather than dropped. A run inside a folder holding ``study.db`` (an Optuna search,
+sweeps/hparams_search/) is a searched trial: its pair's searched frontier is drawn over the
+grid's, and the table says how many trials each study holds, by state. Accuracy is on the test
+images: ``test/acc`` for a run that validated on held-out training images, ``val/acc`` otherwise
+(there validation is the test split). Writes ``tradeoff.csv``, ``tradeoff.md`` and ``tradeoff.png``
 into ``--out`` (default: the first directory) and prints the markdown.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
+import sqlite3
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +34,7 @@ from lipschitz_lightning.errors import OneLineParser
 class RunRow:
     run: str
     status: str  # completed, failed, incomplete
+    source: str = "grid"  # grid, or the name of the search (Optuna study) the trial belongs to
     pair: str = ""
     optimizer: str = ""
     constraint: str = ""
@@ -36,6 +44,10 @@ class RunRow:
     step: int | None = None
     val_acc: float | None = None
     val_loss: float | None = None
+    test_acc: float | None = None  # only where validation was held out of the training images
+    certified_acc: float | None = None  # on the test images, at model.certified_radius
+    temperature: float | None = None
+    radius: float | None = None  # the certified-margin loss's training radius
     bound: float | None = None
     wall_time_s: float | None = None
     layer_norms: str = ""
@@ -43,10 +55,19 @@ class RunRow:
     on_frontier: bool = field(default=False)
 
     @property
+    def accuracy(self) -> float | None:
+        """On the test images, whichever split validation was."""
+        return self.test_acc if self.test_acc is not None else self.val_acc
+
+    @property
+    def searched(self) -> bool:
+        return self.source != "grid"
+
+    @property
     def plottable(self) -> bool:
         return (
             self.status == "completed"
-            and self.val_acc is not None
+            and self.accuracy is not None
             and self.bound is not None
             and math.isfinite(self.bound)
             and self.bound > 0
@@ -68,6 +89,37 @@ def _hydra_config(path: Path) -> dict:
     return {key: OmegaConf.to_container(config[key], resolve=True) for key in ("optimizer", "constraint") if key in config}
 
 
+def _study_of(directory: Path, root: Path) -> str:
+    """The search a run belongs to: the nearest folder above it, up to ``root``, that holds a study."""
+    for parent in directory.parents:
+        if (parent / "study.db").is_file():
+            return parent.name
+        if parent == root:
+            break
+    return "grid"
+
+
+@dataclass
+class StudyCount:
+    study: str
+    pair: str
+    trials: dict[str, int]  # Optuna's trial states: COMPLETE, FAIL, RUNNING, ...
+
+
+def study_counts(roots: list[Path]) -> list[StudyCount]:
+    """Every study under ``roots`` and its trials by state (read with sqlite3, Optuna's schema)."""
+    counts = []
+    for root in roots:
+        for database in sorted(root.rglob("study.db")):
+            with contextlib.closing(sqlite3.connect(database)) as connection:
+                try:
+                    states = dict(connection.execute("SELECT state, COUNT(*) FROM trials GROUP BY state").fetchall())
+                except sqlite3.DatabaseError:
+                    continue
+            counts.append(StudyCount(database.parent.name, "", {str(k): int(v) for k, v in states.items()}))
+    return counts
+
+
 def _read_run(directory: Path, root: Path) -> RunRow:
     name = str(directory.relative_to(root)) if directory.is_relative_to(root) else str(directory)
     summary_path = directory / "summary.json"
@@ -78,7 +130,7 @@ def _read_run(directory: Path, root: Path) -> RunRow:
         # killed, or still running: only Hydra's record of the composed config is there
         summary = {"status": "incomplete", "error": "no summary.json: the run was killed, crashed or is still running"}
         config = _hydra_config(directory / ".hydra" / "config.yaml")
-    row = RunRow(run=name, status=summary.get("status", "completed"), error=summary.get("error", ""))
+    row = RunRow(run=name, status=summary.get("status", "completed"), source=_study_of(directory, root), error=summary.get("error", ""))
     try:
         label = describe(config)
         row.pair, row.optimizer, row.constraint = label.pair, label.optimizer, label.constraint
@@ -86,12 +138,24 @@ def _read_run(directory: Path, root: Path) -> RunRow:
     except (KeyError, TypeError, ValueError, AttributeError):
         pass  # an unresolvable config (e.g. the run died composing it): the row keeps its status and error
     row.step = summary.get("step")
-    row.val_acc, row.val_loss = summary.get("val/acc"), summary.get("val/loss")
+    row.val_acc, row.val_loss, row.test_acc = summary.get("val/acc"), summary.get("val/loss"), summary.get("test/acc")
+    row.certified_acc = summary.get("test/certified_acc", None if row.test_acc is not None else summary.get("val/certified_acc"))
+    loss = config.get("loss") or {}
+    row.temperature, row.radius = loss.get("temperature"), _radius(loss.get("radius"))
     row.bound, row.wall_time_s = summary.get("lipschitz/bound"), summary.get("wall_time_s")
     row.layer_norms = " ".join(f"{k[len('norm/'):]}={v:.3g}" for k, v in summary.items() if k.startswith("norm/"))
     if row.status == "completed" and not row.plottable:
         row.status, row.error = "failed", row.error or "no finite accuracy and bound in summary.json"
     return row
+
+
+def _radius(value) -> float | None:
+    from lipschitz_lightning.core.losses import parse_radius
+
+    try:
+        return None if value is None else parse_radius(value)
+    except ValueError:
+        return None
 
 
 def collect(roots: list[Path]) -> list[RunRow]:
@@ -119,12 +183,13 @@ def pareto_frontier(points: list[tuple[float, float]]) -> list[int]:
 
 
 def mark_frontiers(rows: list[RunRow]) -> None:
+    """Each pair's Pareto points, the grid's and the search's apart."""
     by_pair = defaultdict(list)
     for row in rows:
         if row.plottable:
-            by_pair[row.pair].append(row)
+            by_pair[row.pair, row.searched].append(row)
     for members in by_pair.values():
-        for i in pareto_frontier([(r.bound, r.val_acc) for r in members]):
+        for i in pareto_frontier([(r.bound, r.accuracy) for r in members]):
             members[i].on_frontier = True
 
 
@@ -140,21 +205,36 @@ def _fmt(value, spec: str) -> str:
     return "" if value is None else format(value, spec)
 
 
-def markdown(rows: list[RunRow]) -> str:
-    done = sorted((r for r in rows if r.plottable), key=lambda r: (r.pair, r.bound))
+def _percent(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:.2f}%"
+
+
+def markdown(rows: list[RunRow], studies: list[StudyCount] = ()) -> str:
+    """One row per completed run, grid first, then each search; the Pareto points marked."""
+    done = sorted((r for r in rows if r.plottable), key=lambda r: (r.searched, r.source, r.pair, r.bound))
     lines = [
-        "| pair | w_max | wd | lr | val acc | val loss | certified bound | frontier | layer norms |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| source | pair | w_max | wd | lr | loss T / radius | test acc | certified at 36/255 | val acc | certified bound | Pareto | layer norms |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in done:
+        loss = "" if r.temperature is None else f"{r.temperature:.3g} / {_fmt(r.radius, '.3g') or 0}"
+        held_out = _percent(r.val_acc) if r.test_acc is not None else "(test)"
         lines.append(
-            f"| {r.pair} | {_fmt(r.w_max, 'g')} | {_fmt(r.weight_decay, 'g')} | {_fmt(r.lr, 'g')} | "
-            f"{100 * r.val_acc:.2f}% | {_fmt(r.val_loss, '.4f')} | {r.bound:.4g} | {'yes' if r.on_frontier else ''} | "
+            f"| {r.source} | {r.pair} | {_fmt(r.w_max, '.3g')} | {_fmt(r.weight_decay, '.3g')} | {_fmt(r.lr, '.3g')} | {loss} | "
+            f"{_percent(r.accuracy)} | {_percent(r.certified_acc)} | {held_out} | {r.bound:.4g} | {'yes' if r.on_frontier else ''} | "
             f"{r.layer_norms} |"
         )
     not_done = [r for r in rows if not r.plottable]
     lines.append("")
     lines.append(f"{len(done)} completed, {len(not_done)} failed or incomplete.")
+    pairs = defaultdict(set)
+    for r in rows:
+        if r.searched:
+            pairs[r.source].add(r.pair)
+    for study in studies:
+        states = ", ".join(f"{count} {state.lower()}" for state, count in sorted(study.trials.items()))
+        lines.append(f"- search {study.study} ({', '.join(sorted(pairs[study.study])) or 'no run found'}): "
+                     f"{sum(study.trials.values())} trials ({states})")
     for r in not_done:
         where = f" at step {r.step}" if r.step is not None else ""
         lines.append(f"- {r.status}: {r.run} ({r.pair or 'config unreadable'}){where}: {r.error}")
@@ -188,23 +268,25 @@ def plot(rows: list[RunRow], path: Path, title: str = ""):
     by_pair = defaultdict(list)
     for row in rows:
         if row.plottable:
-            by_pair[row.pair].append(row)
-    for pair, members in sorted(by_pair.items()):
+            by_pair[row.pair, row.searched].append(row)
+    for (pair, searched), members in sorted(by_pair.items()):
         colour = OPTIMIZER_COLOURS.get(members[0].optimizer, "tab:gray")
         marker = CONSTRAINT_MARKERS.get(members[0].constraint, "o")
         axes.scatter(
-            [r.bound for r in members], [100 * r.val_acc for r in members],
-            color=colour, marker=marker, s=60 if marker == "*" else 36, label=pair, alpha=0.85,
+            [r.bound for r in members], [100 * r.accuracy for r in members],
+            color=colour, marker=marker, s=60 if marker == "*" else 36, label=f"{pair} (searched)" if searched else pair,
+            alpha=0.35 if searched else 0.85, facecolors="none" if searched else colour,
         )
         frontier = sorted((r for r in members if r.on_frontier), key=lambda r: r.bound)
         axes.plot(
-            [r.bound for r in frontier], [100 * r.val_acc for r in frontier],
-            color=colour, linestyle=CONSTRAINT_LINESTYLES.get(members[0].constraint, "-"), linewidth=1.2, alpha=0.8,
+            [r.bound for r in frontier], [100 * r.accuracy for r in frontier],
+            color=colour, linestyle="-" if searched else CONSTRAINT_LINESTYLES.get(members[0].constraint, "-"),
+            linewidth=2.4 if searched else 1.2, alpha=0.9 if searched else 0.8,
         )
     axes.set_xscale("log")
     axes.set_xlabel("certified Lipschitz bound (log scale)")
-    axes.set_ylabel("validation accuracy (%)")
-    axes.set_title(title or "Lipschitz bound vs accuracy: each [optimizer, constraint] pair and its Pareto frontier")
+    axes.set_ylabel("accuracy on the 10,000 test images (%)")
+    axes.set_title(title or "Lipschitz bound vs accuracy: each pair's Pareto frontier, grid (thin) and searched (thick)")
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(fontsize=8, loc="lower right")
     figure.tight_layout()
@@ -227,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no runs (summary.json or .hydra/) under {', '.join(map(str, args.dirs))}")
     out = args.out or args.dirs[0]
     out.mkdir(parents=True, exist_ok=True)
-    table = markdown(rows)
+    table = markdown(rows, study_counts(args.dirs))
     write_csv(rows, out / "tradeoff.csv")
     (out / "tradeoff.md").write_text(table + "\n")
     plot(rows, out / "tradeoff.png", args.title)

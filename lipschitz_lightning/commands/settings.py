@@ -47,7 +47,7 @@ from lipschitz_lightning.errors import ConfigError
 
 _ABSENT = object()
 PACKAGE = "lipschitz_lightning."
-TARGET_SECTIONS = ("optimizer", "scheduler", "constraint", "data", "model", "model.net")
+TARGET_SECTIONS = ("optimizer", "scheduler", "constraint", "loss", "data", "model", "model.net")
 STRICT = ConfigDict(strict=True, allow_inf_nan=False)
 
 # Lightning's precision settings. 16-bit "-true" settings store the weights in 16 bits, whose
@@ -179,6 +179,10 @@ class TrainerSettings(Settings):
     limit_val_batches: NonNegativeInt | Annotated[float, at.Interval(ge=0, le=1)] | None = None
 
 
+# what a run can return to a sweeper (summary.json's keys; lipschitz/log10_bound is written for it)
+OBJECTIVES = ("val/acc", "val/loss", "val/certified_acc", "lipschitz/bound", "lipschitz/log10_bound")
+
+
 class TrainSettings(Settings):
     """``conf/train.yaml``'s own keys; the groups are checked by their targets and their own models."""
 
@@ -192,12 +196,16 @@ class TrainSettings(Settings):
     optimizer: dict
     scheduler: dict
     constraint: dict
+    loss: dict | None = None
     trainer: dict
     callbacks: dict | None = None
     model: dict
     logger: dict | None = None
     paths: dict
     tradeoff: dict | None = None  # a sweep's level and grid (sweeps/)
+    search: dict | None = None  # an Optuna search's own settings (sweeps/hparams_search/)
+    # what the run returns to a Hydra sweeper, in order (a search's objectives: sweeps/hparams_search/)
+    optimized_metrics: Annotated[list[Literal[OBJECTIVES]], at.MinLen(1)] | None = None
 
 
 class DataPaths(Settings):

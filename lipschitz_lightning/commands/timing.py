@@ -19,7 +19,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -30,6 +29,7 @@ from lipschitz_lightning.commands.cli import (
     register_resolvers,
 )
 from lipschitz_lightning.commands.train import build
+from lipschitz_lightning.core.losses import CrossEntropy
 from lipschitz_lightning.core.projection import ShardsItsStep
 from lipschitz_lightning.core.roles import param_groups
 from lipschitz_lightning.core.sharding import count_traffic
@@ -168,14 +168,21 @@ def plain_forward(cfg: DictConfig, net: torch.nn.Module):
     return torch.compile(forward) if cfg.model.get("compile", False) else forward
 
 
-def train_loss(cfg: DictConfig, net: torch.nn.Module, forward, x: torch.Tensor, y: torch.Tensor, progress: float) -> torch.Tensor:
-    """The module's training loss: for a language model, the window of training's progress and the
-    loss over the vocabulary in chunks (``LanguageModelModule.loss_and_correct``); the classifier's
-    cross-entropy otherwise."""
+def training_loss(cfg: DictConfig) -> CrossEntropy:
+    """The run's loss (``conf/loss/``); plain cross-entropy for a config without one."""
+    return instantiate(cfg.loss) if cfg.get("loss") is not None else CrossEntropy()
+
+
+def train_loss(cfg: DictConfig, net: torch.nn.Module, forward, x: torch.Tensor, y: torch.Tensor, progress: float,
+               loss: CrossEntropy) -> torch.Tensor:
+    """The module's training loss (``loss_and_counts``), the margin included: for a language model,
+    the window of training's progress and the loss over the vocabulary in chunks; the classifier's
+    logits through ``loss`` otherwise."""
+    margin = loss.margin(net.logit_l2_bound()) if loss.radius > 0 else 0.0
     if not hasattr(net, "next_token_loss"):
-        return F.cross_entropy(*flatten_positions(forward(x), y))
-    loss, _ = net.next_token_loss(forward(x, window=net.window(progress, x.device)), y, cfg.model.get("loss_chunk", 4096))
-    return loss
+        return loss(*flatten_positions(forward(x), y), margin)[0]
+    value, _ = net.next_token_loss(forward(x, window=net.window(progress, x.device)), y, cfg.model.get("loss_chunk", 4096), loss, margin)
+    return value
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -199,6 +206,7 @@ def run_plain(cfg: DictConfig, datamodule, device: torch.device, sync, time_proj
     constraint.scale_into_ball()
     batches = train_batches(datamodule, device)
     steps = cfg.trainer.max_steps
+    loss_fn = training_loss(cfg)
     reset_peak_memory(device)
 
     stamps, projection_s = [], []
@@ -207,7 +215,7 @@ def run_plain(cfg: DictConfig, datamodule, device: torch.device, sync, time_proj
         stamps.append(time.perf_counter())
         x, y = next(batches)
         with autocast(cfg, device):
-            loss = train_loss(cfg, net, forward, x, y, step / steps)
+            loss = train_loss(cfg, net, forward, x, y, step / steps, loss_fn)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -249,11 +257,12 @@ def communication_worker(rank: int, world: int, init_file: str, config: dict, st
         if isinstance(optimizer, ShardsItsStep) and optimizer.shards_its_step:  # no DDP wrapper, as with trainer=ddp's strategy
             optimizer.reduce_gradients = True
         batches, sync = train_batches(load_train_data(cfg), device), make_sync(device)
+        loss_fn = training_loss(cfg)
         sent, step_s = [], []
         for step in range(steps):
             x, y = next(batches)
             with autocast(cfg, device):
-                loss = train_loss(cfg, net, forward, x, y, step / steps)
+                loss = train_loss(cfg, net, forward, x, y, step / steps, loss_fn)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             sync()
@@ -330,7 +339,7 @@ def step_flops(cfg: DictConfig, datamodule, device: torch.device) -> dict[str, f
     x, y = next(train_batches(datamodule, device))
     counts = {}
     with FlopCounterMode(display=False) as counter:
-        loss = train_loss(cfg, net, net.features if hasattr(net, "features") else net, x, y, 0.0)
+        loss = train_loss(cfg, net, net.features if hasattr(net, "features") else net, x, y, 0.0, training_loss(cfg))
     counts["forward"] = counter.get_total_flops()
     with FlopCounterMode(display=False) as counter:
         loss.backward()

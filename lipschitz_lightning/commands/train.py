@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,7 +79,7 @@ def _holds_metrics(item: DictConfig) -> bool:
 # What a resumed run keeps. Lightning restores the optimizer's and the scheduler's state from the
 # checkpoint whatever the config says (a new optimizer.lr would be silently ignored), and the rest
 # defines the run; trainer devices and intervals, loggers, callbacks and paths may change.
-RESUME_KEEPS = ("seed", "model", "data", "optimizer", "scheduler", "constraint", "trainer.accumulate_grad_batches")
+RESUME_KEEPS = ("seed", "model", "data", "optimizer", "scheduler", "constraint", "loss", "trainer.accumulate_grad_batches")
 RESUME_MAY_CHANGE = ("data.data_dir", "data.dir", "data.cache_dir", "data.val_batch_size", "model.compile", "model.stats_tokens")
 _ABSENT = "<absent>"
 
@@ -169,7 +170,8 @@ def build(cfg: DictConfig) -> Run:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()  # missing or corrupt data fails here, before anything else is built
-    module = instantiate(cfg.model, optimizer=instantiate(cfg.optimizer), scheduler=instantiate(cfg.scheduler))
+    loss = instantiate(cfg.loss) if cfg.get("loss") is not None else None
+    module = instantiate(cfg.model, optimizer=instantiate(cfg.optimizer), scheduler=instantiate(cfg.scheduler), loss=loss)
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
     callbacks = _instantiate_all(cfg.get("callbacks")) + [ApplyConstraint(instantiate(cfg.constraint)), FinalValidation()]
     loggers = _instantiate_loggers(cfg, resumed_step)
@@ -243,6 +245,12 @@ def _fit(run: Run, resolved: dict) -> dict:
             logger.experiment.finish()  # one run per job, also inside a multirun
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "lipschitz/", "norm/", "constraint/"))}
+    if getattr(datamodule, "holds_out_validation", False):
+        # validation came from the training images (what a search tunes on); the test split is reported once, at the end
+        trainer.test(module, datamodule=datamodule, verbose=False)
+        metrics |= {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+    if metrics.get("lipschitz/bound", 0) > 0:
+        metrics["lipschitz/log10_bound"] = math.log10(metrics["lipschitz/bound"])
     checkpoints = {c.monitor: c.best_model_path or None for c in callbacks if isinstance(c, ModelCheckpoint)}
     return {
         "status": "completed",
@@ -268,8 +276,9 @@ def _write_summary(cfg: DictConfig, summary: dict) -> None:
 def summary_lines(metrics: dict, step: int) -> list[str]:
     """A run's result in two lines: validation accuracy and loss, then the certificate."""
     norms = ", ".join(f"{k[len('norm/'):]} {v:.3g}" for k, v in metrics.items() if k.startswith("norm/"))
+    test = f"; test accuracy {metrics['test/acc']:.4f}" if "test/acc" in metrics else ""
     return [
-        f"step {step}: val accuracy {metrics.get('val/acc', float('nan')):.4f}, val loss {metrics.get('val/loss', float('nan')):.4f}",
+        f"step {step}: val accuracy {metrics.get('val/acc', float('nan')):.4f}, val loss {metrics.get('val/loss', float('nan')):.4f}{test}",
         f"certified Lipschitz bound {metrics.get('lipschitz/bound', float('nan')):.4g} (layer norms: {norms})",
     ]
 

@@ -1,4 +1,20 @@
-"""A language model's loss over a large vocabulary, without every position's logits in memory.
+"""The training losses: cross-entropy with a temperature, the certified-margin loss, and a language
+model's loss over a large vocabulary without every position's logits in memory.
+
+Certified margin (docs/certified_training.md)
+---------------------------------------------
+``CertifiedMargin(radius, temperature)`` is ``CE(tau * (z - m * onehot(y)))``, the same as
+``CE(tau * (z + m * (1 - onehot(y))))`` (a shift common to all logits leaves cross-entropy alone),
+with ``m = sqrt(2) * L_l2 * radius``: ``L_l2`` the Lipschitz bound of the logits in l2 units of the
+input (``net.logit_l2_bound()``, the exact bound of the weights this forward pass uses). A
+training point whose logit margin exceeds ``m`` is certified at ``radius``: no input within that
+l2 distance changes its class (``certify``'s check, ``robustness.certified.certified``). The
+offset logits' argmax is the true class exactly when that holds, so the loss counts certified
+points for free. ``CrossEntropy`` is the case ``m = 0``; its default temperature 1 is plain
+cross-entropy, bit for bit.
+
+Large vocabularies
+------------------
 
 ``linear_cross_entropy(features, weight, targets, scale, chunk)`` is
 ``F.cross_entropy(scale * features @ weight.T, targets)`` together with the number of positions whose
@@ -18,13 +34,93 @@ this one runs on every device, CPU tests included.
 
 from __future__ import annotations
 
+import math
+import re
+from typing import Annotated
+
+import annotated_types as at
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from lipschitz_lightning.core.types import Described, NonNegative, Positive
+
+# "36/255": a radius written as certify reports it (its tables give radii in units of 1/255)
+_FRACTION = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*/\s*(\d+(?:\.\d*)?)\s*$")
+
+
+def _is_fraction(text: str) -> bool:
+    match = _FRACTION.match(text)
+    return match is not None and float(match.group(2)) > 0
+
+
+Radius = NonNegative | Annotated[str, at.Predicate(Described("a fraction such as 36/255", _is_fraction))]
+
+
+def parse_radius(radius: float | str) -> float:
+    """A float, or a fraction ``"36/255"`` (what ``loss.radius=36/255`` gives on the command line)."""
+    if isinstance(radius, str):
+        if not _is_fraction(radius):
+            raise ValueError(f"a radius must be a non-negative number or a fraction such as 36/255, got {radius!r}")
+        match = _FRACTION.match(radius)
+        return float(match.group(1)) / float(match.group(2))
+    return float(radius)
+
+
+class CrossEntropy:
+    """``CE(temperature * logits)``. A bounded network cannot make its logits large: a temperature
+    above 1 lets its softmax become confident anyway (docs/certified_training.md)."""
+
+    radius = 0.0
+
+    def __init__(self, temperature: Positive = 1.0):
+        self.temperature = float(temperature)
+
+    def margin(self, logit_l2_bound: float) -> float:
+        """The logit margin a training point must clear to count as certified: none here."""
+        return 0.0
+
+    def __call__(self, logits: Tensor, targets: Tensor, margin: float = 0.0) -> tuple[Tensor, Tensor]:
+        """Mean loss and the number of points whose margin exceeds ``margin`` (with ``margin = 0``:
+        the correctly classified points)."""
+        if margin == 0.0:
+            offset, counted = logits, (logits.detach().argmax(dim=-1) == targets).sum()
+        else:
+            offset = logits.scatter_add(1, targets[:, None], logits.new_full((len(targets), 1), -margin))
+            detached = logits.detach()
+            others = detached.scatter(1, targets[:, None], float("-inf")).amax(dim=1)
+            counted = (detached.gather(1, targets[:, None])[:, 0] - others > margin).sum()  # certify's strict test
+        scaled = offset if self.temperature == 1.0 else offset * self.temperature
+        return F.cross_entropy(scaled, targets), counted
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(temperature={self.temperature:g})"
+
+
+class CertifiedMargin(CrossEntropy):
+    """Cross-entropy that demands, for the true class, a logit margin certifying ``radius``.
+
+    ``radius`` is an l2 distance in the input's units: pixels in [0, 1] for the CIFAR-10 MLP (as
+    ``certify`` reports it, e.g. ``36/255``), token RMS of the embedded sequence for the GPT.
+    """
+
+    def __init__(self, radius: Radius = "36/255", temperature: Positive = 10.0):
+        super().__init__(temperature)
+        self.radius = parse_radius(radius)
+
+    def margin(self, logit_l2_bound: float) -> float:
+        return math.sqrt(2) * logit_l2_bound * self.radius
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(radius={self.radius:.6g}, temperature={self.temperature:g})"
 
 
 def _chunked(features: Tensor, weight: Tensor, targets: Tensor, scale: float, chunk: int,
-             grad_features: Tensor | None, grad_weight: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Loss sum and correct count; fills the gradients of the mean loss where buffers are given."""
+             grad_features: Tensor | None, grad_weight: Tensor | None, margin: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Loss sum and the count of positions whose margin exceeds ``margin``; fills the gradients of
+    the mean loss where buffers are given. ``scale`` multiplies the offset logits (final scale
+    times temperature); ``margin`` is in units of ``scale``-multiplied logits."""
     count = features.shape[0]
     precision = torch.promote_types(weight.dtype, torch.float32)  # the softmax never in 16 bits
     loss_sum = torch.zeros((), dtype=precision, device=features.device)
@@ -34,7 +130,10 @@ def _chunked(features: Tensor, weight: Tensor, targets: Tensor, scale: float, ch
         logits = (x @ weight.mT).to(precision)  # a bf16 product under autocast, as the head's would be
         if scale != 1.0:
             logits.mul_(scale)
-        target_logit = logits.gather(1, y[:, None]).squeeze(1)
+        rows = torch.arange(len(y), device=y.device)
+        if margin != 0.0:
+            logits[rows, y] -= margin
+        target_logit = logits[rows, y]
         correct += (logits.argmax(dim=-1) == y).sum()
         # the softmax in place of the logits: one chunk x vocab buffer, no second one for logsumexp
         largest = logits.amax(dim=-1, keepdim=True)
@@ -46,7 +145,7 @@ def _chunked(features: Tensor, weight: Tensor, targets: Tensor, scale: float, ch
             continue
         # d(mean loss)/d(x W^T) = scale * (softmax - onehot) / count
         gradient = exponentials.div_(total)
-        gradient[torch.arange(len(y), device=y.device), y] -= 1.0
+        gradient[rows, y] -= 1.0
         gradient.mul_(scale / count)
         if grad_features is not None:
             grad_features[start : start + chunk] = gradient @ weight
@@ -58,10 +157,10 @@ def _chunked(features: Tensor, weight: Tensor, targets: Tensor, scale: float, ch
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, features: Tensor, weight: Tensor, targets: Tensor, scale: float, chunk: int) -> tuple[Tensor, Tensor]:
+    def forward(ctx, features: Tensor, weight: Tensor, targets: Tensor, scale: float, chunk: int, margin: float) -> tuple[Tensor, Tensor]:
         grad_features = torch.empty_like(features) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32)) if ctx.needs_input_grad[1] else None
-        loss_sum, correct = _chunked(features, weight, targets, scale, chunk, grad_features, grad_weight)
+        loss_sum, correct = _chunked(features, weight, targets, scale, chunk, grad_features, grad_weight, margin)
         ctx.save_for_backward(grad_features, grad_weight)
         ctx.weight_dtype = weight.dtype
         ctx.mark_non_differentiable(correct)
@@ -73,18 +172,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (
             None if grad_features is None else grad_features * grad_loss.to(grad_features.dtype),
             None if grad_weight is None else (grad_weight * grad_loss).to(ctx.weight_dtype),
-            None, None, None,
+            None, None, None, None,
         )
 
 
-def linear_cross_entropy(features: Tensor, weight: Tensor, targets: Tensor, scale: float = 1.0, chunk: int = 4096) -> tuple[Tensor, Tensor]:
-    """Mean cross-entropy of the logits ``scale * features @ weight.T`` against ``targets`` and the
-    number of positions whose largest logit is the target (an int64 tensor; read it when logging,
-    so that no step waits for the device).
+def linear_cross_entropy(features: Tensor, weight: Tensor, targets: Tensor, scale: float = 1.0, chunk: int = 4096,
+                         loss: CrossEntropy | None = None, margin: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Mean cross-entropy of the logits ``z = scale * features @ weight.T`` against ``targets`` and the
+    number of positions whose margin exceeds ``margin`` (an int64 tensor; read it when logging,
+    so that no step waits for the device): with ``margin = 0``, those whose largest logit is the target.
 
-    ``features``: ``(positions, width)``; ``weight``: ``(vocab, width)``; ``targets``: ``(positions,)``.
+    With ``loss`` (a ``CrossEntropy`` or ``CertifiedMargin``), the loss is ``loss``'s:
+    ``CE(temperature * (z - margin * onehot))``. ``features``: ``(positions, width)``;
+    ``weight``: ``(vocab, width)``; ``targets``: ``(positions,)``.
     """
+    temperature = loss.temperature if loss is not None else 1.0
+    args = (float(scale) * temperature, int(chunk))
+    offset = float(margin) * temperature
     if torch.is_grad_enabled() and (features.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(features, weight, targets, float(scale), int(chunk))
-    loss_sum, correct = _chunked(features, weight, targets, float(scale), int(chunk), None, None)
+        return _LinearCrossEntropy.apply(features, weight, targets, *args, offset)
+    loss_sum, correct = _chunked(features, weight, targets, *args, None, None, offset)
     return loss_sum / features.shape[0], correct

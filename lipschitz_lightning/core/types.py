@@ -37,6 +37,16 @@ class InRegistry:
         return value in self.registry
 
 
+class Described:
+    """A test for an ``annotated_types.Predicate`` that says in words what it admits (for ``describe``)."""
+
+    def __init__(self, description: str, test):
+        self.description, self.test = description, test
+
+    def __call__(self, value) -> bool:
+        return self.test(value)
+
+
 def one_of(registry) -> Any:
     """A string that is a key of ``registry`` at the time it is checked."""
     return Annotated[str, at.Predicate(InRegistry(registry))]
@@ -72,6 +82,9 @@ def describe(hint: Any) -> str:
         registry = next((item.func.registry for item in args[1:] if isinstance(item, at.Predicate) and isinstance(item.func, InRegistry)), None)
         if registry is not None:
             return f"one of {list(registry)}"
+        described = next((item.func.description for item in args[1:] if isinstance(item, at.Predicate) and isinstance(item.func, Described)), None)
+        if described is not None:
+            return described
         base, bounds = args[0], _range(args[1:])
         least = next((item.min_length for item in args[1:] if isinstance(item, at.MinLen)), 0)
         if least and (typing.get_origin(base) in _SEQUENCES or base is str):
@@ -80,6 +93,8 @@ def describe(hint: Any) -> str:
             return describe(base)
         return _describe_range("an integer" if base is int else "a number", bounds)
     if origin in (Union, types.UnionType):
+        if int in args and float in args:  # every integer is a number: say it once
+            args = tuple(arg for arg in args if arg is not int)
         return " or ".join("null" if arg is type(None) else describe(arg) for arg in args)
     if origin is Literal:
         return f"one of {list(args)}"

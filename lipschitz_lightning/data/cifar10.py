@@ -10,6 +10,10 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 
+from typing import Annotated
+
+import annotated_types as at
+
 from lipschitz_lightning.core.types import NonNegativeInt, PositiveInt
 from lipschitz_lightning.data.common import (
     BatchTensorDataset,
@@ -21,7 +25,7 @@ from lipschitz_lightning.data.common import (
 from lipschitz_lightning.errors import DataError
 
 HUB_ID = "uoft-cs/cifar10"
-SPLITS = {"train": "train", "val": "test"}  # the paper validates on the test split
+SPLITS = {"train": "train", "test": "test"}  # the paper validates on the test split (holdout 0)
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
@@ -60,8 +64,32 @@ def decode_parquet(path: Path) -> dict[str, torch.Tensor]:
     return {"images": torch.from_numpy(images), "labels": labels}
 
 
+def crop_and_flip(images: torch.Tensor, padding: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
+    """Random crops of the zero-padded images and random horizontal flips of a whole ``(N, H, W, C)``
+    batch in one gather: each image's rows and columns are index ranges shifted by its own offset,
+    a flipped image's columns read backwards. No Python per image."""
+    n, height, width, _ = images.shape
+    device = images.device
+    if padding:
+        images = torch.nn.functional.pad(images, (0, 0, padding, padding, padding, padding))
+    shifts = torch.randint(0, 2 * padding + 1, (2, n), generator=generator, device=device)
+    rows = shifts[0, :, None] + torch.arange(height, device=device)
+    columns = shifts[1, :, None] + torch.arange(width, device=device)
+    if flip:
+        flipped = torch.rand(n, generator=generator, device=device) < 0.5
+        columns = torch.where(flipped[:, None], columns.flip(1), columns)
+    return images[torch.arange(n, device=device)[:, None, None], rows[:, :, None], columns[:, None, :]]
+
+
 class CIFAR10DataModule(IndexedSplitsDataModule):
-    """Images stay uint8 (HWC) until they reach the device, then become floats in [0, 1]."""
+    """Images stay uint8 (HWC) until they reach the device, then become floats in [0, 1].
+
+    ``holdout``: validate on the last ``holdout`` of the 50,000 training images (and train on the
+    rest) instead of on the test split, which is then evaluated once, after training (``test/``
+    metrics): what a search must tune on. ``crop_padding`` / ``flip``: random crops of the
+    zero-padded image and horizontal flips of training batches, on the device, seeded by
+    ``(seed, step)`` so a resumed run sees the same batches. All off by default (the paper's runs).
+    """
 
     kind = "images"
 
@@ -72,12 +100,20 @@ class CIFAR10DataModule(IndexedSplitsDataModule):
         val_batch_size: PositiveInt = 512,
         seed: NonNegativeInt = 0,
         cache_dir: str | None = None,
+        holdout: Annotated[int, at.Interval(ge=0, le=49_000)] = 0,
+        crop_padding: Annotated[int, at.Interval(ge=0, le=16)] = 0,
+        flip: bool = False,
     ):
         super().__init__()
         self.directory = Path(data_dir) / "cifar10"
         self.batch_size, self.val_batch_size, self.seed = batch_size, val_batch_size, seed
+        self.holdout, self.crop_padding, self.flip = holdout, crop_padding, flip
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.splits: dict[str, BatchTensorDataset] = {}
+
+    @property
+    def holds_out_validation(self) -> bool:
+        return self.holdout > 0
 
     def files(self) -> dict[str, Path]:
         return {name: self.directory / f"{split}.parquet" for name, split in SPLITS.items()}
@@ -91,10 +127,24 @@ class CIFAR10DataModule(IndexedSplitsDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
+        loaded = {}
         for name, path in self.files().items():
             tensors = cached_tensors(path, "uint8", lambda: decode_parquet(path), self.cache_dir)
-            self.splits[name] = BatchTensorDataset(tensors["images"], tensors["labels"])
+            loaded[name] = (tensors["images"], tensors["labels"])
+        images, labels = loaded["train"]
+        if self.holdout:
+            keep = len(labels) - self.holdout
+            self.splits["train"] = BatchTensorDataset(images[:keep], labels[:keep])
+            self.splits["val"] = BatchTensorDataset(images[keep:], labels[keep:])
+            self.splits["test"] = BatchTensorDataset(*loaded["test"])
+        else:
+            self.splits["train"] = BatchTensorDataset(images, labels)
+            self.splits["val"] = BatchTensorDataset(*loaded["test"])
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, labels = batch
+        trainer = self.trainer
+        if (self.crop_padding or self.flip) and trainer is not None and trainer.training:
+            generator = torch.Generator(images.device).manual_seed(self.seed * 1_000_003 + trainer.global_step)
+            images = crop_and_flip(images, self.crop_padding, self.flip, generator)
         return images.float().div_(255), labels

@@ -192,5 +192,11 @@ class IndexedSplitsDataModule(L.LightningDataModule):
         return DataLoader(self.splits["train"], sampler=sampler, batch_size=None)
 
     def val_dataloader(self) -> DataLoader:
-        sampler = SequentialBatches(len(self.splits["val"]), self.val_batch_size, *self._rank_world())
-        return DataLoader(self.splits["val"], sampler=sampler, batch_size=None)
+        return self._in_order("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._in_order("test")
+
+    def _in_order(self, split: str) -> DataLoader:
+        sampler = SequentialBatches(len(self.splits[split]), self.val_batch_size, *self._rank_world())
+        return DataLoader(self.splits[split], sampler=sampler, batch_size=None)

@@ -13,10 +13,12 @@ from torch import nn
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
 
+from lipschitz_lightning.core.losses import CrossEntropy, Radius, parse_radius
 from lipschitz_lightning.core.roles import param_groups
 from lipschitz_lightning.core.types import PositiveInt
 from lipschitz_lightning.errors import TrainingDiverged
 from lipschitz_lightning.lit.checkpoints import network_record
+from lipschitz_lightning.robustness.certified import certified, margins
 
 
 def flatten_positions(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,7 +46,11 @@ class CorrectFraction(Metric):
 
 
 class ClassificationModule(L.LightningModule):
-    """Cross-entropy classification. ``net`` provides ``param_specs()`` (roles, target norms)."""
+    """Classification trained with ``loss`` (``conf/loss/``: cross-entropy by default, or the
+    certified-margin loss). ``net`` provides ``param_specs()`` (roles, target norms) and, for a loss
+    with a radius, ``logit_l2_bound()``. Validation and test report plain cross-entropy, accuracy,
+    and the fraction certified at l2 radius ``certified_radius`` (``certify``'s check with the
+    exact bound of the weights at that point)."""
 
     data_kind = "images"  # the ``kind`` of datamodule it trains on (commands/settings.py checks the pairing)
 
@@ -55,19 +61,28 @@ class ClassificationModule(L.LightningModule):
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         num_classes: Annotated[int, at.Ge(2)] = 10,
         compile: bool = False,
+        loss: CrossEntropy | None = None,
+        certified_radius: Radius = "36/255",
     ):
         super().__init__()
-        self.save_hyperparameters(logger=False, ignore=["net", "optimizer", "scheduler"])
+        self.save_hyperparameters(logger=False, ignore=["net", "optimizer", "scheduler", "loss"])
         self.net = net
+        self.loss = loss if loss is not None else CrossEntropy()
         # torch.compile of the network's forward (the training and validation passes; the
         # instrumented statistics pass stays eager). Not a registered submodule: the state dict
         # and checkpoints keep only self.net's keys.
         object.__setattr__(self, "_compiled_net", torch.compile(net) if compile else None)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self._train_correct: torch.Tensor | int = 0
+        self._train_certified: torch.Tensor | int = 0
         self._train_count = 0
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_loss = MeanMetric()
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_loss = MeanMetric()
+        self.certified_radius = parse_radius(certified_radius)
+        self.certified_fraction = {"val": CorrectFraction(), "test": CorrectFraction()}
+        self._margins: dict[str, list[torch.Tensor]] = {"val": [], "test": []}
         self._unchecked_losses: list[tuple[int, torch.Tensor]] = []
         # the run's resolved config, set by training.build: checkpoints carry it, so that a
         # checkpoint alone says which data and settings it was trained with
@@ -80,11 +95,20 @@ class ClassificationModule(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fast_net(x)
 
+    def training_margin(self) -> float:
+        """The logit margin that certifies ``loss.radius`` with the weights this step's forward pass
+        uses (their exact bound: docs/certified_training.md); 0 for a loss without a radius."""
+        if self.loss.radius == 0.0:
+            return 0.0
+        return self.loss.margin(self.net.logit_l2_bound())
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        loss, correct, count = self.loss_and_correct(batch)
+        margin = self.training_margin()
+        loss, correct, certified, count = self.loss_and_counts(batch, margin)
         # counts stay on the device until a logging step: a torchmetrics update would check its
         # inputs and count classes on the host, a device sync every step
         self._train_correct = self._train_correct + correct
+        self._train_certified = self._train_certified + certified
         self._train_count += count
         self._unchecked_losses.append((self.global_step, loss.detach()))
         # Logging and the finiteness check each cost a host sync (and ~1 ms of Python per
@@ -96,15 +120,23 @@ class ClassificationModule(L.LightningModule):
             self.log("train/loss", loss, prog_bar=True)
             # over the steps since the last log
             self.log("train/acc", torch.as_tensor(self._train_correct).float() / float(self._train_count))
-            self._train_correct, self._train_count = 0, 0
+            if self.loss.radius > 0:
+                # the fraction of training points the loss counted as certified at its radius
+                self.log("train/certified", torch.as_tensor(self._train_certified).float() / float(self._train_count))
+                self.log("train/margin", margin)
+            self._train_correct, self._train_certified, self._train_count = 0, 0, 0
             self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         return loss
 
-    def loss_and_correct(self, batch) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """The mean training loss, how many predictions were right (a tensor), and out of how many."""
+    def loss_and_counts(self, batch, margin: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | int, int]:
+        """The mean training loss, how many predictions were right and how many margins exceed
+        ``margin`` (tensors; 0 without a margin), and out of how many."""
         x, y = batch
         logits, y = flatten_positions(self(x), y)
-        return F.cross_entropy(logits, y), (logits.detach().argmax(dim=-1) == y).sum(), y.numel()
+        loss, counted = self.loss(logits, y, margin)
+        if margin == 0.0:
+            return loss, counted, 0, y.numel()
+        return loss, (logits.detach().argmax(dim=-1) == y).sum(), counted, y.numel()
 
     def on_train_end(self) -> None:
         self._raise_if_diverged()
@@ -124,11 +156,35 @@ class ClassificationModule(L.LightningModule):
         logits, y = flatten_positions(self(x), y)
         self._log_validation(logits, y)
 
-    def _log_validation(self, logits: torch.Tensor, y: torch.Tensor) -> None:
-        self.val_loss(F.cross_entropy(logits, y, reduction="none"))
-        self.val_acc(logits, y)
-        self.log("val/loss", self.val_loss, prog_bar=True)
-        self.log("val/acc", self.val_acc, prog_bar=True)
+    def _log_validation(self, logits: torch.Tensor, y: torch.Tensor, split: str = "val") -> None:
+        mean_loss, accuracy = (self.val_loss, self.val_acc) if split == "val" else (self.test_loss, self.test_acc)
+        mean_loss(F.cross_entropy(logits, y, reduction="none"))
+        accuracy(logits, y)
+        self._margins[split].append(margins(logits.detach().float(), y))
+        self.log(f"{split}/loss", mean_loss, prog_bar=True)
+        self.log(f"{split}/acc", accuracy, prog_bar=True)
+
+    def _log_certified(self, split: str) -> None:
+        collected, self._margins[split] = self._margins[split], []
+        if not collected:
+            return
+        safe = certified(torch.cat(collected), self.net.logit_l2_bound(), self.certified_radius)
+        fraction = self.certified_fraction[split].to(self.device)
+        fraction.update(safe.sum(), safe.numel())
+        self.log(f"{split}/certified_acc", fraction.compute())
+        fraction.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_certified("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_certified("test")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        """The test split, when the data holds validation out of the training images (``data.holdout``)."""
+        x, y = batch
+        logits, y = flatten_positions(self(x), y)
+        self._log_validation(logits, y, "test")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["network"] = network_record(self.net)
@@ -163,8 +219,9 @@ class LanguageModelModule(ClassificationModule):
     data_kind = "tokens"
 
     def __init__(self, net: nn.Module, optimizer, scheduler=None, vocab_size: PositiveInt = 65,
-                 stats_tokens: PositiveInt = 4096, compile: bool = False, loss_chunk: PositiveInt = 4096):
-        super().__init__(net, optimizer, scheduler, num_classes=vocab_size, compile=compile)
+                 stats_tokens: PositiveInt = 4096, compile: bool = False, loss_chunk: PositiveInt = 4096,
+                 loss: CrossEntropy | None = None):
+        super().__init__(net, optimizer, scheduler, num_classes=vocab_size, compile=compile, loss=loss)
         self.stats_tokens, self.loss_chunk = stats_tokens, loss_chunk
         self.val_acc = CorrectFraction()
         object.__setattr__(self, "_compiled_features", torch.compile(net.features) if compile else None)
@@ -193,11 +250,16 @@ class LanguageModelModule(ClassificationModule):
             return self.net.features(x, stats=stats, window=self.window(x.device))
         return self._compiled_features(x, window=self.window(x.device))
 
-    def loss_and_correct(self, batch, features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def loss_and_counts(self, batch, margin: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | int, int]:
         x, y = batch
-        features = self.features(x) if features is None else features
-        loss, correct = self.net.next_token_loss(features, y, self.loss_chunk)
-        return loss, correct, y.numel()
+        features = self.features(x)
+        loss, counted = self.net.next_token_loss(features, y, self.loss_chunk, self.loss, margin)
+        if margin == 0.0:
+            return loss, counted, 0, y.numel()
+        # the positions certified come with the loss; which were right needs the head once more, without the offset
+        with torch.no_grad():
+            _, correct = self.net.next_token_loss(features, y, self.loss_chunk)
+        return loss, correct, counted, y.numel()
 
     def validation_step(self, batch, batch_idx: int) -> None:
         x, _ = batch
@@ -210,7 +272,9 @@ class LanguageModelModule(ClassificationModule):
         for name, value in stats.items():
             previous = self._stat_maxima.get(name)
             self._stat_maxima[name] = value if previous is None else torch.maximum(previous, value)
-        loss, correct, count = self.loss_and_correct(batch, features)
+        # validation reports plain cross-entropy, whatever loss trains
+        loss, correct = self.net.next_token_loss(features, batch[1], self.loss_chunk)
+        count = batch[1].numel()
         self.val_loss.update(loss, weight=count)
         self.val_acc.update(correct, count)
         self.log("val/loss", self.val_loss, prog_bar=True)

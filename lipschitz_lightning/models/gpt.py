@@ -43,7 +43,7 @@ from lipschitz_lightning.core.bounds import (
     gpt_certificate,
     rms_norm,
 )
-from lipschitz_lightning.core.losses import linear_cross_entropy
+from lipschitz_lightning.core.losses import CrossEntropy, linear_cross_entropy
 from lipschitz_lightning.core.roles import ParamSpec, Role, gpt_target_norms
 from lipschitz_lightning.core.types import NonNegativeInt, Positive, PositiveInt
 from lipschitz_lightning.errors import ConfigError
@@ -400,11 +400,14 @@ class GPT(nn.Module):
             self._window_tensors[(blocks, device)] = torch.tensor(blocks, dtype=torch.int32, device=device)
         return self._window_tensors[(blocks, device)]
 
-    def next_token_loss(self, features: Tensor, targets: Tensor, chunk: int = 4096) -> tuple[Tensor, Tensor]:
-        """The mean cross-entropy of the head's logits at every position, and how many of their
-        argmaxes were right, the vocabulary taken ``chunk`` positions at a time
+    def next_token_loss(self, features: Tensor, targets: Tensor, chunk: int = 4096, loss: CrossEntropy | None = None,
+                        margin: float = 0.0) -> tuple[Tensor, Tensor]:
+        """The mean cross-entropy of the head's logits at every position (``loss``'s, with its
+        temperature and ``margin``), and how many positions' margins exceed ``margin`` (0: how many
+        argmaxes were right), the vocabulary taken ``chunk`` positions at a time
         (``core.losses.linear_cross_entropy``: no step holds every position's logits)."""
-        return linear_cross_entropy(features.flatten(0, -2), self.head.weight, targets.flatten(), self.config.final_scale, chunk)
+        return linear_cross_entropy(features.flatten(0, -2), self.head.weight, targets.flatten(), self.config.final_scale,
+                                    chunk, loss, margin)
 
     def embed(self, tokens: Tensor) -> Tensor:
         x = self.embedding(tokens)
@@ -519,6 +522,11 @@ class GPT(nn.Module):
     def certified_bound(self, norms: dict[str, float] | None = None) -> float:
         """Lipschitz bound of the logits (per-token RMS, max over positions) in the embedded input."""
         return self.certificate(norms).bound
+
+    def logit_l2_bound(self) -> float:
+        """The bound of one position's logits in l2 over the vocabulary, per unit of the embedded
+        input's token RMS: the RMS bound times ``sqrt(vocab_size)``."""
+        return self.certified_bound() * math.sqrt(self.config.vocab_size)
 
     def paper_formula_bound(self, norms: dict[str, float] | None = None) -> float:
         """SPEC §7's formula, for parity with the paper's code only: not a certificate (see core/bounds.py)."""

@@ -67,5 +67,10 @@ class MLP(nn.Module):
         """Lipschitz bound of the logits w.r.t. the flattened pixels, both in RMS units."""
         return mlp_bound(norms if norms is not None else self.layer_norms(), self.final_scale)
 
+    def logit_l2_bound(self) -> float:
+        """The bound in plain l2 units, ``||f(x) - f(y)||_2 <= L ||x - y||_2`` over the flattened
+        pixels: the RMS one times ``sqrt(classes / inputs)`` (robustness/certified.py derives it)."""
+        return self.certified_bound() * math.sqrt(self.config["num_classes"] / self.config["input_dim"])
+
     def config_dict(self) -> dict:
         return dict(self.config)

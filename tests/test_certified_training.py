@@ -1,0 +1,315 @@
+"""The loss as part of the tradeoff (conf/loss/), the data options a CIFAR user expects, and the
+searched frontier (sweeps/hparams_search/): docs/certified_training.md's claims, checked."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lipschitz_lightning.commands import report
+from lipschitz_lightning.core.losses import CertifiedMargin, CrossEntropy, linear_cross_entropy, parse_radius
+from lipschitz_lightning.data.cifar10 import crop_and_flip
+from lipschitz_lightning.models import MLP
+from lipschitz_lightning.robustness.attacks import pgd_l2
+from lipschitz_lightning.robustness.certified import certified, l2_bound, margins
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- the losses
+
+
+def test_default_cross_entropy_is_plain_cross_entropy_bit_for_bit():
+    logits, targets = torch.randn(64, 10), torch.randint(0, 10, (64,))
+    loss, correct = CrossEntropy()(logits, targets)
+    assert torch.equal(loss, F.cross_entropy(logits, targets))
+    assert correct == (logits.argmax(1) == targets).sum()
+
+
+def test_the_certified_margin_loss_is_the_issue_s_formula():
+    # CE(tau * (z + m * (1 - onehot(y)))), written out in plain PyTorch
+    torch.manual_seed(0)
+    logits, targets = torch.randn(64, 10, requires_grad=True), torch.randint(0, 10, (64,))
+    loss_fn = CertifiedMargin(radius="36/255", temperature=7.0)
+    margin = loss_fn.margin(1.3)
+    assert margin == pytest.approx(math.sqrt(2) * 1.3 * 36 / 255)
+    loss, counted = loss_fn(logits, targets, margin)
+    expected = F.cross_entropy(7.0 * (logits + margin * (1 - F.one_hot(targets, 10).float())), targets)
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+    assert counted == (margins(logits.detach(), targets) > margin).sum()
+    (grad,) = torch.autograd.grad(loss, logits)
+    (expected_grad,) = torch.autograd.grad(expected, logits)
+    torch.testing.assert_close(grad, expected_grad)
+
+
+@pytest.mark.parametrize("text, value", [("36/255", 36 / 255), ("0.5/1", 0.5), (" 72 / 255 ", 72 / 255)])
+def test_a_radius_may_be_written_as_certify_reports_it(text, value):
+    assert parse_radius(text) == pytest.approx(value)
+    assert parse_radius(0.25) == 0.25
+
+
+@pytest.mark.parametrize("text", ["abc", "36/0", "-1/255", "1/2/3"])
+def test_a_radius_that_is_no_fraction_is_refused(text):
+    with pytest.raises(ValueError, match="a radius must be"):
+        parse_radius(text)
+
+
+@pytest.mark.parametrize("margin, temperature", [(0.0, 1.0), (0.0, 4.0), (0.7, 10.0)])
+def test_the_chunked_language_model_loss_takes_the_temperature_and_margin(margin, temperature):
+    torch.manual_seed(0)
+    features = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 50, (37,))
+    loss_fn = CertifiedMargin(radius=1.0, temperature=temperature)
+    loss, counted = linear_cross_entropy(features, weight, targets, 0.5, 8, loss_fn, margin)
+    logits = 0.5 * features @ weight.T
+    expected = F.cross_entropy(temperature * (logits - margin * F.one_hot(targets, 50)), targets)
+    torch.testing.assert_close(loss, expected)
+    assert counted == (margins(logits.detach(), targets) > margin).sum()
+    torch.testing.assert_close(torch.autograd.grad(loss, (features, weight)), torch.autograd.grad(expected, (features, weight)))
+
+
+# ------------------------------------------- the derivation's claim, on a small network
+
+
+def test_a_point_the_loss_counts_as_certified_is_certified_and_survives_the_attack(single_torch_thread):
+    """docs/certified_training.md: margin > sqrt(2) L_l2 r  =>  no input within l2 distance r changes
+    the class. Train a small MLP with the margin loss, then check every point the loss counts against
+    certify's check (exact bound from an SVD of each layer, not the network's own method) and PGD."""
+    torch.manual_seed(0)
+    net = MLP(input_dim=48, width=32, num_layers=3, num_classes=10, zero_init=False)
+    teacher = torch.randn(48, 10)
+    x = torch.rand(512, 48)
+    y = (x @ teacher).argmax(1)
+    radius = 0.05
+    loss_fn = CertifiedMargin(radius=radius, temperature=10.0)
+    optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
+    for _ in range(300):
+        margin = loss_fn.margin(net.logit_l2_bound())
+        loss, counted = loss_fn(net(x), y, margin)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    with torch.no_grad():
+        logits = net(x)
+    by_svd = math.prod(float(torch.linalg.matrix_norm(layer.weight.detach().double(), ord=2)) for layer in net.layers)
+    assert net.logit_l2_bound() == pytest.approx(by_svd, rel=1e-6)
+    assert l2_bound(net.certified_bound(), 48, 10) == pytest.approx(by_svd, rel=1e-6)
+    margin = loss_fn.margin(net.logit_l2_bound())
+    _, counted = loss_fn(logits, y, margin)
+    safe = certified(margins(logits, y), by_svd, radius)
+    assert counted == safe.sum()
+    assert 0.2 < safe.float().mean() < 1.0, "the check must see both certified and uncertified points"
+    for parameter in net.parameters():
+        parameter.requires_grad_(False)
+    broken, _ = pgd_l2(net, x[safe], y[safe], radius, steps=50, restarts=2)
+    assert not broken.any(), "a point the loss counted as certified was broken within its radius"
+    # the attack is strong enough to matter: at a few times the radius it breaks some of them
+    broken, _ = pgd_l2(net, x[safe], y[safe], 5 * radius, steps=50, restarts=2)
+    assert broken.any()
+
+
+def test_the_module_logs_the_certified_fraction_of_training_and_validation(make_config, tmp_path):
+    from lipschitz_lightning.commands.train import build, train
+
+    cfg = make_config("loss=certified_margin", "loss.radius=0.02", "loss.temperature=5", "trainer.max_steps=6",
+                      "trainer.val_check_interval=3")
+    summary = train(cfg, build(cfg))
+    assert 0.0 <= summary["val/certified_acc"] <= summary["val/acc"]
+    rows = (Path(cfg.paths.output_dir) / "csv" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert "train/certified" in header and "train/margin" in header
+    margins_logged = [float(r.split(",")[header.index("train/margin")]) for r in rows[1:] if r.split(",")[header.index("train/margin")]]
+    assert margins_logged and all(m >= 0 for m in margins_logged)
+
+
+# ----------------------------------------------------------------------------- the data
+
+
+def test_crop_and_flip_equals_the_per_image_reference():
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (16, 8, 8, 3), dtype=torch.uint8)
+    out = crop_and_flip(images, 2, True, torch.Generator().manual_seed(5))
+    generator = torch.Generator().manual_seed(5)
+    shifts = torch.randint(0, 5, (2, 16), generator=generator)
+    flips = torch.rand(16, generator=generator) < 0.5
+    padded = F.pad(images, (0, 0, 2, 2, 2, 2))
+    for i in range(16):
+        expected = padded[i, shifts[0, i] : shifts[0, i] + 8, shifts[1, i] : shifts[1, i] + 8]
+        if flips[i]:
+            expected = expected.flip(1)
+        assert torch.equal(out[i], expected)
+    assert 0 < int(flips.sum()) < 16
+
+
+def test_augmentation_is_off_by_default_and_held_out_validation_reports_the_test_split(make_config, tiny_cifar):
+    from hydra.utils import instantiate
+
+    plain = instantiate(make_config().data)
+    assert (plain.crop_padding, plain.flip, plain.holdout) == (0, False, 0)
+    plain.setup()
+    assert not plain.holds_out_validation and "test" not in plain.splits
+
+    held = instantiate(make_config("data.holdout=56").data)
+    held.setup()
+    assert (len(held.splits["train"]), len(held.splits["val"]), len(held.splits["test"])) == (200, 56, 128)
+    # the held-out images are the last of the training split, and never trained on
+    assert torch.equal(held.splits["val"].tensors[0], plain.splits["train"].tensors[0][200:])
+    assert torch.equal(held.splits["test"].tensors[0], plain.splits["val"].tensors[0])
+
+
+def test_a_held_out_run_reports_test_accuracy(make_config):
+    from lipschitz_lightning.commands.train import build, train
+
+    cfg = make_config("data.holdout=64", "data.crop_padding=4", "data.flip=true", "loss.temperature=10")
+    summary = train(cfg, build(cfg))
+    assert 0 <= summary["test/acc"] <= 1 and 0 <= summary["val/acc"] <= 1
+    assert summary["lipschitz/log10_bound"] == pytest.approx(math.log10(summary["lipschitz/bound"]))
+
+
+# ----------------------------------------------------------------------------- the search
+
+
+def search(tmp_path: Path, data_dir: Path, trials: int) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "train.py", "+hparams_search=muon_spectral_soft_cap", f"search.trials={trials}",
+         f"paths.data_dir={data_dir}", f"paths.cache_dir={data_dir / 'cache'}", f"paths.log_dir={tmp_path}",
+         "data.holdout=64", "data.batch_size=32", "data.val_batch_size=64", "model.net.width=32",
+         "trainer.max_steps=20", "trainer.val_check_interval=10", "~callbacks.progress_bar",
+         "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false"],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+@pytest.mark.slow
+def test_a_three_trial_search_writes_its_study_resumes_it_and_the_report_reads_it(tiny_cifar, tmp_path):
+    result = search(tmp_path, tiny_cifar, 3)
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = tmp_path / "cifar_frontier" / "searches" / "muon_spectral_soft_cap"
+    with sqlite3.connect(folder / "study.db") as connection:
+        states = dict(connection.execute("SELECT state, COUNT(*) FROM trials GROUP BY state").fetchall())
+    assert states == {"COMPLETE": 3}
+    summaries = [json.loads(p.read_text()) for p in folder.glob("trial-*/summary.json")]
+    assert len(summaries) == 3 and all("test/acc" in s and "lipschitz/log10_bound" in s for s in summaries)
+    # every trial drew its own settings, validated on held-out images
+    assert len({s["config"]["optimizer"]["lr"] for s in summaries}) == 3
+    assert all(s["config"]["data"]["holdout"] == 64 for s in summaries)
+
+    # the same command with one more trial in all runs only that one
+    result = search(tmp_path, tiny_cifar, 4)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list(folder.glob("trial-*/summary.json"))) == 4
+
+    rows = report.collect([tmp_path / "cifar_frontier" / "searches"])
+    assert len(rows) == 4 and {r.source for r in rows} == {"muon_spectral_soft_cap"}
+    assert any(r.on_frontier for r in rows)
+    table = report.markdown(rows, report.study_counts([tmp_path]))
+    assert "search muon_spectral_soft_cap (muon + spectral_soft_cap): 4 trials (4 complete)" in table
+
+
+def _summary(directory: Path, pair: tuple[str, str], knob: float, accuracy: float, bound: float, **extra) -> None:
+    optimizer, constraint = pair
+    directory.mkdir(parents=True)
+    config = {
+        "optimizer": {"_target_": f"lipschitz_lightning.optim.{optimizer}", "lr": 0.1, "weight_decay": 0.0},
+        "constraint": {"method": constraint, "w_max": knob},
+        "loss": {"temperature": 10.0, "radius": "36/255"},
+    }
+    (directory / "summary.json").write_text(json.dumps(
+        {"status": "completed", "step": 10, "val/acc": accuracy, "lipschitz/bound": bound, "config": config, **extra}))
+
+
+def test_the_report_marks_each_source_s_pareto_points_and_counts_trials(tmp_path):
+    grid, searched = tmp_path / "grid", tmp_path / "searches" / "study_a"
+    _summary(grid / "0", ("Muon", "spectral_soft_cap"), 2.0, 0.50, 8.0)
+    _summary(grid / "1", ("Muon", "spectral_soft_cap"), 4.0, 0.55, 60.0)
+    searched.mkdir(parents=True)
+    with sqlite3.connect(searched / "study.db") as connection:
+        connection.execute("CREATE TABLE trials (state TEXT)")
+        connection.executemany("INSERT INTO trials VALUES (?)", [("COMPLETE",), ("COMPLETE",), ("FAIL",)])
+    # held-out validation: the row's accuracy is the test split's
+    _summary(searched / "trial-a", ("Muon", "spectral_soft_cap"), 2.0, 0.70, 7.0, **{"test/acc": 0.58, "test/certified_acc": 0.4})
+    _summary(searched / "trial-b", ("Muon", "spectral_soft_cap"), 2.0, 0.60, 9.0, **{"test/acc": 0.50})
+    rows = {r.run: r for r in report.collect([grid, tmp_path / "searches"])}
+    assert rows["grid/0"].on_frontier and rows["grid/1"].on_frontier  # the grid's frontier, apart from the search's
+    assert rows["searches/study_a/trial-a"].accuracy == 0.58 and rows["searches/study_a/trial-a"].on_frontier
+    assert not rows["searches/study_a/trial-b"].on_frontier
+    assert rows["searches/study_a/trial-a"].radius == pytest.approx(36 / 255)
+    table = report.markdown(list(rows.values()), report.study_counts([tmp_path]))
+    assert "search study_a (muon + spectral_soft_cap): 3 trials (2 complete, 1 fail)" in table
+    report.plot(list(rows.values()), tmp_path / "tradeoff.png")
+    assert (tmp_path / "tradeoff.png").stat().st_size > 0
+
+
+def test_trials_left_counts_completed_trials_only(tmp_path):
+    from lipschitz_lightning.commands.cli import trials_left
+
+    assert trials_left(str(tmp_path), 5) == 5
+    with sqlite3.connect(tmp_path / "study.db") as connection:
+        connection.execute("CREATE TABLE trials (state TEXT)")
+        connection.executemany("INSERT INTO trials VALUES (?)", [("COMPLETE",), ("RUNNING",), ("FAIL",)])
+    assert trials_left(str(tmp_path), 5) == 4  # the killed and the failed trial are run again
+    assert trials_left(str(tmp_path), 1) == 0
+
+
+SEARCHES = sorted(p.stem for p in (REPO / "sweeps" / "hparams_search").glob("*.yaml") if p.stem not in ("cifar_frontier", "certified"))
+
+
+@pytest.mark.parametrize("name", SEARCHES)
+def test_every_search_composes_and_its_space_s_corners_validate(name, tmp_path):
+    """Each pair's search space, at the low and the high end of every interval, is a valid run."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from lipschitz_lightning import CONF_DIR
+    from lipschitz_lightning.commands.cli import register_resolvers
+    from lipschitz_lightning.commands.settings import check_train_settings, validate_config
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        base = compose("train", overrides=[f"+hparams_search={name}", f"paths.log_dir={tmp_path}"], return_hydra_config=True)
+        assert list(base.hydra.sweeper.direction) == ["maximize", "minimize"]
+        assert list(base.optimized_metrics) == ["val/acc", "lipschitz/log10_bound"] and base.data.holdout == 5000
+        parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in base.hydra.sweeper.params.items()])
+        for end in (0, -1):
+            overrides = []
+            for override in parsed:
+                value = override.value()
+                chosen = value.list[end] if hasattr(value, "list") else (value.start if end == 0 else value.end)
+                overrides.append(f"{override.get_key_element()}={chosen}")
+            cfg = compose("train", overrides=[f"+hparams_search={name}", f"paths.output_dir={tmp_path}", *overrides])
+            check_train_settings(cfg)
+            validate_config(cfg)
+        certified = compose("train", overrides=[f"+hparams_search=[{name},certified]", f"paths.log_dir={tmp_path}"], return_hydra_config=True)
+        assert list(certified.optimized_metrics) == ["val/acc", "val/certified_acc"]
+        assert list(certified.hydra.sweeper.direction) == ["maximize", "maximize"]
+
+
+def test_the_language_model_trains_with_the_margin_at_its_certificate_s_radius():
+    """For the GPT the margin is sqrt(2) * (certificate * sqrt(vocab)) * radius, taken in the chunked
+    loss; the module's loss equals the plain computation over full logits."""
+    from lipschitz_lightning.lit.modules import LanguageModelModule
+    from lipschitz_lightning.models import GPT
+
+    torch.manual_seed(0)
+    net = GPT(vocab_size=17, num_blocks=2, width=16, num_heads=2, seq_len=8, zero_init=False)
+    module = LanguageModelModule(net, optimizer=None, vocab_size=17, loss=CertifiedMargin(radius=0.05, temperature=3.0), loss_chunk=5)
+    x, y = torch.randint(0, 17, (3, 8)), torch.randint(0, 17, (3, 8))
+    margin = module.training_margin()
+    assert margin == pytest.approx(math.sqrt(2) * net.certified_bound() * math.sqrt(17) * 0.05)
+    loss, correct, certified_count, count = module.loss_and_counts((x, y), margin)
+    logits = net(x).reshape(-1, 17)
+    expected = F.cross_entropy(3.0 * (logits - margin * F.one_hot(y.reshape(-1), 17)), y.reshape(-1))
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    assert correct == (logits.argmax(1) == y.reshape(-1)).sum() and count == 24
+    assert certified_count == (margins(logits.detach(), y.reshape(-1)) > margin).sum()
