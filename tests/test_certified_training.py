@@ -30,9 +30,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_default_cross_entropy_is_plain_cross_entropy_bit_for_bit():
     logits, targets = torch.randn(64, 10), torch.randint(0, 10, (64,))
-    loss, correct = CrossEntropy()(logits, targets)
+    loss, correct, certified = CrossEntropy()(logits, targets)
     assert torch.equal(loss, F.cross_entropy(logits, targets))
-    assert correct == (logits.argmax(1) == targets).sum()
+    assert correct == (logits.argmax(1) == targets).sum() and certified == correct
 
 
 def test_the_certified_margin_loss_is_the_issue_s_formula():
@@ -42,10 +42,11 @@ def test_the_certified_margin_loss_is_the_issue_s_formula():
     loss_fn = CertifiedMargin(radius="36/255", temperature=7.0)
     margin = loss_fn.margin(1.3)
     assert margin == pytest.approx(math.sqrt(2) * 1.3 * 36 / 255)
-    loss, counted = loss_fn(logits, targets, margin)
+    loss, correct, counted = loss_fn(logits, targets, margin)
     expected = F.cross_entropy(7.0 * (logits + margin * (1 - F.one_hot(targets, 10).float())), targets)
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
     assert counted == (margins(logits.detach(), targets) > margin).sum()
+    assert correct == (logits.detach().argmax(1) == targets).sum()
     (grad,) = torch.autograd.grad(loss, logits)
     (expected_grad,) = torch.autograd.grad(expected, logits)
     torch.testing.assert_close(grad, expected_grad)
@@ -70,11 +71,12 @@ def test_the_chunked_language_model_loss_takes_the_temperature_and_margin(margin
     weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, 50, (37,))
     loss_fn = CertifiedMargin(radius=1.0, temperature=temperature)
-    loss, counted = linear_cross_entropy(features, weight, targets, 0.5, 8, loss_fn, margin)
+    loss, correct, counted = linear_cross_entropy(features, weight, targets, 0.5, 8, loss_fn, margin)
     logits = 0.5 * features @ weight.T
     expected = F.cross_entropy(temperature * (logits - margin * F.one_hot(targets, 50)), targets)
     torch.testing.assert_close(loss, expected)
     assert counted == (margins(logits.detach(), targets) > margin).sum()
+    assert correct == (logits.detach().argmax(1) == targets).sum()
     torch.testing.assert_close(torch.autograd.grad(loss, (features, weight)), torch.autograd.grad(expected, (features, weight)))
 
 
@@ -95,7 +97,7 @@ def test_a_point_the_loss_counts_as_certified_is_certified_and_survives_the_atta
     optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
     for _ in range(300):
         margin = loss_fn.margin(net.logit_l2_bound())
-        loss, counted = loss_fn(net(x), y, margin)
+        loss, _, counted = loss_fn(net(x), y, margin)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -106,7 +108,7 @@ def test_a_point_the_loss_counts_as_certified_is_certified_and_survives_the_atta
     assert net.logit_l2_bound() == pytest.approx(by_svd, rel=1e-6)
     assert l2_bound(net.certified_bound(), 48, 10) == pytest.approx(by_svd, rel=1e-6)
     margin = loss_fn.margin(net.logit_l2_bound())
-    _, counted = loss_fn(logits, y, margin)
+    _, _, counted = loss_fn(logits, y, margin)
     safe = certified(margins(logits, y), by_svd, radius)
     assert counted == safe.sum()
     assert 0.2 < safe.float().mean() < 1.0, "the check must see both certified and uncertified points"
@@ -252,7 +254,7 @@ def test_the_report_marks_each_source_s_pareto_points_and_counts_trials(tmp_path
 
 
 def test_trials_left_counts_completed_trials_only(tmp_path):
-    from lipschitz_lightning.commands.cli import trials_left
+    from lipschitz_lightning.commands.studies import trials_left
 
     assert trials_left(str(tmp_path), 5) == 5
     with sqlite3.connect(tmp_path / "study.db") as connection:

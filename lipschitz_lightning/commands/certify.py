@@ -104,7 +104,7 @@ def validation_set(loaded: Loaded, limit: int | None) -> tuple[Tensor, Tensor]:
     datamodule = loaded.datamodule
     held_out = getattr(datamodule, "holds_out_validation", False)
     for batch in datamodule.test_dataloader() if held_out else datamodule.val_dataloader():
-        x, y = loaded.datamodule.on_after_batch_transfer(batch, 0)
+        x, y = datamodule.on_after_batch_transfer(batch, 0)
         xs.append(x), ys.append(y)
         count += len(x)
         if limit is not None and count >= limit:

@@ -9,7 +9,6 @@ second.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import logging
 import os
 import re
@@ -22,6 +21,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from lipschitz_lightning import CONF_DIR, PROJECT_ROOT
+from lipschitz_lightning.commands import studies
 from lipschitz_lightning.errors import ConfigError
 
 # the files Hydra (re)writes into a run directory before the task starts
@@ -178,33 +178,8 @@ def register_resolvers() -> None:
     # a setting that differs on a GPU (bfloat16 autocast, bfloat16 Newton-Schulz) and on a CPU
     OmegaConf.register_new_resolver("lipschitz_lightning.if_cuda", if_cuda, replace=True)
     # an Optuna search's study: SQLite in the sweep's folder, made before the sweeper opens it
-    OmegaConf.register_new_resolver("lipschitz_lightning.study_storage", study_storage, replace=True)
-    OmegaConf.register_new_resolver("lipschitz_lightning.trials_left", trials_left, replace=True)
-
-
-def study_storage(sweep_dir: str) -> str:
-    """``sqlite:///<sweep dir>/study.db``, the folder created: Optuna's sweeper opens its storage
-    before any job has made the sweep's folder, and SQLite does not make folders."""
-    folder = Path(sweep_dir).resolve()
-    folder.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{folder / 'study.db'}"
-
-
-def trials_left(sweep_dir: str, total: int) -> int:
-    """How many of a search's ``total`` trials its study still lacks: 0 completed in a new study; a
-    trial killed mid-run never completed, so the resumed search runs it again. Read with the
-    standard library's sqlite3 (Optuna's schema: ``trials.state``) so composing stays quick."""
-    import sqlite3
-
-    database = Path(sweep_dir) / "study.db"
-    if not database.is_file():
-        return int(total)
-    with contextlib.closing(sqlite3.connect(database)) as connection:
-        try:
-            (done,) = connection.execute("SELECT COUNT(*) FROM trials WHERE state = 'COMPLETE'").fetchone()
-        except sqlite3.DatabaseError:
-            return int(total)  # an empty or foreign file: Optuna will say what is wrong with it
-    return max(int(total) - int(done), 0)
+    OmegaConf.register_new_resolver("lipschitz_lightning.study_storage", studies.study_storage, replace=True)
+    OmegaConf.register_new_resolver("lipschitz_lightning.trials_left", studies.trials_left, replace=True)
 
 
 # Lightning's notices that say nothing to act on in this project's runs

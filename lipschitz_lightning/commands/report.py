@@ -15,17 +15,16 @@ into ``--out`` (default: the first directory) and prints the markdown.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import math
-import sqlite3
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from lipschitz_lightning.commands.studies import STUDY_FILE, trial_states
 from lipschitz_lightning.commands.tradeoff import describe
 from lipschitz_lightning.errors import OneLineParser
 
@@ -92,7 +91,7 @@ def _hydra_config(path: Path) -> dict:
 def _study_of(directory: Path, root: Path) -> str:
     """The search a run belongs to: the nearest folder above it, up to ``root``, that holds a study."""
     for parent in directory.parents:
-        if (parent / "study.db").is_file():
+        if (parent / STUDY_FILE).is_file():
             return parent.name
         if parent == root:
             break
@@ -102,21 +101,17 @@ def _study_of(directory: Path, root: Path) -> str:
 @dataclass
 class StudyCount:
     study: str
-    pair: str
     trials: dict[str, int]  # Optuna's trial states: COMPLETE, FAIL, RUNNING, ...
 
 
 def study_counts(roots: list[Path]) -> list[StudyCount]:
-    """Every study under ``roots`` and its trials by state (read with sqlite3, Optuna's schema)."""
+    """Every study under ``roots`` and its trials by state."""
     counts = []
     for root in roots:
-        for database in sorted(root.rglob("study.db")):
-            with contextlib.closing(sqlite3.connect(database)) as connection:
-                try:
-                    states = dict(connection.execute("SELECT state, COUNT(*) FROM trials GROUP BY state").fetchall())
-                except sqlite3.DatabaseError:
-                    continue
-            counts.append(StudyCount(database.parent.name, "", {str(k): int(v) for k, v in states.items()}))
+        for database in sorted(root.rglob(STUDY_FILE)):
+            states = trial_states(database)
+            if states is not None:
+                counts.append(StudyCount(database.parent.name, states))
     return counts
 
 

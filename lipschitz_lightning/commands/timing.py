@@ -180,9 +180,8 @@ def train_loss(cfg: DictConfig, net: torch.nn.Module, forward, x: torch.Tensor, 
     logits through ``loss`` otherwise."""
     margin = loss.margin(net.logit_l2_bound()) if loss.radius > 0 else 0.0
     if not hasattr(net, "next_token_loss"):
-        return loss(*flatten_positions(forward(x), y), margin)[0]
-    value, _ = net.next_token_loss(forward(x, window=net.window(progress, x.device)), y, cfg.model.get("loss_chunk", 4096), loss, margin)
-    return value
+        return loss(*flatten_positions(forward(x), y), margin).loss
+    return net.next_token_loss(forward(x, window=net.window(progress, x.device)), y, cfg.model.get("loss_chunk", 4096), loss, margin).loss
 
 
 def reset_peak_memory(device: torch.device) -> None:

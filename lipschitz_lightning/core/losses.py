@@ -10,7 +10,7 @@ input (``net.logit_l2_bound()``, the exact bound of the weights this forward pas
 training point whose logit margin exceeds ``m`` is certified at ``radius``: no input within that
 l2 distance changes its class (``certify``'s check, ``robustness.certified.certified``). The
 offset logits' argmax is the true class exactly when that holds, so the loss counts certified
-points for free. ``CrossEntropy`` is the case ``m = 0``; its default temperature 1 is plain
+points for free (``LossCounts``). ``CrossEntropy`` is the case ``m = 0``; its default temperature 1 is plain
 cross-entropy, bit for bit.
 
 Large vocabularies
@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Annotated
+from typing import Annotated, NamedTuple
 
 import annotated_types as at
 
@@ -68,6 +68,21 @@ def parse_radius(radius: float | str) -> float:
     return float(radius)
 
 
+def margins(logits: Tensor, labels: Tensor) -> Tensor:
+    """Logit of the true class minus the largest other logit: positive when correctly classified."""
+    true = logits.gather(1, labels[:, None])[:, 0]
+    others = logits.scatter(1, labels[:, None], float("-inf"))
+    return true - others.max(dim=1).values
+
+
+class LossCounts(NamedTuple):
+    """A mean loss and two counts, tensors left on the device (read them when logging)."""
+
+    loss: Tensor
+    correct: Tensor  # positions whose largest logit is the target
+    certified: Tensor  # positions whose margin exceeds the loss's margin (all correct ones for margin 0)
+
+
 class CrossEntropy:
     """``CE(temperature * logits)``. A bounded network cannot make its logits large: a temperature
     above 1 lets its softmax become confident anyway (docs/certified_training.md)."""
@@ -81,18 +96,16 @@ class CrossEntropy:
         """The logit margin a training point must clear to count as certified: none here."""
         return 0.0
 
-    def __call__(self, logits: Tensor, targets: Tensor, margin: float = 0.0) -> tuple[Tensor, Tensor]:
-        """Mean loss and the number of points whose margin exceeds ``margin`` (with ``margin = 0``:
-        the correctly classified points)."""
+    def __call__(self, logits: Tensor, targets: Tensor, margin: float = 0.0) -> LossCounts:
+        """Mean loss, the correctly classified points, and those whose margin exceeds ``margin``."""
+        correct = (logits.detach().argmax(dim=-1) == targets).sum()
         if margin == 0.0:
-            offset, counted = logits, (logits.detach().argmax(dim=-1) == targets).sum()
+            offset, certified = logits, correct
         else:
             offset = logits.scatter_add(1, targets[:, None], logits.new_full((len(targets), 1), -margin))
-            detached = logits.detach()
-            others = detached.scatter(1, targets[:, None], float("-inf")).amax(dim=1)
-            counted = (detached.gather(1, targets[:, None])[:, 0] - others > margin).sum()  # certify's strict test
+            certified = (margins(logits.detach(), targets) > margin).sum()  # certify's strict test
         scaled = offset if self.temperature == 1.0 else offset * self.temperature
-        return F.cross_entropy(scaled, targets), counted
+        return LossCounts(F.cross_entropy(scaled, targets), correct, certified)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(temperature={self.temperature:g})"
@@ -117,24 +130,26 @@ class CertifiedMargin(CrossEntropy):
 
 
 def _chunked(features: Tensor, weight: Tensor, targets: Tensor, scale: float, chunk: int,
-             grad_features: Tensor | None, grad_weight: Tensor | None, margin: float = 0.0) -> tuple[Tensor, Tensor]:
-    """Loss sum and the count of positions whose margin exceeds ``margin``; fills the gradients of
-    the mean loss where buffers are given. ``scale`` multiplies the offset logits (final scale
-    times temperature); ``margin`` is in units of ``scale``-multiplied logits."""
+             grad_features: Tensor | None, grad_weight: Tensor | None, margin: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+    """Loss sum, the correct positions and those whose margin exceeds ``margin``; fills the
+    gradients of the mean loss where buffers are given. ``scale`` multiplies the offset logits
+    (final scale times temperature); ``margin`` is in units of ``scale``-multiplied logits."""
     count = features.shape[0]
     precision = torch.promote_types(weight.dtype, torch.float32)  # the softmax never in 16 bits
     loss_sum = torch.zeros((), dtype=precision, device=features.device)
     correct = torch.zeros((), dtype=torch.int64, device=features.device)
+    certified = torch.zeros((), dtype=torch.int64, device=features.device) if margin != 0.0 else correct
     for start in range(0, count, chunk):
         x, y = features[start : start + chunk], targets[start : start + chunk]
         logits = (x @ weight.mT).to(precision)  # a bf16 product under autocast, as the head's would be
         if scale != 1.0:
             logits.mul_(scale)
         rows = torch.arange(len(y), device=y.device)
+        correct += (logits.argmax(dim=-1) == y).sum()
         if margin != 0.0:
             logits[rows, y] -= margin
+            certified += (logits.argmax(dim=-1) == y).sum()  # the true class still first after the offset
         target_logit = logits[rows, y]
-        correct += (logits.argmax(dim=-1) == y).sum()
         # the softmax in place of the logits: one chunk x vocab buffer, no second one for logsumexp
         largest = logits.amax(dim=-1, keepdim=True)
         exponentials = logits.sub_(largest).exp_()
@@ -152,22 +167,22 @@ def _chunked(features: Tensor, weight: Tensor, targets: Tensor, scale: float, ch
         if grad_weight is not None:
             grad_weight += gradient.mT @ x
         del logits, exponentials, gradient
-    return loss_sum, correct
+    return loss_sum, correct, certified
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, features: Tensor, weight: Tensor, targets: Tensor, scale: float, chunk: int, margin: float) -> tuple[Tensor, Tensor]:
+    def forward(ctx, features: Tensor, weight: Tensor, targets: Tensor, scale: float, chunk: int, margin: float) -> tuple[Tensor, Tensor, Tensor]:
         grad_features = torch.empty_like(features) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32)) if ctx.needs_input_grad[1] else None
-        loss_sum, correct = _chunked(features, weight, targets, scale, chunk, grad_features, grad_weight, margin)
+        loss_sum, correct, certified = _chunked(features, weight, targets, scale, chunk, grad_features, grad_weight, margin)
         ctx.save_for_backward(grad_features, grad_weight)
         ctx.weight_dtype = weight.dtype
-        ctx.mark_non_differentiable(correct)
-        return loss_sum / features.shape[0], correct
+        ctx.mark_non_differentiable(correct, certified)
+        return loss_sum / features.shape[0], correct, certified
 
     @staticmethod
-    def backward(ctx, grad_loss: Tensor, _grad_correct: Tensor):
+    def backward(ctx, grad_loss: Tensor, _grad_correct: Tensor, _grad_certified: Tensor):
         grad_features, grad_weight = ctx.saved_tensors
         return (
             None if grad_features is None else grad_features * grad_loss.to(grad_features.dtype),
@@ -177,10 +192,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(features: Tensor, weight: Tensor, targets: Tensor, scale: float = 1.0, chunk: int = 4096,
-                         loss: CrossEntropy | None = None, margin: float = 0.0) -> tuple[Tensor, Tensor]:
-    """Mean cross-entropy of the logits ``z = scale * features @ weight.T`` against ``targets`` and the
-    number of positions whose margin exceeds ``margin`` (an int64 tensor; read it when logging,
-    so that no step waits for the device): with ``margin = 0``, those whose largest logit is the target.
+                         loss: CrossEntropy | None = None, margin: float = 0.0) -> LossCounts:
+    """Mean cross-entropy of the logits ``z = scale * features @ weight.T`` against ``targets``, the
+    positions whose largest logit is the target and those whose margin exceeds ``margin`` (int64
+    tensors; read them when logging, so that no step waits for the device).
 
     With ``loss`` (a ``CrossEntropy`` or ``CertifiedMargin``), the loss is ``loss``'s:
     ``CE(temperature * (z - margin * onehot))``. ``features``: ``(positions, width)``;
@@ -190,6 +205,6 @@ def linear_cross_entropy(features: Tensor, weight: Tensor, targets: Tensor, scal
     args = (float(scale) * temperature, int(chunk))
     offset = float(margin) * temperature
     if torch.is_grad_enabled() and (features.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(features, weight, targets, *args, offset)
-    loss_sum, correct = _chunked(features, weight, targets, *args, None, None, offset)
-    return loss_sum / features.shape[0], correct
+        return LossCounts(*_LinearCrossEntropy.apply(features, weight, targets, *args, offset))
+    loss_sum, correct, certified = _chunked(features, weight, targets, *args, None, None, offset)
+    return LossCounts(loss_sum / features.shape[0], correct, certified)

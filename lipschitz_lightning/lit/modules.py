@@ -133,10 +133,8 @@ class ClassificationModule(L.LightningModule):
         ``margin`` (tensors; 0 without a margin), and out of how many."""
         x, y = batch
         logits, y = flatten_positions(self(x), y)
-        loss, counted = self.loss(logits, y, margin)
-        if margin == 0.0:
-            return loss, counted, 0, y.numel()
-        return loss, (logits.detach().argmax(dim=-1) == y).sum(), counted, y.numel()
+        loss, correct, certified = self.loss(logits, y, margin)
+        return loss, correct, certified if margin else 0, y.numel()
 
     def on_train_end(self) -> None:
         self._raise_if_diverged()
@@ -252,14 +250,8 @@ class LanguageModelModule(ClassificationModule):
 
     def loss_and_counts(self, batch, margin: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | int, int]:
         x, y = batch
-        features = self.features(x)
-        loss, counted = self.net.next_token_loss(features, y, self.loss_chunk, self.loss, margin)
-        if margin == 0.0:
-            return loss, counted, 0, y.numel()
-        # the positions certified come with the loss; which were right needs the head once more, without the offset
-        with torch.no_grad():
-            _, correct = self.net.next_token_loss(features, y, self.loss_chunk)
-        return loss, correct, counted, y.numel()
+        loss, correct, certified = self.net.next_token_loss(self.features(x), y, self.loss_chunk, self.loss, margin)
+        return loss, correct, certified if margin else 0, y.numel()
 
     def validation_step(self, batch, batch_idx: int) -> None:
         x, _ = batch
@@ -273,7 +265,7 @@ class LanguageModelModule(ClassificationModule):
             previous = self._stat_maxima.get(name)
             self._stat_maxima[name] = value if previous is None else torch.maximum(previous, value)
         # validation reports plain cross-entropy, whatever loss trains
-        loss, correct = self.net.next_token_loss(features, batch[1], self.loss_chunk)
+        loss, correct, _ = self.net.next_token_loss(features, batch[1], self.loss_chunk)
         count = batch[1].numel()
         self.val_loss.update(loss, weight=count)
         self.val_acc.update(correct, count)

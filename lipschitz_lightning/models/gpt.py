@@ -43,7 +43,7 @@ from lipschitz_lightning.core.bounds import (
     gpt_certificate,
     rms_norm,
 )
-from lipschitz_lightning.core.losses import CrossEntropy, linear_cross_entropy
+from lipschitz_lightning.core.losses import CrossEntropy, LossCounts, linear_cross_entropy
 from lipschitz_lightning.core.roles import ParamSpec, Role, gpt_target_norms
 from lipschitz_lightning.core.types import NonNegativeInt, Positive, PositiveInt
 from lipschitz_lightning.errors import ConfigError
@@ -401,10 +401,10 @@ class GPT(nn.Module):
         return self._window_tensors[(blocks, device)]
 
     def next_token_loss(self, features: Tensor, targets: Tensor, chunk: int = 4096, loss: CrossEntropy | None = None,
-                        margin: float = 0.0) -> tuple[Tensor, Tensor]:
+                        margin: float = 0.0) -> LossCounts:
         """The mean cross-entropy of the head's logits at every position (``loss``'s, with its
-        temperature and ``margin``), and how many positions' margins exceed ``margin`` (0: how many
-        argmaxes were right), the vocabulary taken ``chunk`` positions at a time
+        temperature and ``margin``), how many argmaxes were right and how many positions' margins
+        exceed ``margin``, the vocabulary taken ``chunk`` positions at a time
         (``core.losses.linear_cross_entropy``: no step holds every position's logits)."""
         return linear_cross_entropy(features.flatten(0, -2), self.head.weight, targets.flatten(), self.config.final_scale,
                                     chunk, loss, margin)
