@@ -197,17 +197,18 @@ class NormRecorder(Callback):
         return max(value for step in self.history for name, value in step.items() if name not in exclude)
 
 
-def ascend_ratio(ratio, a: torch.Tensor, b: torch.Tensor, *, steps: int, lr: float, project=None) -> float:
+def ascend_ratio(ratio, a: torch.Tensor, b: torch.Tensor, *, steps: int, lr: float, project=None, project_b=None) -> float:
     """The largest ``ratio(a, b)`` (one value per pair) that Adam's gradient ascent finds from the
-    pairs ``(a, b)``, each pair kept where ``project`` puts it: the adversarial search every
-    certificate test runs against its bound."""
+    pairs ``(a, b)``, each pair kept where ``project`` puts it (``b`` where ``project_b`` does, when
+    given): the adversarial search every certificate test runs against its bound."""
     project = project or (lambda x: x)
-    a, b = project(a.detach().clone()).requires_grad_(True), project(b.detach().clone()).requires_grad_(True)
+    project_b = project_b or project
+    a, b = project(a.detach().clone()).requires_grad_(True), project_b(b.detach().clone()).requires_grad_(True)
     search = torch.optim.Adam([a, b], lr=lr)
     best = 0.0
     for _ in range(steps):
         with torch.no_grad():
-            a.copy_(project(a)), b.copy_(project(b))
+            a.copy_(project(a)), b.copy_(project_b(b))
         value = ratio(a, b)
         best = max(best, float(value.detach().max()))
         search.zero_grad()

@@ -219,3 +219,46 @@ def test_the_certificate_matches_its_formula_written_out():
 def test_normalisation_substitutes_have_no_certificate():
     for substitute in ("rmsnorm", "layernorm"):
         assert math.isinf(random_gpt(0, gain=1.0, layernorm_substitute=substitute).certified_bound())
+
+
+# ------------------------------------------------------------------------------ the domain of a margin
+
+
+def position_l2_max(z: torch.Tensor) -> torch.Tensor:
+    """The largest l2 norm over a sequence's positions (a certified margin's units)."""
+    return z.pow(2).sum(-1).sqrt().amax(-1)
+
+
+def test_a_radius_around_embedded_inputs_needs_the_certificate_of_the_enlarged_domain():
+    # A margin at radius r speaks of inputs within r of an embedded one: they fill D_{R + r}. There
+    # the certificate of D_R alone is beaten, the one of D_{R + r} is not (docs/certificate.md §0).
+    net = head_concentrated(qk=1.5)
+    r = 1.5
+    on_embeddings, enlarged = net.certificate(), net.certificate(perturbation=r)
+    R = on_embeddings.input_radius  # every token vector at RMS 1 (up to rounding)
+    assert R == pytest.approx(1.0) and enlarged.input_radius == R + r
+    on_embeddings = on_embeddings.bound
+    found = search_ratio(net, radius=R + r, seed=4)
+    print(f"\ninputs within 1.5 of the embedding's domain: found {found:.4g}, certificate of D_R {on_embeddings:.4g}, "
+          f"of D_(R+r) {enlarged.bound:.4g}")
+    assert found > on_embeddings  # what the margin used to rely on is not a bound where it is used
+    assert found <= enlarged.bound
+    assert float(net.logit_l2_bound(r)) == pytest.approx(enlarged.bound * math.sqrt(net.config.vocab_size), rel=1e-12)
+
+
+@pytest.mark.parametrize("radius", [0.25, 1.5])
+def test_no_perturbation_within_the_radius_moves_a_position_s_logits_past_the_margin_s_bound(radius):
+    # the margin loss's claim itself: from an input of the embedding's domain, a perturbation of
+    # token RMS at most r moves one position's logits by at most L_l2 * r in l2
+    net = head_concentrated(qk=1.5)
+    R = net.certificate().input_radius
+    generator = torch.Generator().manual_seed(5)
+    x = into_ball(torch.randn(64, 8, 8, generator=generator, dtype=torch.float64) * 10, R)
+    p = into_ball(torch.randn(64, 8, 8, generator=generator, dtype=torch.float64) * 10, radius)
+    found = ascend_ratio(
+        lambda a, b: position_l2_max(net.forward_embedded(a + b) - net.forward_embedded(a)) / radius,
+        x, p, steps=200, lr=2e-2 * radius, project=lambda v: into_ball(v, R), project_b=lambda v: into_ball(v, radius),
+    )
+    bound = float(net.logit_l2_bound(radius))
+    print(f"\nradius {radius}: largest logit move per unit radius {found:.4g}, bound {bound:.4g}")
+    assert found <= bound

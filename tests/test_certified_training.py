@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import ascend_ratio
 from lipschitz_lightning.commands import report
 from lipschitz_lightning.core.losses import CertifiedMargin, CrossEntropy, linear_cross_entropy, parse_radius
 from lipschitz_lightning.data.cifar10 import crop_and_flip
@@ -152,6 +153,30 @@ def test_crop_and_flip_equals_the_per_image_reference():
             expected = expected.flip(1)
         assert torch.equal(out[i], expected)
     assert 0 < int(flips.sum()) < 16
+
+
+def test_every_micro_batch_and_every_rank_draws_its_own_crops_and_a_resume_draws_them_again():
+    from types import SimpleNamespace
+
+    from lipschitz_lightning.data.cifar10 import CIFAR10DataModule
+
+    images = torch.randint(0, 256, (64, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    labels = torch.zeros(64, dtype=torch.int64)
+
+    def augmented(datamodule, step: int, rank: int = 0) -> torch.Tensor:
+        datamodule.trainer = SimpleNamespace(training=True, global_step=step, global_rank=rank)
+        return datamodule.on_after_batch_transfer((images, labels), 0)[0]
+
+    def fresh() -> CIFAR10DataModule:
+        return CIFAR10DataModule(data_dir="unused", crop_padding=4, flip=True, seed=3)
+
+    run = fresh()
+    first, second = augmented(run, 7), augmented(run, 7)  # two micro-batches of one accumulated step
+    next_step = augmented(run, 8)
+    assert not torch.equal(first, second) and not torch.equal(first, next_step)
+    assert not torch.equal(first, augmented(fresh(), 7, rank=1))  # another DDP rank, same step
+    resumed = fresh()  # a resumed run starts at a step boundary
+    assert torch.equal(augmented(resumed, 7), first) and torch.equal(augmented(resumed, 7), second)
 
 
 def test_augmentation_is_off_by_default_and_held_out_validation_reports_the_test_split(make_config, tiny_cifar):
@@ -297,21 +322,87 @@ def test_every_search_composes_and_its_space_s_corners_validate(name, tmp_path):
         assert list(certified.hydra.sweeper.direction) == ["maximize", "maximize"]
 
 
-def test_the_language_model_trains_with_the_margin_at_its_certificate_s_radius():
-    """For the GPT the margin is sqrt(2) * (certificate * sqrt(vocab)) * radius, taken in the chunked
-    loss; the module's loss equals the plain computation over full logits."""
+def test_the_language_model_s_margin_holds_for_every_perturbation_within_its_radius():
+    """For the GPT the margin certifies every position against inputs within the radius of the
+    embedded sequence: a search over such perturbations moves no position's margin by more than the
+    module's margin. The loss offsets the true logit by that margin, as the plain computation over
+    full logits does."""
     from lipschitz_lightning.lit.modules import LanguageModelModule
     from lipschitz_lightning.models import GPT
 
     torch.manual_seed(0)
     net = GPT(vocab_size=17, num_blocks=2, width=16, num_heads=2, seq_len=8, zero_init=False)
-    module = LanguageModelModule(net, optimizer=None, vocab_size=17, loss=CertifiedMargin(radius=0.05, temperature=3.0), loss_chunk=5)
+    radius = 0.05
+    module = LanguageModelModule(net, optimizer=None, vocab_size=17, loss=CertifiedMargin(radius=radius, temperature=3.0), loss_chunk=5)
     x, y = torch.randint(0, 17, (3, 8)), torch.randint(0, 17, (3, 8))
     margin = module.training_margin()
-    assert margin == pytest.approx(math.sqrt(2) * net.certified_bound() * math.sqrt(17) * 0.05)
+
+    frozen = GPT(**net.config_dict()).double()
+    frozen.load_state_dict(net.state_dict())
+    frozen.requires_grad_(False)
+    embedded = frozen.embed(x).repeat(8, 1, 1)  # 8 starts per sequence
+    start = torch.randn(24, 8, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def within_radius(p: torch.Tensor) -> torch.Tensor:  # token RMS at most the radius at every position
+        return p / (p.pow(2).mean(-1, keepdim=True).sqrt() / radius).clamp(min=1.0)
+
+    def margin_move(base: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        # |change of any logit difference| <= sqrt(2) * the logits' l2 change, at the worst position
+        moved = frozen.forward_embedded(base + p) - frozen.forward_embedded(base)
+        return math.sqrt(2) * moved.pow(2).sum(-1).sqrt().amax(-1)
+
+    found = ascend_ratio(margin_move, embedded, start, steps=100, lr=5e-3, project=lambda b: embedded, project_b=within_radius)
+    print(f"\nlargest margin move within radius {radius}: {found:.4g}; the loss's margin {float(margin):.4g}")
+    assert 0 < found <= float(margin)
+
     loss, correct, certified_count, count = module.loss_and_counts((x, y), margin)
     logits = net(x).reshape(-1, 17)
-    expected = F.cross_entropy(3.0 * (logits - margin * F.one_hot(y.reshape(-1), 17)), y.reshape(-1))
+    expected = F.cross_entropy(3.0 * (logits - float(margin) * F.one_hot(y.reshape(-1), 17)), y.reshape(-1))
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     assert correct == (logits.argmax(1) == y.reshape(-1)).sum() and count == 24
     assert certified_count == (margins(logits.detach(), y.reshape(-1)) > margin).sum()
+
+
+@pytest.mark.parametrize("model", ["mlp", "gpt"])
+def test_the_margin_loss_reads_no_value_back_from_the_device(monkeypatch, model):
+    """On an accelerator every read of a tensor's value on the host waits for the device: the margin
+    (the live bound) and the loss with it stay tensors until a logging step reads them."""
+    from lipschitz_lightning.lit.modules import ClassificationModule, LanguageModelModule
+    from lipschitz_lightning.models import GPT
+
+    torch.manual_seed(0)
+    if model == "mlp":
+        net = MLP(input_dim=48, width=32, num_layers=3, num_classes=10, zero_init=False)
+        module = ClassificationModule(net, optimizer=None, loss=CertifiedMargin(radius=0.05))
+        batch = (torch.rand(16, 48), torch.randint(0, 10, (16,)))
+    else:
+        net = GPT(vocab_size=17, num_blocks=2, width=16, num_heads=2, seq_len=8, zero_init=False)
+        module = LanguageModelModule(net, optimizer=None, vocab_size=17, loss=CertifiedMargin(radius=0.05), loss_chunk=5)
+        batch = (torch.randint(0, 17, (3, 8)), torch.randint(0, 17, (3, 8)))
+
+    def read_back(*args, **kwargs):
+        raise AssertionError("a tensor's value was read on the host")
+
+    with monkeypatch.context() as patched:
+        for name in ("item", "tolist", "numpy", "__float__", "__int__", "__bool__", "__index__"):
+            patched.setattr(torch.Tensor, name, read_back)
+        margin = module.training_margin()
+        loss, correct, certified_count, _ = module.loss_and_counts(batch, margin)
+        loss.backward()
+    assert isinstance(margin, torch.Tensor) and float(margin) > 0 and int(certified_count) <= int(correct)
+
+
+@pytest.mark.parametrize("shape", [(3072, 256), (256, 256), (50, 768)])
+@pytest.mark.parametrize("spectrum", ["flat", "random"])
+def test_the_bound_that_waits_for_no_device_is_an_upper_bound_within_its_stated_slack(shape, spectrum):
+    from lipschitz_lightning.core.bounds import SYNC_FREE_SQUARINGS
+    from lipschitz_lightning.core.linalg import sigma_upper_bound
+
+    generator = torch.Generator().manual_seed(2)
+    W = torch.randn(*shape, generator=generator, dtype=torch.float64)
+    if spectrum == "flat":  # every singular value equal: the worst case of the Frobenius bound
+        W = torch.linalg.qr(W if shape[0] >= shape[1] else W.mT)[0]
+        W = (W if shape[0] >= shape[1] else W.mT) * 3.0
+    exact = float(torch.linalg.matrix_norm(W, ord=2))
+    bound = float(sigma_upper_bound(W, squarings=SYNC_FREE_SQUARINGS))
+    assert exact * (1 - 1e-12) <= bound <= exact * 1.00013

@@ -292,11 +292,39 @@ def test_a_language_model_observes_less_than_it_certifies(tiny_checkpoints, tmp_
     assert (tmp_path / "certify.png").stat().st_size > 0
 
 
+def test_a_language_model_certifies_next_tokens_at_a_radius_with_the_ball_it_needs(tiny_checkpoints, tmp_path):  # noqa: F811
+    from lipschitz_lightning.robustness.certified import margins
+
+    path = tiny_checkpoints["unconstrained"]
+    radius = 1e-5  # where some of a 4-step model's margins (up to ~0.4) clear sqrt(2) L_l2 radius
+    result = next(iter(C.certify(settings(path, tmp_path, lm_radius=radius)).values()))
+    at = result["at_radius"]
+    loaded = load_run(settings(path, None), path)
+    net = C.frozen(loaded.saved.net)
+    assert at["input_radius"] == pytest.approx(result["input_radius"] + radius)
+    assert at["bound"] == pytest.approx(net.certificate(perturbation=radius).bound) and at["bound"] > result["bound"]
+    # by hand over the full logits: a position is certified when its margin clears sqrt(2) L_l2 radius
+    margin = math.sqrt(2) * net.certificate(perturbation=radius).bound * math.sqrt(net.config.vocab_size) * radius
+    certified = total = 0
+    for index, (tokens, targets) in enumerate(loaded.datamodule.val_dataloader()):
+        if index >= 2:
+            break
+        logits = net(tokens, window=net.window_blocks(1.0)).flatten(0, 1)
+        certified += int((margins(logits, targets.flatten()) > margin).sum())
+        total += targets.numel()
+    assert at["positions"] == total and at["certified_acc"] == pytest.approx(certified / total)
+    assert 0 < at["certified_acc"] < at["accuracy"]
+    page = (tmp_path / "certify.md").read_text()
+    assert f"for inputs of token RMS <= {result['input_radius']:.3g}" in page and "next-token predictions certified" in page
+    # trained without a margin and no lm_radius: nothing at a radius
+    assert next(iter(C.certify(settings(path, tmp_path)).values()))["at_radius"] is None
+
+
 def test_a_language_model_above_its_certificate_fails_loudly(tiny_checkpoints, tmp_path, monkeypatch):  # noqa: F811
     real = GPT.certificate
 
-    def too_small(self, norms=None):
-        c = real(self, norms)
+    def too_small(self, norms=None, **kwargs):
+        c = real(self, norms, **kwargs)
         return type(c)(c.bound, c.input_radius, tuple(r / 1e3 for r in c.activation_rms), c.attention_logit)
 
     monkeypatch.setattr(GPT, "certificate", too_small)

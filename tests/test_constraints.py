@@ -629,6 +629,52 @@ def test_reference_coupling_undercaps_tall_layers():
     assert rms_to_rms(out) > w_max * 1.01
 
 
+def test_the_documented_api_defaults_to_the_sound_coupling():
+    # one default everywhere, the one that bounds Muon's step (docs/constraints.md)
+    import inspect
+
+    from lipschitz_lightning.core.projection import Constraint
+
+    W = _worst_case_muon_step((24, 10), 1.0, 0.1, seed=24)
+    out = C.project_linear(W, "spectral_soft_cap", w_max=1.0, lr_t=0.1)
+    assert rms_to_rms(out) <= 1.0 * (1 + 1e-5)
+    for api in (C.project_linear, C.project_stack, Constraint):
+        assert inspect.signature(api).parameters["coupling"].default == "exact", api
+
+
+# --------------------------------------------------------------------------------------------
+# what each constraint guarantees (the table of docs/constraints.md)
+# --------------------------------------------------------------------------------------------
+
+
+def test_spectral_normalize_can_overshoot_where_power_iteration_has_not_converged():
+    # a nearly flat spectrum (orthogonal weights after a Muon step): power iteration from a random
+    # start underestimates sigma_max, so the division leaves the layer above w_max
+    torch.manual_seed(0)
+    W = torch.linalg.qr(torch.randn(256, 256))[0] + 0.05 * C.orthogonalize(torch.randn(256, 256))
+    paper = C.project_linear(W, "spectral_normalize", w_max=1.0, lr_t=0.0, power_iters=16)
+    ours = C.project_linear(W, "spectral_normalize", w_max=1.0, lr_t=0.0, power_iters=256)
+    assert rms_to_rms(paper) > 1.005
+    assert 1.0 <= rms_to_rms(ours) < 1.001
+
+
+def test_spectral_hammer_raises_a_layer_below_w_max_to_it():
+    # not a ball: the top singular value becomes w_max also where it was below
+    W = with_spectrum((24, 10), uniform(0.1, 0.5), seed=26)
+    scale = math.sqrt(24 / 10)
+    out = C.project_linear(W * scale, "spectral_hammer", w_max=2.0, lr_t=0.0)
+    assert rms_to_rms(W * scale) < 0.51 and rms_to_rms(out) == pytest.approx(2.0, rel=POWER_RTOL)
+
+
+def test_every_token_vector_ends_at_most_embed_w_max():
+    E = torch.randn(50, 16) * torch.logspace(-2, 1, 50)[:, None]
+    out = C.project_embedding(E, w_max=1.5)
+    rms = out.pow(2).mean(-1).sqrt()
+    assert float(rms.max()) <= 1.5 * (1 + 1e-6)
+    small = E.pow(2).mean(-1).sqrt() <= 1.5
+    torch.testing.assert_close(out[small], E[small])  # vectors inside the ball are left alone
+
+
 # --------------------------------------------------------------------------------------------
 # independent re-computation of SPEC §6 in plain PyTorch
 # --------------------------------------------------------------------------------------------
@@ -680,7 +726,7 @@ def test_project_linear_matches_plain_spec_recipe(shape, method):
     scale = math.sqrt(shape[0] / shape[1])
     # W / scale has top singular value 3 (above w_max) and a gap below it
     W = with_spectrum(shape, gapped(3.0 * scale, 0.2 * scale, 1.8 * scale), seed=25)
-    out = C.project_linear(W, method, w_max=w_max, lr_t=lr_t, wd_eff=wd_eff, spectral_wd=spectral_wd)
+    out = C.project_linear(W, method, w_max=w_max, lr_t=lr_t, wd_eff=wd_eff, spectral_wd=spectral_wd, coupling="reference")
     expected = spec_recipe(W, method, w_max, lr_t, wd_eff, spectral_wd).float()
     if method in POWER_ITERATION_METHODS:
         assert_power_close(out, expected)

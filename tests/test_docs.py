@@ -61,3 +61,18 @@ def test_the_python_api_still_imports_from_where_it_always_was():
         assert getattr(constraints, name) is getattr(core_constraints, name), name
     for name in ("rms_norm", "mlp_bound", "gpt_certificate", "gpt_bound_paper_formula"):
         assert getattr(lipschitz, name) is getattr(bounds, name), name
+
+
+def test_every_guarantee_in_the_constraints_table_names_tests_that_exist():
+    page = (REPO / "docs" / "constraints.md").read_text()
+    table = page[page.index("## What holds after every step"):page.index("## The soft cap's proof")]
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    defined = set(re.findall(r"^def (test_\w+)", "\n".join(p.read_text() for p in (REPO / "tests").glob("test_*.py")), flags=re.M))
+    methods = {path.stem for path in (REPO / "conf" / "constraint").glob("*.yaml")}
+    covered = set()
+    for row in rows:
+        named = re.findall(r"`(test_\w+)`", row.split(" | ")[-1])
+        assert named, row
+        assert set(named) <= defined, f"{row[:60]}...: no such test {sorted(set(named) - defined)}"
+        covered |= set(re.findall(r"`(\w+)`", row.split(" | ")[0]))
+    assert methods <= covered, f"no row for {sorted(methods - covered)}"

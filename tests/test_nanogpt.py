@@ -398,3 +398,14 @@ def test_the_bfloat16_projection_rounds_every_weight_to_bfloat16_as_the_paper_ru
     assert torch.equal(bfloat16, bfloat16.bfloat16().float())  # what the paper's soft_cap writes back
     assert not torch.equal(bfloat16, float32)
     torch.testing.assert_close(bfloat16, float32, atol=2e-2, rtol=2e-2)
+
+
+def test_the_stable_cooldown_without_a_cooldown_keeps_its_rate_to_the_end():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=1.0)
+    schedule = StableCooldown(optimizer, total_steps=10, cooldown_fraction=0.0, final_factor=0.1)
+    factors = []
+    for _ in range(10):
+        factors.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()  # the last one evaluates step 10 = total_steps: it divided by zero
+    assert factors == [1.0] * 10 and optimizer.param_groups[0]["lr"] == pytest.approx(0.1)

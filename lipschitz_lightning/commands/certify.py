@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from lipschitz_lightning.commands.runs import Loaded, load_run
+from lipschitz_lightning.core.losses import parse_radius
 from lipschitz_lightning.errors import (
     ConfigError,
     DataError,
@@ -262,7 +263,37 @@ def certify_language_model(cfg, loaded: Loaded) -> dict:
         "input_radius": certificate.input_radius,
         "batches_observed": min(cfg.max_batches, len(loaded.datamodule.val_dataloader())),
         "blocks": blocks,
+        "at_radius": next_tokens_at_radius(cfg, net, loaded),
     }
+
+
+def language_model_radius(cfg, run_config: dict | None) -> float | None:
+    """``lm_radius``, or the radius the run's margin loss trained for; None when neither is set."""
+    if cfg.get("lm_radius") is not None:
+        return parse_radius(cfg.lm_radius)
+    radius = ((run_config or {}).get("loss") or {}).get("radius")
+    return parse_radius(radius) if radius else None
+
+
+@torch.no_grad()
+def next_tokens_at_radius(cfg, net: nn.Module, loaded: Loaded) -> dict | None:
+    """The next-token predictions of the validation batches that no input within token-RMS distance
+    ``radius`` of the embedded text can change (margin > sqrt(2) L_l2 radius, with L_l2 from the
+    certificate of the ball of radius R + radius those inputs fill)."""
+    radius = language_model_radius(cfg, loaded.run_config)
+    if radius is None:
+        return None
+    enlarged = net.certificate(perturbation=radius)
+    margin = math.sqrt(2) * net.logit_l2_bound(radius) * radius
+    correct = certified_count = total = 0
+    window = net.window_blocks(1.0)
+    for index, (tokens, targets) in enumerate(loaded.datamodule.val_dataloader()):
+        if index >= cfg.max_batches:
+            break
+        counts = net.next_token_loss(net.features(tokens, window=window), targets, margin=margin)
+        correct, certified_count, total = correct + int(counts.correct), certified_count + int(counts.certified), total + targets.numel()
+    return {"radius": radius, "bound": enlarged.bound, "input_radius": enlarged.input_radius, "margin": float(margin),
+            "accuracy": correct / total, "certified_acc": certified_count / total, "positions": total}
 
 
 def _names(paths: list[str]) -> list[str]:
@@ -348,6 +379,11 @@ def markdown(results: dict[str, dict]) -> str:
         for b in r["blocks"]:
             lines.append(f"| {b['block']} | {b['activation_rms_certified']:.4g} | {b['activation_rms_observed']:.4g} | "
                          f"{b['attention_logit_certified']:.4g} | {b['attention_logit_observed']:.4g} |")
+        at = r.get("at_radius")
+        if at:
+            lines += ["", f"at token-RMS radius {at['radius']:.4g} around the embedded text: certified bound {at['bound']:.4g} for "
+                          f"inputs of token RMS <= {at['input_radius']:.4g}; {at['certified_acc']:.2%} of {at['positions']} "
+                          f"next-token predictions certified (margin > {at['margin']:.4g}), {at['accuracy']:.2%} correct"]
     return "\n".join(lines)
 
 

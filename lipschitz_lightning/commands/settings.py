@@ -36,6 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from lipschitz_lightning import CONF_DIR
+from lipschitz_lightning.core.losses import Radius
 from lipschitz_lightning.core.types import (
     NonNegative,
     NonNegativeInt,
@@ -257,6 +258,7 @@ class CertifySettings(Settings):
     curve_max_radius: Positive
     max_batches: PositiveInt
     stats_tokens: PositiveInt
+    lm_radius: Radius | None  # token RMS; null: the run's margin-loss radius, if it trained with one
 
 
 def _resolvable(node) -> dict:

@@ -178,7 +178,7 @@ def train_loss(cfg: DictConfig, net: torch.nn.Module, forward, x: torch.Tensor, 
     """The module's training loss (``loss_and_counts``), the margin included: for a language model,
     the window of training's progress and the loss over the vocabulary in chunks; the classifier's
     logits through ``loss`` otherwise."""
-    margin = loss.margin(net.logit_l2_bound()) if loss.radius > 0 else 0.0
+    margin = loss.margin(net.logit_l2_bound(loss.radius)) if loss.radius > 0 else None
     if not hasattr(net, "next_token_loss"):
         return loss(*flatten_positions(forward(x), y), margin).loss
     return net.next_token_loss(forward(x, window=net.window(progress, x.device)), y, cfg.model.get("loss_chunk", 4096), loss, margin).loss

@@ -35,6 +35,7 @@ from lipschitz_lightning.core.linalg import (  # noqa: F401  (the constraints' A
     _rank_one,
     layer_scale,
     ns_max_singular_value,
+    odd_polynomial_bound,
     odd_polynomial_steps,
     orthogonalize,
     random_start_vector,
@@ -129,9 +130,17 @@ def soft_cap_is_monotone(alpha: float, k: float) -> bool:
     return alpha * k * k <= 1 / 3
 
 
-# The hard cap's polynomial stays within [0, 1.011] for singular values in [0, 4.05] and explodes
-# above (p(5) ~ 6e126). Inputs whose top singular value may exceed this take the exact cap instead.
+# The hard cap's polynomial explodes past its range (p(5) ~ 6e126): a matrix whose top singular
+# value may exceed this takes the exact cap instead. Below it the output's singular values are
+# proven at most hard_cap_bound() (1.0109; the polynomial also dips to -1.0109 near 4).
 HARD_CAP_SAFE_SIGMA = 4.0
+
+
+@functools.lru_cache(maxsize=None)
+def hard_cap_bound() -> float:
+    """The largest singular value the hard cap can output for inputs of spectral norm at most
+    ``HARD_CAP_SAFE_SIGMA`` (in ``w_max`` units), proven by ``odd_polynomial_bound``."""
+    return odd_polynomial_bound(HARD_CAP_COEFFICIENTS, HARD_CAP_SAFE_SIGMA)
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,7 +324,7 @@ def project_stack(
     lr_t: tuple[float, ...],
     wd_eff: tuple[float, ...],
     spectral_wd: float = 0.0,
-    coupling: str = "reference",
+    coupling: str = "exact",
     update_sigma_max: float | tuple[float, ...] | None = None,
     power_iters: int = 16,
     power_state: Tensor | None = None,
@@ -334,7 +343,7 @@ def project_stack(
     ``update_sigma_max``: the optimizer's step bound (``projection.StepBound``), one for every matrix or
     one per matrix. ``dtype``: the working precision of the polynomial methods (soft cap, hard cap, orthogonalize);
     ``torch.bfloat16`` rounds every projected weight to bfloat16, as the paper's NanoGPT run does
-    (its guarantee then holds up to that rounding). ``shard``: ``W`` is some rows of one split matrix.
+    (what that rounding costs is measured, not bounded). ``shard``: ``W`` is some rows of one split matrix.
     """
     if method not in LINEAR_METHODS:
         raise ValueError(f"unknown constraint method {method!r}; allowed: {sorted(LINEAR_METHODS)}")
@@ -373,7 +382,7 @@ def project_linear(
     lr_t: float,
     wd_eff: float = 0.0,
     spectral_wd: float = 0.0,
-    coupling: str = "reference",
+    coupling: str = "exact",
     update_sigma_max: float | None = None,
     power_iters: int = 16,
     power_state: Tensor | None = None,

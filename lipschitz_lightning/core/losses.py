@@ -92,17 +92,19 @@ class CrossEntropy:
     def __init__(self, temperature: Positive = 1.0):
         self.temperature = float(temperature)
 
-    def margin(self, logit_l2_bound: float) -> float:
+    def margin(self, logit_l2_bound: float | Tensor) -> float | Tensor:
         """The logit margin a training point must clear to count as certified: none here."""
         return 0.0
 
-    def __call__(self, logits: Tensor, targets: Tensor, margin: float = 0.0) -> LossCounts:
-        """Mean loss, the correctly classified points, and those whose margin exceeds ``margin``."""
+    def __call__(self, logits: Tensor, targets: Tensor, margin: float | Tensor | None = None) -> LossCounts:
+        """Mean loss, the correctly classified points, and those whose margin exceeds ``margin``
+        (a number, or a 0-d tensor left on the device; None: no margin)."""
         correct = (logits.detach().argmax(dim=-1) == targets).sum()
-        if margin == 0.0:
+        if margin is None:
             offset, certified = logits, correct
         else:
-            offset = logits.scatter_add(1, targets[:, None], logits.new_full((len(targets), 1), -margin))
+            shift = torch.as_tensor(margin, dtype=logits.dtype, device=logits.device).neg().expand(len(targets), 1)
+            offset = logits.scatter_add(1, targets[:, None], shift)
             certified = (margins(logits.detach(), targets) > margin).sum()  # certify's strict test
         scaled = offset if self.temperature == 1.0 else offset * self.temperature
         return LossCounts(F.cross_entropy(scaled, targets), correct, certified)
@@ -122,7 +124,7 @@ class CertifiedMargin(CrossEntropy):
         super().__init__(temperature)
         self.radius = parse_radius(radius)
 
-    def margin(self, logit_l2_bound: float) -> float:
+    def margin(self, logit_l2_bound: float | Tensor) -> float | Tensor:
         return math.sqrt(2) * logit_l2_bound * self.radius
 
     def __repr__(self) -> str:
@@ -130,15 +132,15 @@ class CertifiedMargin(CrossEntropy):
 
 
 def _chunked(features: Tensor, weight: Tensor, targets: Tensor, scale: float, chunk: int,
-             grad_features: Tensor | None, grad_weight: Tensor | None, margin: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+             grad_features: Tensor | None, grad_weight: Tensor | None, margin: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Loss sum, the correct positions and those whose margin exceeds ``margin``; fills the
     gradients of the mean loss where buffers are given. ``scale`` multiplies the offset logits
-    (final scale times temperature); ``margin`` is in units of ``scale``-multiplied logits."""
+    (final scale times temperature); ``margin`` (None: none) is in units of ``scale``-multiplied logits."""
     count = features.shape[0]
     precision = torch.promote_types(weight.dtype, torch.float32)  # the softmax never in 16 bits
     loss_sum = torch.zeros((), dtype=precision, device=features.device)
     correct = torch.zeros((), dtype=torch.int64, device=features.device)
-    certified = torch.zeros((), dtype=torch.int64, device=features.device) if margin != 0.0 else correct
+    certified = torch.zeros((), dtype=torch.int64, device=features.device) if margin is not None else correct
     for start in range(0, count, chunk):
         x, y = features[start : start + chunk], targets[start : start + chunk]
         logits = (x @ weight.mT).to(precision)  # a bf16 product under autocast, as the head's would be
@@ -146,8 +148,8 @@ def _chunked(features: Tensor, weight: Tensor, targets: Tensor, scale: float, ch
             logits.mul_(scale)
         rows = torch.arange(len(y), device=y.device)
         correct += (logits.argmax(dim=-1) == y).sum()
-        if margin != 0.0:
-            logits[rows, y] -= margin
+        if margin is not None:
+            logits[rows, y] -= margin.to(logits.dtype)
             certified += (logits.argmax(dim=-1) == y).sum()  # the true class still first after the offset
         target_logit = logits[rows, y]
         # the softmax in place of the logits: one chunk x vocab buffer, no second one for logsumexp
@@ -172,7 +174,7 @@ def _chunked(features: Tensor, weight: Tensor, targets: Tensor, scale: float, ch
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, features: Tensor, weight: Tensor, targets: Tensor, scale: float, chunk: int, margin: float) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(ctx, features: Tensor, weight: Tensor, targets: Tensor, scale: float, chunk: int, margin: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         grad_features = torch.empty_like(features) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32)) if ctx.needs_input_grad[1] else None
         loss_sum, correct, certified = _chunked(features, weight, targets, scale, chunk, grad_features, grad_weight, margin)
@@ -192,18 +194,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(features: Tensor, weight: Tensor, targets: Tensor, scale: float = 1.0, chunk: int = 4096,
-                         loss: CrossEntropy | None = None, margin: float = 0.0) -> LossCounts:
+                         loss: CrossEntropy | None = None, margin: float | Tensor | None = None) -> LossCounts:
     """Mean cross-entropy of the logits ``z = scale * features @ weight.T`` against ``targets``, the
     positions whose largest logit is the target and those whose margin exceeds ``margin`` (int64
     tensors; read them when logging, so that no step waits for the device).
 
     With ``loss`` (a ``CrossEntropy`` or ``CertifiedMargin``), the loss is ``loss``'s:
-    ``CE(temperature * (z - margin * onehot))``. ``features``: ``(positions, width)``;
-    ``weight``: ``(vocab, width)``; ``targets``: ``(positions,)``.
+    ``CE(temperature * (z - margin * onehot))``; ``margin`` is a number or a 0-d tensor left on the
+    device (None: no margin). ``features``: ``(positions, width)``; ``weight``: ``(vocab, width)``;
+    ``targets``: ``(positions,)``.
     """
     temperature = loss.temperature if loss is not None else 1.0
     args = (float(scale) * temperature, int(chunk))
-    offset = float(margin) * temperature
+    offset = None if margin is None else torch.as_tensor(margin, device=features.device) * temperature
     if torch.is_grad_enabled() and (features.requires_grad or weight.requires_grad):
         return LossCounts(*_LinearCrossEntropy.apply(features, weight, targets, *args, offset))
     loss_sum, correct, certified = _chunked(features, weight, targets, *args, None, None, offset)

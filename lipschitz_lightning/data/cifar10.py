@@ -88,7 +88,7 @@ class CIFAR10DataModule(IndexedSplitsDataModule):
     rest) instead of on the test split, which is then evaluated once, after training (``test/``
     metrics): what a search must tune on. ``crop_padding`` / ``flip``: random crops of the
     zero-padded image and horizontal flips of training batches, on the device, seeded by
-    ``(seed, step)`` so a resumed run sees the same batches. All off by default (the paper's runs).
+    ``(seed, step, micro-batch, rank)`` so a resumed run sees the same batches. All off by default (the paper's runs).
     """
 
     kind = "images"
@@ -110,6 +110,7 @@ class CIFAR10DataModule(IndexedSplitsDataModule):
         self.holdout, self.crop_padding, self.flip = holdout, crop_padding, flip
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.splits: dict[str, BatchTensorDataset] = {}
+        self._last_step, self._micro_batch = -1, 0  # which micro-batch of its step a training batch is
 
     @property
     def holds_out_validation(self) -> bool:
@@ -145,6 +146,15 @@ class CIFAR10DataModule(IndexedSplitsDataModule):
         images, labels = batch
         trainer = self.trainer
         if (self.crop_padding or self.flip) and trainer is not None and trainer.training:
-            generator = torch.Generator(images.device).manual_seed(self.seed * 1_000_003 + trainer.global_step)
-            images = crop_and_flip(images, self.crop_padding, self.flip, generator)
+            images = crop_and_flip(images, self.crop_padding, self.flip, self._augmentation_generator(images.device))
         return images.float().div_(255), labels
+
+    def _augmentation_generator(self, device: torch.device) -> torch.Generator:
+        """Seeded by (seed, step, micro-batch of the step, rank): every batch of a run gets its own
+        offsets, DDP ranks and the micro-batches of an accumulated step included, and a resumed run
+        (which starts at a step boundary) draws the same ones again."""
+        step, rank = self.trainer.global_step, self.trainer.global_rank
+        micro = self._micro_batch + 1 if self._last_step == step else 0
+        self._last_step, self._micro_batch = step, micro
+        seed = np.random.SeedSequence([self.seed, step, micro, rank]).generate_state(1, dtype=np.uint64)[0]
+        return torch.Generator(device).manual_seed(int(seed))

@@ -95,12 +95,13 @@ class ClassificationModule(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fast_net(x)
 
-    def training_margin(self) -> float:
+    def training_margin(self) -> torch.Tensor | None:
         """The logit margin that certifies ``loss.radius`` with the weights this step's forward pass
-        uses (their exact bound: docs/certified_training.md); 0 for a loss without a radius."""
+        uses (their bound on the domain the radius needs: docs/certified_training.md), a tensor on
+        the device, read by nothing until a logging step; None for a loss without a radius."""
         if self.loss.radius == 0.0:
-            return 0.0
-        return self.loss.margin(self.net.logit_l2_bound())
+            return None
+        return self.loss.margin(self.net.logit_l2_bound(self.loss.radius))
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         margin = self.training_margin()
@@ -128,13 +129,13 @@ class ClassificationModule(L.LightningModule):
             self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         return loss
 
-    def loss_and_counts(self, batch, margin: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | int, int]:
+    def loss_and_counts(self, batch, margin: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | int, int]:
         """The mean training loss, how many predictions were right and how many margins exceed
         ``margin`` (tensors; 0 without a margin), and out of how many."""
         x, y = batch
         logits, y = flatten_positions(self(x), y)
         loss, correct, certified = self.loss(logits, y, margin)
-        return loss, correct, certified if margin else 0, y.numel()
+        return loss, correct, certified if margin is not None else 0, y.numel()
 
     def on_train_end(self) -> None:
         self._raise_if_diverged()
@@ -166,7 +167,7 @@ class ClassificationModule(L.LightningModule):
         collected, self._margins[split] = self._margins[split], []
         if not collected:
             return
-        safe = certified(torch.cat(collected), self.net.logit_l2_bound(), self.certified_radius)
+        safe = certified(torch.cat(collected), self.net.logit_l2_bound(self.certified_radius), self.certified_radius)
         fraction = self.certified_fraction[split].to(self.device)
         fraction.update(safe.sum(), safe.numel())
         self.log(f"{split}/certified_acc", fraction.compute())
@@ -248,10 +249,10 @@ class LanguageModelModule(ClassificationModule):
             return self.net.features(x, stats=stats, window=self.window(x.device))
         return self._compiled_features(x, window=self.window(x.device))
 
-    def loss_and_counts(self, batch, margin: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | int, int]:
+    def loss_and_counts(self, batch, margin: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | int, int]:
         x, y = batch
         loss, correct, certified = self.net.next_token_loss(self.features(x), y, self.loss_chunk, self.loss, margin)
-        return loss, correct, certified if margin else 0, y.numel()
+        return loss, correct, certified if margin is not None else 0, y.numel()
 
     def validation_step(self, batch, batch_idx: int) -> None:
         x, _ = batch

@@ -38,10 +38,13 @@ from torch import Tensor, nn
 from lipschitz_lightning.core.bounds import (
     GELU_DIVISOR,
     GPTCertificate,
+    at_most,
     embedding_norm,
+    embedding_norm_on_device,
     gpt_bound_paper_formula,
     gpt_certificate,
     rms_norm,
+    rms_norm_on_device,
 )
 from lipschitz_lightning.core.losses import CrossEntropy, LossCounts, linear_cross_entropy
 from lipschitz_lightning.core.roles import ParamSpec, Role, gpt_target_norms
@@ -401,7 +404,7 @@ class GPT(nn.Module):
         return self._window_tensors[(blocks, device)]
 
     def next_token_loss(self, features: Tensor, targets: Tensor, chunk: int = 4096, loss: CrossEntropy | None = None,
-                        margin: float = 0.0) -> LossCounts:
+                        margin: Tensor | None = None) -> LossCounts:
         """The mean cross-entropy of the head's logits at every position (``loss``'s, with its
         temperature and ``margin``), how many argmaxes were right and how many positions' margins
         exceed ``margin``, the vocabulary taken ``chunk`` positions at a time
@@ -501,32 +504,39 @@ class GPT(nn.Module):
         """RMS->RMS norm of every matrix and the embedding's largest token RMS, in the bound's names."""
         return {"embed": embedding_norm(self.embedding.weight), **{n: rms_norm(w) for n, w in self.named_matrices().items()}}
 
-    def certificate(self, norms: dict[str, float] | None = None) -> GPTCertificate:
-        """The sound certificate of docs/certificate.md for ``forward_embedded``.
+    def certificate(self, norms: dict[str, float] | None = None, *, perturbation: float = 0.0) -> GPTCertificate:
+        """The sound certificate of docs/certificate.md for ``forward_embedded``, on the domain
+        ``certificate.input_radius``: inputs of token RMS at most ``R + perturbation``, with ``R`` the
+        larger of 1 and the embedding's largest token RMS (every input the embedding can produce).
+        ``perturbation`` > 0 covers every input within that token-RMS distance of one the embedding
+        produces too: what a certified margin at that radius needs (``logit_l2_bound``).
 
-        It holds on inputs of token RMS at most 1, or at most the embedding's largest token RMS
-        where that is larger, so every input the embedding can produce is covered. With
-        ``rmsnorm`` / ``layernorm`` there is no certificate (inf): normalisation is not Lipschitz
+        With ``rmsnorm`` / ``layernorm`` there is no certificate (inf): normalisation is not Lipschitz
         near 0. ``tanh`` is 1-Lipschitz and keeps a branch's input RMS below 1.
         """
         norms = dict(norms if norms is not None else self.layer_norms())
         if self.config.embed_max_rms is not None:  # the lookup caps every token vector's RMS
-            norms["embed"] = min(norms["embed"], self.config.embed_max_rms)
+            norms["embed"] = at_most(norms["embed"], self.config.embed_max_rms)
         cfg = self.config
         return gpt_certificate(
             norms, num_blocks=cfg.num_blocks, num_heads=cfg.num_heads, softmax_scale=cfg.softmax_scale,
             residual_scale=cfg.residual_scale, final_scale=cfg.final_scale,
-            layernorm_substitute=cfg.layernorm_substitute, gelu=cfg.gelu,
+            layernorm_substitute=cfg.layernorm_substitute, gelu=cfg.gelu, perturbation=perturbation,
         )
 
     def certified_bound(self, norms: dict[str, float] | None = None) -> float:
-        """Lipschitz bound of the logits (per-token RMS, max over positions) in the embedded input."""
+        """Lipschitz bound of the logits (per-token RMS, max over positions) in the embedded input,
+        on every input the embedding can produce (``certificate``)."""
         return self.certificate(norms).bound
 
-    def logit_l2_bound(self) -> float:
+    def logit_l2_bound(self, radius: float) -> torch.Tensor:
         """The bound of one position's logits in l2 over the vocabulary, per unit of the embedded
-        input's token RMS: the RMS bound times ``sqrt(vocab_size)``."""
-        return self.certified_bound() * math.sqrt(self.config.vocab_size)
+        input's token RMS, for inputs within token-RMS distance ``radius`` of one the embedding can
+        produce: the certificate on that enlarged domain times ``sqrt(vocab_size)``. A 0-d tensor on
+        the weights' device, computed without waiting for it (the margin loss asks every step)."""
+        norms = {"embed": embedding_norm_on_device(self.embedding.weight)}
+        norms |= {name: rms_norm_on_device(weight) for name, weight in self.named_matrices().items()}
+        return self.certificate(norms, perturbation=radius).bound * math.sqrt(self.config.vocab_size)
 
     def paper_formula_bound(self, norms: dict[str, float] | None = None) -> float:
         """SPEC §7's formula, for parity with the paper's code only: not a certificate (see core/bounds.py)."""

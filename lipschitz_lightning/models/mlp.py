@@ -9,7 +9,7 @@ import annotated_types as at
 import torch
 from torch import Tensor, nn
 
-from lipschitz_lightning.core.bounds import mlp_bound, rms_norm
+from lipschitz_lightning.core.bounds import mlp_bound, rms_norm, rms_norm_on_device
 from lipschitz_lightning.core.roles import ParamSpec, Role, mlp_target_norms
 from lipschitz_lightning.core.types import Positive, PositiveInt
 
@@ -67,10 +67,14 @@ class MLP(nn.Module):
         """Lipschitz bound of the logits w.r.t. the flattened pixels, both in RMS units."""
         return mlp_bound(norms if norms is not None else self.layer_norms(), self.final_scale)
 
-    def logit_l2_bound(self) -> float:
+    def logit_l2_bound(self, radius: float = 0.0) -> torch.Tensor:
         """The bound in plain l2 units, ``||f(x) - f(y)||_2 <= L ||x - y||_2`` over the flattened
-        pixels: the RMS one times ``sqrt(classes / inputs)`` (robustness/certified.py derives it)."""
-        return self.certified_bound() * math.sqrt(self.config["num_classes"] / self.config["input_dim"])
+        pixels: the RMS one times ``sqrt(classes / inputs)`` (robustness/certified.py derives it).
+        It holds for every pair of inputs, so a certified margin at any ``radius`` uses the same one.
+        A 0-d tensor on the weights' device, computed without waiting for it (the margin loss asks
+        every step)."""
+        norms = [rms_norm_on_device(layer.weight) for layer in self.layers]
+        return mlp_bound(dict(enumerate(norms)), self.final_scale) * math.sqrt(self.config["num_classes"] / self.config["input_dim"])
 
     def config_dict(self) -> dict:
         return dict(self.config)

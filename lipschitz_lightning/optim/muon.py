@@ -131,10 +131,11 @@ class Muon(torch.optim.Optimizer):
 
     def step_spectral_bound(self, group: dict) -> float | None:
         """The largest spectral norm of a matrix's step direction per unit ``lr * t`` (``projection.StepBound``):
-        the largest singular value Newton-Schulz can output for its coefficients, plus a margin for
-        rounding, 1e-4 in float32 (the tests measure below 1e-5 for either polynomial form), 5% in a
-        16-bit precision (the paper's NanoGPT recipe's margin for bfloat16: empirical, not a proof).
-        None for what is not stepped by Newton-Schulz (Adam's weights, embeddings)."""
+        the largest singular value Newton-Schulz can output for its coefficients (proven:
+        ``linalg.ns_max_singular_value``) times a margin for rounding, which is measured, not proven:
+        1e-4 in float32 (the tests measure below 1e-5 for either polynomial form), 5% in a 16-bit
+        precision (the paper's NanoGPT recipe's margin for bfloat16). None for what is not stepped
+        by Newton-Schulz (Adam's weights, embeddings)."""
         if group["adam"] or not is_matrix_role(group["role"]):
             return None
         margin = 1 + 1e-4 if self.ns_dtype in (torch.float32, torch.float64) else 1.05

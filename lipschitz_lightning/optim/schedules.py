@@ -17,6 +17,8 @@ class StableCooldown(torch.optim.lr_scheduler.LambdaLR):
             progress = step / total_steps
             if progress < 1 - cooldown_fraction:
                 return 1.0
+            if cooldown_fraction == 0:  # no cool-down: the last step's factor is reached at once
+                return final_factor
             remaining = max(1 - progress, 0.0) / cooldown_fraction
             return remaining + (1 - remaining) * final_factor
 
