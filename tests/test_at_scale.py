@@ -20,10 +20,12 @@ from lightning.pytorch.callbacks import Callback
 
 from conftest import QUIET_TRAINER, VOCAB, tiny_nanogpt
 from lipschitz_lightning.commands.cli import rank_arguments, set_cuda_allocator
-from lipschitz_lightning.core.losses import linear_cross_entropy
+from lipschitz_lightning.core.losses import CrossEntropy
+from lipschitz_lightning.step import train_step
 from lipschitz_lightning.models import GPT
 from lipschitz_lightning.optim import Muon, param_groups
-from lipschitz_lightning.core.projection import Constraint
+from lipschitz_lightning.core.constraints import SpectralSoftCap
+from lipschitz_lightning.core.projection import Projection
 from lipschitz_lightning.commands.train import build, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -136,11 +138,10 @@ def test_a_step_never_reads_the_device(monkeypatch):
     net = GPT(vocab_size=VOCAB, width=32, num_heads=2, num_blocks=2, seq_len=256, target_norms="unit", zero_init=False,
               document_token=0, window_pattern="LS", window_max=256, embed_max_rms=1.0)
     optimizer = Muon(param_groups(net.param_specs()), lr=0.05, nesterov=True, ns_coefficients="nanogpt", adam_roles=["embedding"])
-    constraint = Constraint("spectral_soft_cap", w_max=1.0)
-    constraint.attach([optimizer])
-    constraint.scale_into_ball()
+    projection = Projection(SpectralSoftCap(w_max=1.0))
+    projection.attach([optimizer])
+    projection.scale_into_ball()
     tokens = torch.randint(1, VOCAB, (2, 257))
-    window = torch.tensor(1, dtype=torch.int32)
     reads = []
     for name in ("item", "tolist", "__bool__", "__int__", "__float__", "cpu", "numpy"):
         original = getattr(torch.Tensor, name)
@@ -154,16 +155,12 @@ def test_a_step_never_reads_the_device(monkeypatch):
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, counted)
-    for _ in range(2):
-        features = net.features(tokens[:, :-1], window=window)
-        loss, correct, _ = linear_cross_entropy(features.flatten(0, 1), net.head.weight, tokens[:, 1:].flatten())
-        loss.backward()
-        optimizer.step()
-        constraint.after_step(optimizer)
-        optimizer.zero_grad(set_to_none=True)
+    for step in range(2):  # the step the Lightning module runs
+        result = train_step(net, [(tokens[:, :-1], tokens[:, 1:])], CrossEntropy(), optimizer, projection,
+                            progress=step / 100, forward=net.features)
     monkeypatch.undo()
     assert reads == []
-    assert math.isfinite(float(loss)) and constraint.fallback_count() == 0
+    assert math.isfinite(float(result.loss)) and projection.fallback_count() == 0
 
 
 # ------------------------------------------------------------------------------ memory

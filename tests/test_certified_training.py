@@ -327,15 +327,15 @@ def test_the_language_model_s_margin_holds_for_every_perturbation_within_its_rad
     embedded sequence: a search over such perturbations moves no position's margin by more than the
     module's margin. The loss offsets the true logit by that margin, as the plain computation over
     full logits does."""
-    from lipschitz_lightning.lit.modules import LanguageModelModule
     from lipschitz_lightning.models import GPT
+    from lipschitz_lightning.step import batch_loss, training_margin
 
     torch.manual_seed(0)
     net = GPT(vocab_size=17, num_blocks=2, width=16, num_heads=2, seq_len=8, zero_init=False)
     radius = 0.05
-    module = LanguageModelModule(net, optimizer=None, vocab_size=17, loss=CertifiedMargin(radius=radius, temperature=3.0), loss_chunk=5)
+    loss_fn = CertifiedMargin(radius=radius, temperature=3.0)
     x, y = torch.randint(0, 17, (3, 8)), torch.randint(0, 17, (3, 8))
-    margin = module.training_margin()
+    margin = training_margin(net, loss_fn)
 
     frozen = GPT(**net.config_dict()).double()
     frozen.load_state_dict(net.state_dict())
@@ -355,41 +355,46 @@ def test_the_language_model_s_margin_holds_for_every_perturbation_within_its_rad
     print(f"\nlargest margin move within radius {radius}: {found:.4g}; the loss's margin {float(margin):.4g}")
     assert 0 < found <= float(margin)
 
-    loss, correct, certified_count, count = module.loss_and_counts((x, y), margin)
+    loss, correct, certified_count = batch_loss(net, net.features, x, y, loss_fn, margin, 1.0, loss_chunk=5)
     logits = net(x).reshape(-1, 17)
     expected = F.cross_entropy(3.0 * (logits - float(margin) * F.one_hot(y.reshape(-1), 17)), y.reshape(-1))
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
-    assert correct == (logits.argmax(1) == y.reshape(-1)).sum() and count == 24
+    assert correct == (logits.argmax(1) == y.reshape(-1)).sum()
     assert certified_count == (margins(logits.detach(), y.reshape(-1)) > margin).sum()
 
 
 @pytest.mark.parametrize("model", ["mlp", "gpt"])
 def test_the_margin_loss_reads_no_value_back_from_the_device(monkeypatch, model):
     """On an accelerator every read of a tensor's value on the host waits for the device: the margin
-    (the live bound) and the loss with it stay tensors until a logging step reads them."""
-    from lipschitz_lightning.lit.modules import ClassificationModule, LanguageModelModule
+    (the live bound) and the loss with it stay tensors until a logging step reads them. The whole
+    step the module runs (Muon, the soft cap) reads nothing either."""
+    from lipschitz_lightning.core.constraints import SpectralSoftCap
+    from lipschitz_lightning.core.projection import Projection
     from lipschitz_lightning.models import GPT
+    from lipschitz_lightning.optim import Muon, param_groups
+    from lipschitz_lightning.step import train_step
 
     torch.manual_seed(0)
     if model == "mlp":
         net = MLP(input_dim=48, width=32, num_layers=3, num_classes=10, zero_init=False)
-        module = ClassificationModule(net, optimizer=None, loss=CertifiedMargin(radius=0.05))
-        batch = (torch.rand(16, 48), torch.randint(0, 10, (16,)))
+        batch, forward = (torch.rand(16, 48), torch.randint(0, 10, (16,))), net
     else:
         net = GPT(vocab_size=17, num_blocks=2, width=16, num_heads=2, seq_len=8, zero_init=False)
-        module = LanguageModelModule(net, optimizer=None, vocab_size=17, loss=CertifiedMargin(radius=0.05), loss_chunk=5)
-        batch = (torch.randint(0, 17, (3, 8)), torch.randint(0, 17, (3, 8)))
+        batch, forward = (torch.randint(0, 17, (3, 8)), torch.randint(0, 17, (3, 8))), net.features
+    optimizer = Muon(param_groups(net.param_specs()), lr=0.05)
+    projection = Projection(SpectralSoftCap(w_max=2.0))
+    projection.attach([optimizer])
 
     def read_back(*args, **kwargs):
         raise AssertionError("a tensor's value was read on the host")
 
     with monkeypatch.context() as patched:
-        for name in ("item", "tolist", "numpy", "__float__", "__int__", "__bool__", "__index__"):
+        # (.numpy() of a tensor the host itself made, the guards' decisions, reads no device)
+        for name in ("item", "tolist", "__float__", "__int__", "__bool__", "__index__"):
             patched.setattr(torch.Tensor, name, read_back)
-        margin = module.training_margin()
-        loss, correct, certified_count, _ = module.loss_and_counts(batch, margin)
-        loss.backward()
-    assert isinstance(margin, torch.Tensor) and float(margin) > 0 and int(certified_count) <= int(correct)
+        result = train_step(net, [batch], CertifiedMargin(radius=0.05), optimizer, projection, forward=forward, loss_chunk=5)
+    assert isinstance(result.margin, torch.Tensor) and float(result.margin) > 0
+    assert int(result.certified) <= int(result.correct) and math.isfinite(float(result.loss))
 
 
 @pytest.mark.parametrize("shape", [(3072, 256), (256, 256), (50, 768)])

@@ -9,7 +9,10 @@ Three kinds of evidence:
 
 from __future__ import annotations
 
+import inspect
 import math
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -55,6 +58,14 @@ SHAPE_IDS = ["tall", "wide", "square", "batched_tall", "batched_wide"]
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
+
+
+def named(method: str, **settings) -> C.Constraint:
+    """A built-in constraint by its option name (conf/constraint/<method>.yaml), given the settings
+    among ``settings`` that it has."""
+    cls = C.BUILT_IN[method]
+    accepted = inspect.signature(cls).parameters
+    return cls(**{key: value for key, value in settings.items() if key in accepted})
 
 
 def tensor(x) -> torch.Tensor:
@@ -181,12 +192,9 @@ def test_linear_project_matches_reference(ref_linear_project):
     assert W.shape == (entry["fanout"], entry["fanin"])
     out = C.project_linear(
         W,
-        method,
-        w_max=entry["w_max"],
+        named(method, w_max=entry["w_max"], spectral_wd=entry["spectral_wd"], coupling="reference", power_iters=16),
         lr_t=entry["lr_times_target_norm"],
         wd_eff=entry["wd_times_lr_times_target_norm"],
-        spectral_wd=entry["spectral_wd"],
-        coupling="reference",
     )
     expected = tensor(entry["projected"])
     (assert_power_close if method in POWER_ITERATION_METHODS else assert_poly_close)(out, expected)
@@ -417,13 +425,13 @@ def test_soft_cap_with_weight_decay_larger_than_step_keeps_layer_inside_ball_wit
     # inflates every singular value above ~1 (parity kept for coupling="reference"); the exact
     # coupling leaves the layer alone, since nothing can have left the ball.
     W = with_spectrum((16, 16), gapped(5.0, 1.0, 4.0), seed=13)
-    exact = C.project_linear(W, "spectral_soft_cap", w_max=6.0, lr_t=0.05, wd_eff=0.01, coupling="exact")
+    exact = C.project_linear(W, C.SpectralSoftCap(w_max=6.0, coupling="exact"), lr_t=0.05, wd_eff=0.01)
     torch.testing.assert_close(exact, W)
     # guard=False: the paper's code as it is
-    reference = C.project_linear(W, "spectral_soft_cap", w_max=6.0, lr_t=0.05, wd_eff=0.01, coupling="reference", guard=False)
+    reference = C.project_linear(W, C.SpectralSoftCap(w_max=6.0, coupling="reference", guard=False), lr_t=0.05, wd_eff=0.01)
     assert float(svals(reference)[0]) > 1e3
     # the run-time guard sees alpha * k^2 > 1/3 and caps exactly instead
-    guarded = C.project_linear(W, "spectral_soft_cap", w_max=6.0, lr_t=0.05, wd_eff=0.01, coupling="reference")
+    guarded = C.project_linear(W, C.SpectralSoftCap(w_max=6.0, coupling="reference"), lr_t=0.05, wd_eff=0.01)
     torch.testing.assert_close(svals(guarded), svals(W).clamp(max=6.0), rtol=1e-5, atol=1e-5)
 
 
@@ -537,25 +545,29 @@ def test_random_start_vector_is_seeded():
 # --------------------------------------------------------------------------------------------
 
 
-def test_project_linear_unknown_method_names_allowed_methods():
-    with pytest.raises(ValueError) as info:
-        C.project_linear(torch.eye(4), "spectral_magic", w_max=1.0, lr_t=0.1)
-    message = str(info.value)
-    assert "spectral_magic" in message
-    for method in SPEC_METHODS:
-        assert method in message
+def test_every_constraint_option_names_its_class_and_the_class_its_option():
+    # one name per constraint, the class's: conf/constraint/<name>.yaml's _target_ is the class whose name is <name>
+    import yaml
+    from hydra.utils import get_class
+
+    from conftest import CONF_DIR
+
+    options = {path.stem: yaml.safe_load(path.read_text())["_target_"] for path in (CONF_DIR / "constraint").glob("*.yaml")}
+    assert set(options) == set(C.BUILT_IN) >= set(SPEC_METHODS)
+    for name, target in options.items():
+        assert get_class(target) is C.BUILT_IN[name] and get_class(target).name == name
 
 
 def test_project_linear_knows_every_spec_method():
     W = with_spectrum((12, 8), gapped(3.0, 0.1, 1.5), seed=19)
     for method in SPEC_METHODS:
-        out = C.project_linear(W, method, w_max=1.0, lr_t=0.05, spectral_wd=0.1)
+        out = C.project_linear(W, named(method, w_max=1.0, spectral_wd=0.1), lr_t=0.05)
         assert out.shape == W.shape and torch.isfinite(out).all()
 
 
 def test_project_linear_none_is_identity():
     W = torch.randn(8, 5, generator=torch.Generator().manual_seed(20))
-    out = C.project_linear(W, "none", w_max=0.01, lr_t=0.1, wd_eff=0.5)
+    out = C.project_linear(W, C.NoConstraint(), lr_t=0.1, wd_eff=0.5)
     assert torch.equal(out, W)
 
 
@@ -573,7 +585,7 @@ def test_project_linear_caps_rms_to_rms_norm(shape, method, w_max):
     # rms norm 5 w_max before the projection, with a gap so power iteration converges
     W = with_spectrum(shape, gapped(5 * w_max * scale, 0.1 * w_max * scale, 3 * w_max * scale), seed=21)
     assert rms_to_rms(W) == pytest.approx(5 * w_max, rel=1e-5)
-    out = C.project_linear(W, method, w_max=w_max, lr_t=0.05)
+    out = C.project_linear(W, named(method, w_max=w_max), lr_t=0.05)
     assert rms_to_rms(out) <= w_max * (1 + 1e-3)
     assert rms_to_rms(out) >= w_max * (1 - 1e-3)
 
@@ -600,7 +612,7 @@ def test_project_linear_soft_cap_uses_documented_u(shape, coupling):
     u = lr_t * C.ns_max_singular_value("small") if coupling == "exact" else lr_t / scale
     alpha = C.soft_cap_coupling(w_max, wd_eff, u)
     expected = C.soft_cap(W / scale, alpha) * scale
-    out = C.project_linear(W, "spectral_soft_cap", w_max=w_max, lr_t=lr_t, wd_eff=wd_eff, coupling=coupling)
+    out = C.project_linear(W, C.SpectralSoftCap(w_max=w_max, coupling=coupling), lr_t=lr_t, wd_eff=wd_eff)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
 
 
@@ -617,7 +629,7 @@ def test_exact_coupling_keeps_layer_in_ball_after_worst_case_muon_step(shape):
     w_max, lr_t = 1.0, 0.1
     W = _worst_case_muon_step(shape, w_max, lr_t, seed=23)
     assert rms_to_rms(W) > w_max * 1.09
-    out = C.project_linear(W, "spectral_soft_cap", w_max=w_max, lr_t=lr_t, coupling="exact")
+    out = C.project_linear(W, C.SpectralSoftCap(w_max=w_max, coupling="exact"), lr_t=lr_t)
     assert rms_to_rms(out) <= w_max * (1 + 1e-5)
 
 
@@ -625,21 +637,17 @@ def test_reference_coupling_undercaps_tall_layers():
     # documented in max_update_norm: u = lr t / scale is not a bound when fanout > fanin
     w_max, lr_t = 1.0, 0.1
     W = _worst_case_muon_step((24, 10), w_max, lr_t, seed=24)
-    out = C.project_linear(W, "spectral_soft_cap", w_max=w_max, lr_t=lr_t, coupling="reference")
+    out = C.project_linear(W, C.SpectralSoftCap(w_max=w_max, coupling="reference"), lr_t=lr_t)
     assert rms_to_rms(out) > w_max * 1.01
 
 
 def test_the_documented_api_defaults_to_the_sound_coupling():
     # one default everywhere, the one that bounds Muon's step (docs/constraints.md)
-    import inspect
-
-    from lipschitz_lightning.core.projection import Constraint
 
     W = _worst_case_muon_step((24, 10), 1.0, 0.1, seed=24)
-    out = C.project_linear(W, "spectral_soft_cap", w_max=1.0, lr_t=0.1)
+    out = C.project_linear(W, C.SpectralSoftCap(w_max=1.0), lr_t=0.1)
     assert rms_to_rms(out) <= 1.0 * (1 + 1e-5)
-    for api in (C.project_linear, C.project_stack, Constraint):
-        assert inspect.signature(api).parameters["coupling"].default == "exact", api
+    assert inspect.signature(C.SpectralSoftCap).parameters["coupling"].default == "exact"
 
 
 # --------------------------------------------------------------------------------------------
@@ -652,8 +660,8 @@ def test_spectral_normalize_can_overshoot_where_power_iteration_has_not_converge
     # start underestimates sigma_max, so the division leaves the layer above w_max
     torch.manual_seed(0)
     W = torch.linalg.qr(torch.randn(256, 256))[0] + 0.05 * C.orthogonalize(torch.randn(256, 256))
-    paper = C.project_linear(W, "spectral_normalize", w_max=1.0, lr_t=0.0, power_iters=16)
-    ours = C.project_linear(W, "spectral_normalize", w_max=1.0, lr_t=0.0, power_iters=256)
+    paper = C.project_linear(W, C.SpectralNormalize(w_max=1.0, power_iters=16))
+    ours = C.project_linear(W, C.SpectralNormalize(w_max=1.0))  # 256, the default
     assert rms_to_rms(paper) > 1.005
     assert 1.0 <= rms_to_rms(ours) < 1.001
 
@@ -662,7 +670,7 @@ def test_spectral_hammer_raises_a_layer_below_w_max_to_it():
     # not a ball: the top singular value becomes w_max also where it was below
     W = with_spectrum((24, 10), uniform(0.1, 0.5), seed=26)
     scale = math.sqrt(24 / 10)
-    out = C.project_linear(W * scale, "spectral_hammer", w_max=2.0, lr_t=0.0)
+    out = C.project_linear(W * scale, C.SpectralHammer(w_max=2.0))
     assert rms_to_rms(W * scale) < 0.51 and rms_to_rms(out) == pytest.approx(2.0, rel=POWER_RTOL)
 
 
@@ -726,7 +734,8 @@ def test_project_linear_matches_plain_spec_recipe(shape, method):
     scale = math.sqrt(shape[0] / shape[1])
     # W / scale has top singular value 3 (above w_max) and a gap below it
     W = with_spectrum(shape, gapped(3.0 * scale, 0.2 * scale, 1.8 * scale), seed=25)
-    out = C.project_linear(W, method, w_max=w_max, lr_t=lr_t, wd_eff=wd_eff, spectral_wd=spectral_wd, coupling="reference")
+    out = C.project_linear(W, named(method, w_max=w_max, spectral_wd=spectral_wd, coupling="reference", power_iters=16),
+                           lr_t=lr_t, wd_eff=wd_eff)
     expected = spec_recipe(W, method, w_max, lr_t, wd_eff, spectral_wd).float()
     if method in POWER_ITERATION_METHODS:
         assert_power_close(out, expected)
@@ -734,26 +743,39 @@ def test_project_linear_matches_plain_spec_recipe(shape, method):
         assert_poly_close(out, expected)
 
 
-def test_a_new_constraint_is_one_function_and_one_yaml_file(make_config, tmp_path, monkeypatch):
-    # docs/constraints.md, followed to the letter: a function registered with register_constraint
-    # and a yaml file naming it; the settings accept it and a run keeps every layer in its ball
-    from lipschitz_lightning.commands.train import build, train
-    from lipschitz_lightning.core import constraints
+TOY_CONSTRAINT = """
+import torch
+from lipschitz_lightning.core.constraints import Constraint
 
-    monkeypatch.setattr(constraints, "LINEAR_METHODS", dict(constraints.LINEAR_METHODS))  # undone after the test
-    monkeypatch.setattr("lipschitz_lightning.core.projection.LINEAR_METHODS", constraints.LINEAR_METHODS)
 
-    @constraints.register_constraint("toy_clip", caps_at_one=True)
-    def toy_clip(M, ctx):
+class ToyClip(Constraint):
+    \"\"\"Every singular value above w_max set to w_max, exactly.\"\"\"
+
+    caps_at_one = True  # project() sees W / (scale * w_max): cap at 1
+
+    def project(self, M, step):
         U, S, Vh = torch.linalg.svd(M, full_matrices=False)
         return (U * S.clamp(max=1.0).unsqueeze(-2)) @ Vh
+"""
 
-    (tmp_path / "conf" / "constraint").mkdir(parents=True)
-    (tmp_path / "conf" / "constraint" / "toy_clip.yaml").write_text(
-        "_target_: lipschitz_lightning.core.projection.Constraint\nmethod: toy_clip\nw_max: 0.5\n"
-    )
-    cfg = make_config(f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "constraint=toy_clip", "optimizer.lr=0.5")
+
+def a_users_constraint(folder: Path) -> Path:
+    """docs/constraints.md, followed to the letter: one class in the user's own module, one yaml file in
+    the user's own config folder; the folder with both, nothing of ours edited."""
+    (folder / "toy_constraints.py").write_text(TOY_CONSTRAINT)
+    (folder / "conf" / "constraint").mkdir(parents=True)
+    (folder / "conf" / "constraint" / "toy_clip.yaml").write_text("_target_: toy_constraints.ToyClip\nw_max: 0.5\n")
+    return folder / "conf"
+
+
+def test_a_new_constraint_is_one_class_and_one_yaml_file_of_the_user_s_own(make_config, tmp_path, monkeypatch):
+    from lipschitz_lightning.commands.train import build, train
+
+    conf = a_users_constraint(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = make_config(f"hydra.searchpath=[file://{conf}]", "constraint=toy_clip", "optimizer.lr=0.5")
     run = build(cfg)
+    assert type(run.module.projection.constraint).__module__ == "toy_constraints"
     train(cfg, run)
     for layer in run.module.net.layers:
         W = layer.weight.detach().double()

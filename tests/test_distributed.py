@@ -15,7 +15,8 @@ from lipschitz_lightning.lit.callbacks import RankAgreement
 from lipschitz_lightning.core.sharding import ShardPlan, count_traffic, newton_schulz_cost
 from lipschitz_lightning.models import GPT
 from lipschitz_lightning.optim import Muon, param_groups
-from lipschitz_lightning.core.projection import Constraint
+from lipschitz_lightning.core.constraints import BUILT_IN
+from lipschitz_lightning.core.projection import Projection
 
 # ------------------------------------------------------------------------------ the plan
 
@@ -94,13 +95,13 @@ def global_batch(world: int) -> torch.Tensor:
 
 def train_tiny(rank: int, world: int, method: str, steps: int) -> dict:
     """``steps`` steps of the recipe on the tiny NanoGPT, each rank on ``8 / world`` of the global
-    batch of 8 sequences, the constraint attached as the callback attaches it."""
+    batch of 8 sequences, the projection attached as the training module attaches it."""
     torch.set_num_threads(1)
     net = tiny_nanogpt()
     optimizer = recipe_muon(net)
-    constraint = Constraint(method, w_max=1.0, head_w_max=1.0, embed_w_max=1.0)
-    constraint.attach([optimizer])  # a sharded step runs the projection itself
-    constraint.scale_into_ball()
+    projection = Projection(BUILT_IN[method](w_max=1.0, head_w_max=1.0, embed_w_max=1.0))
+    projection.attach([optimizer])  # a sharded step runs the projection itself
+    projection.scale_into_ball()
     optimizer.reduce_gradients = True  # no DDP wrapper: the step reduces
     tokens = global_batch(world).chunk(world)[rank]
     traffic = []
@@ -111,7 +112,7 @@ def train_tiny(rank: int, world: int, method: str, steps: int) -> dict:
         loss.backward()
         with count_traffic() as counted:
             optimizer.step()
-            constraint.after_step(optimizer)
+            projection.after_step()
         traffic.append(counted)
     plan = optimizer._sharded.plan if optimizer._sharded is not None else None
     return {
@@ -121,7 +122,7 @@ def train_tiny(rank: int, world: int, method: str, steps: int) -> dict:
         "segment": plan.segment if plan else None,
         "ideal": plan.ideal_bytes(4) if plan else None,
         "optimizer": optimizer.state_dict(),
-        "power_states": constraint.state_dict()["power_states"],
+        "power_states": projection.state_dict()["power_states"],
     }
 
 

@@ -14,7 +14,7 @@ import torch
 from omegaconf import OmegaConf
 
 from lipschitz_lightning.core import constraints as C
-from lipschitz_lightning.core.projection import Constraint
+from lipschitz_lightning.core.projection import Projection
 from lipschitz_lightning.commands.settings import TARGET_SECTIONS, target_settings, validate_config
 from lipschitz_lightning.errors import ConfigError
 from lipschitz_lightning.optim import Muon, ParamSpec, Role, param_groups
@@ -54,20 +54,17 @@ def test_the_soft_cap_guard_fires_past_the_monotone_regime_and_caps_exactly():
     assert soft_cap_scalar(grid, alpha).max() > w_max * 1.05  # what the guard prevents
     s_star = 1 / math.sqrt(3 * alpha)  # the scalar map's peak
     W = spectrum((12, 12), [s_star, 0.7, 0.3] + [0.1] * 9, seed=1)
-    out, fell_back = C.project_stack(W[None].float(), "spectral_soft_cap", w_max=(w_max,), lr_t=(u,), wd_eff=(0.0,),
-                                     coupling="exact", update_sigma_max=1.0)
+    out, fell_back = C.project_stack(W[None].float(), C.SpectralSoftCap(w_max=w_max), lr_t=u, step_bound=1.0)
     assert fell_back.tolist() == [True]
     assert float(svals(out[0])[0]) <= w_max * (1 + 1e-5)
-    unguarded, _ = C.project_stack(W[None].float(), "spectral_soft_cap", w_max=(w_max,), lr_t=(u,), wd_eff=(0.0,),
-                                   coupling="exact", update_sigma_max=1.0, guard=False)
+    unguarded, _ = C.project_stack(W[None].float(), C.SpectralSoftCap(w_max=w_max, guard=False), lr_t=u, step_bound=1.0)
     assert float(svals(unguarded[0])[0]) > w_max * 1.05
 
 
 def test_the_soft_cap_guard_is_per_matrix_in_a_stack():
     W = torch.stack([spectrum((8, 8), [0.62] + [0.2] * 7, seed=2), spectrum((8, 8), [0.62] + [0.2] * 7, seed=3)]).float()
     # the first matrix steps far (u = 0.3), the second a little (u = 0.01)
-    out, fell_back = C.project_stack(W, "spectral_soft_cap", w_max=(0.5, 0.5), lr_t=(0.3, 0.01), wd_eff=(0.0, 0.0),
-                                     coupling="exact", update_sigma_max=1.0)
+    out, fell_back = C.project_stack(W, C.SpectralSoftCap(w_max=0.5), lr_t=(0.3, 0.01), step_bound=1.0)
     assert fell_back.tolist() == [True, False]
     alpha = C.soft_cap_coupling(0.5, 0.0, 0.01)
     torch.testing.assert_close(out[1], C.soft_cap(W[1], alpha))
@@ -100,7 +97,7 @@ def test_the_hard_cap_polynomial_explodes_past_its_range_and_the_guard_caps_exac
     W = spectrum((16, 12), [5.0, 3.0] + [0.5] * 10, seed=4).float()
     exploded = C.hard_cap(W)
     assert not torch.isfinite(exploded).all() or float(svals(exploded)[0]) > 1e100
-    out, fell_back = C.project_stack(W[None], "spectral_hard_cap", w_max=(1.0,), lr_t=(0.0,), wd_eff=(0.0,))
+    out, fell_back = C.project_stack(W[None], C.SpectralHardCap(w_max=1.0))
     assert fell_back.tolist() == [True]
     cap = math.sqrt(16 / 12)  # w_max 1 in RMS units
     torch.testing.assert_close(svals(out[0]), svals(W).clamp(max=cap), rtol=1e-5, atol=1e-5)
@@ -147,7 +144,7 @@ def test_a_constraint_refuses_weights_it_cannot_keep_exact():
     weight = torch.nn.Parameter(torch.randn(8, 8, dtype=torch.bfloat16))
     optimizer = Muon(param_groups([ParamSpec("w", weight, Role.HIDDEN, 1.0)]))
     with pytest.raises(ConfigError, match="bfloat16"):
-        Constraint("spectral_soft_cap").attach([optimizer])
+        Projection(C.SpectralSoftCap()).attach([optimizer])
 
 
 # ------------------------------------------------------------------------------ config checks

@@ -47,7 +47,7 @@ def test_the_card_command_composes_to_nanogpt_fineweb_and_the_recipe():
     assert (optimizer.momentum_warmup_start, optimizer.momentum, optimizer.momentum_warmup_steps) == (0.85, 0.95, 300)
     assert list(optimizer.adam_roles) == ["embedding"] and list(optimizer.adam_betas) == [0.8, 0.95] and optimizer.adam_eps == 1e-10
     assert cfg.scheduler._target_.endswith("StableCooldown") and cfg.scheduler.cooldown_fraction == 0.4
-    assert cfg.constraint.method == "spectral_hammer" and cfg.constraint.w_max == cfg.constraint.head_w_max == 1.0
+    assert cfg.constraint._target_.endswith("SpectralHammer") and cfg.constraint.w_max == cfg.constraint.head_w_max == 1.0
     assert cfg.trainer.max_steps == 6200 and cfg.trainer.val_check_interval == 125
     validate_config(cfg)
     # every other group still overrides
@@ -72,7 +72,7 @@ def test_the_paper_runs_are_pinned(experiment):
     assert cfg.trainer.strategy._target_.endswith("ShardedStepDDP") and cfg.trainer.val_check_interval == 125
     assert cfg.constraint.embed_w_max == 1.0
     if experiment == "nanogpt_spectral_normalize":  # the paper's train_spectral_normalize.py
-        assert cfg.constraint.method == "spectral_normalize" and cfg.constraint.power_iters == 26
+        assert cfg.constraint._target_.endswith("SpectralNormalize") and cfg.constraint.power_iters == 26
         assert cfg.constraint.w_max == cfg.constraint.head_w_max == 8.0 and cfg.trainer.max_steps == 1770
         # its attention scale sqrt(head_dim) / w_max^2, in this project's units (softmax_scale / head_dim)
         head_dim = cfg.model.net.width // cfg.model.net.num_heads
@@ -81,9 +81,9 @@ def test_the_paper_runs_are_pinned(experiment):
     assert cfg.constraint.w_max == cfg.constraint.head_w_max == 1.0 and cfg.trainer.max_steps == 6200
     assert cfg.model.net.softmax_scale == 24.0
     if experiment == "nanogpt_spectral_normalize_spec":
-        assert cfg.constraint.method == "spectral_normalize" and cfg.constraint.power_iters == 26
+        assert cfg.constraint._target_.endswith("SpectralNormalize") and cfg.constraint.power_iters == 26
     else:
-        assert cfg.constraint.method == "spectral_soft_cap" and cfg.constraint.coupling == "exact" and cfg.constraint.dtype == "float32"
+        assert cfg.constraint._target_.endswith("SpectralSoftCap") and cfg.constraint.coupling == "exact" and cfg.constraint.dtype == "float32"
 
 
 def test_the_stable_cooldown_schedule_and_the_momentum_warmup():
@@ -388,13 +388,13 @@ def test_the_benchmark_times_a_tiny_nanogpt_and_each_constraint_against_none(cou
 
 
 def test_the_bfloat16_projection_rounds_every_weight_to_bfloat16_as_the_paper_run():
-    from lipschitz_lightning.core.constraints import project_stack
+    from lipschitz_lightning.core.constraints import SpectralSoftCap, project_stack
 
     generator = torch.Generator().manual_seed(0)
     W = torch.randn(3, 64, 64, generator=generator) / 6  # square: scale 1, as the paper's 768 x 768 matrices
-    common = dict(w_max=(1.0,) * 3, lr_t=(0.05,) * 3, wd_eff=(0.0,) * 3, coupling="exact", update_sigma_max=1.14502 * 1.05)
-    float32, _ = project_stack(W, "spectral_soft_cap", **common)
-    bfloat16, _ = project_stack(W, "spectral_soft_cap", dtype=torch.bfloat16, **common)
+    common = dict(lr_t=0.05, step_bound=1.14502 * 1.05)
+    float32, _ = project_stack(W, SpectralSoftCap(w_max=1.0), **common)
+    bfloat16, _ = project_stack(W, SpectralSoftCap(w_max=1.0, dtype="bfloat16"), **common)
     assert torch.equal(bfloat16, bfloat16.bfloat16().float())  # what the paper's soft_cap writes back
     assert not torch.equal(bfloat16, float32)
     torch.testing.assert_close(bfloat16, float32, atol=2e-2, rtol=2e-2)

@@ -14,7 +14,6 @@ from hydra.errors import HydraException
 from lightning.pytorch.callbacks import Callback
 
 from conftest import SPEC_METHODS
-from lipschitz_lightning.lit.callbacks import ApplyConstraint
 from lipschitz_lightning.errors import ConfigError, DataError, TrainingDiverged
 from lipschitz_lightning.commands.train import build, train
 
@@ -38,25 +37,24 @@ def test_every_optimizer_constraint_pair_composes_and_trains(make_config, optimi
     assert summary["lipschitz/bound"] == pytest.approx(run.module.net.certified_bound(), rel=1e-6)  # of the final weights
     changed = [not torch.equal(b, p) for b, p in zip(before, run.module.parameters())]
     assert all(changed), "every layer must move (zero-init input layer included)"
-    constraint = next(c for c in run.callbacks if isinstance(c, ApplyConstraint)).constraint
-    assert constraint.steps_applied == 4
+    assert run.module.projection.steps_applied == 4
 
 
 def test_constraint_runs_once_per_optimizer_step_under_gradient_accumulation(make_config):
     cfg = make_config("constraint=svd_cap", "trainer.max_steps=5", "trainer.accumulate_grad_batches=4", "trainer.val_check_interval=5")
     run = build(cfg)
     seen_lr = []
-    constraint = next(c for c in run.callbacks if isinstance(c, ApplyConstraint)).constraint
-    apply = constraint.after_step
+    projection = run.module.projection
+    apply = projection.after_step
 
-    def spy(optimizer):
-        seen_lr.append(optimizer.param_groups[0]["lr"])
-        apply(optimizer)
+    def spy():
+        seen_lr.append(run.trainer.optimizers[0].param_groups[0]["lr"])
+        apply()
 
-    constraint.after_step = spy
+    projection.after_step = spy
     train(cfg, run)
     assert run.trainer.global_step == 5
-    assert constraint.steps_applied == 5
+    assert projection.steps_applied == 5
     # the linear decay's lr of each step (lr * (1 - s/5)), read before the scheduler moves on
     lr = cfg.optimizer.lr
     assert seen_lr == pytest.approx([lr * (1 - s / 5) for s in range(5)])
@@ -199,7 +197,7 @@ def test_wandb_offline_writes_metrics_and_config(make_config, tmp_path, monkeypa
     records = list(wandb_records(run_file))
 
     config = {item.key: json.loads(item.value_json) for r in records if r.HasField("config") for item in r.config.update}
-    assert config["constraint"]["method"] == "spectral_soft_cap"
+    assert config["constraint"]["_target_"] == "lipschitz_lightning.core.constraints.SpectralSoftCap"
     assert config["optimizer"]["lr"] == cfg.optimizer.lr
 
     history: dict[str, list[float]] = {}

@@ -69,12 +69,14 @@ def measure(parser: OneLineParser, args: Namespace) -> dict:
     from lipschitz_lightning.commands import timing as T
     from lipschitz_lightning.commands.allocator import keep_freed_memory
     from lipschitz_lightning.commands.settings import validate_config
-    from lipschitz_lightning.core.constraints import LINEAR_METHODS
+    from lipschitz_lightning import CONF_DIR
+    from lipschitz_lightning.commands.tradeoff import constraint_name
 
-    methods = list(LINEAR_METHODS) if args.methods is None else args.methods
-    unknown = [m for m in methods if m not in LINEAR_METHODS]
+    options = sorted(path.stem for path in (CONF_DIR / "constraint").glob("*.yaml"))
+    methods = options if args.methods is None else args.methods
+    unknown = [m for m in methods if m not in options]
     if unknown:
-        parser.error(f"--methods: {', '.join(unknown)} is not a constraint method; one of {', '.join(LINEAR_METHODS)}")
+        parser.error(f"--methods: {', '.join(unknown)} is not a constraint method; one of {', '.join(options)}")
     if torch.cuda.is_available() and args.world_size > torch.cuda.device_count():
         parser.error(f"--world-size must be 1..{torch.cuda.device_count()} (one rank per GPU), got {args.world_size}")
     T.quiet()
@@ -96,7 +98,7 @@ def measure(parser: OneLineParser, args: Namespace) -> dict:
         T.autocast(cfg, device)  # a precision the plain loop cannot mirror stops here, before any run
         print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
               f"steps {args.steps} (first {WARMUP} not counted), batch {cfg.data.batch_size}, "
-              f"{cfg.optimizer._target_.rsplit('.', 1)[-1]} + {cfg.constraint.method}", flush=True)
+              f"{cfg.optimizer._target_.rsplit('.', 1)[-1]} + {constraint_name(cfg.constraint)}", flush=True)
 
         overhead = T.framework_overhead(cfg, datamodule, device, sync, args.repeats)
         overhead.update(items_per_step=items_per_step, items="tokens" if language_model else "examples",

@@ -36,6 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from lipschitz_lightning import CONF_DIR
+from lipschitz_lightning.commands.tradeoff import constraint_name
 from lipschitz_lightning.core.losses import Radius
 from lipschitz_lightning.core.types import (
     NonNegative,
@@ -418,9 +419,9 @@ def _level_in_grid(cfg: DictConfig) -> tuple[bool, str]:
 
 
 def _precision_keeps_weights_exact(cfg: DictConfig) -> tuple[bool, str]:
-    constrained = OmegaConf.select(cfg, "constraint.method", default="none") != "none"
-    return not (constrained and cfg.trainer.precision in LOW_PRECISION_WEIGHTS), (
-        f"one that keeps float32 weights while constraint.method={cfg.constraint.method} is enforced "
+    name = constraint_name(OmegaConf.to_container(cfg.constraint)) if cfg.get("constraint") is not None else "none"
+    return not (name != "none" and cfg.trainer.precision in LOW_PRECISION_WEIGHTS), (
+        f"one that keeps float32 weights while constraint={name} is enforced "
         f"(e.g. bf16-mixed): {cfg.trainer.precision} rounds every projected weight to 16 bits, which can push it past w_max"
     )
 
@@ -468,7 +469,7 @@ RELATIONS: dict[str, tuple[tuple[str, ...], Callable[[DictConfig], tuple[bool, s
     "model.net.num_heads": (("model.net.width", "model.net.num_heads"), _heads_divide_width),
     "model.net.seq_len": (("model.net.seq_len", "data.seq_len"), _sequences_fit_the_model),
     "model.net.vocab_size": (("model.net.vocab_size", "data.vocab_size"), _vocabulary_fits_the_model),
-    "trainer.precision": (("trainer.precision", "constraint.method"), _precision_keeps_weights_exact),
+    "trainer.precision": (("trainer.precision", "constraint"), _precision_keeps_weights_exact),
     "model.net.attention": (("model.net.attention", "trainer.accelerator"), _flex_attention_trains_on_cuda),
     "model.net.window_pattern": (("model.net.window_pattern", "model.net.num_blocks"), _window_pattern_fits_the_blocks),
     "model.net.window_max": (("model.net.window_pattern", "model.net.window_min", "model.net.window_max"), _window_in_whole_blocks),

@@ -30,13 +30,13 @@ from lipschitz_lightning.commands.cli import (
 )
 from lipschitz_lightning.commands.train import build
 from lipschitz_lightning.core.losses import CrossEntropy
-from lipschitz_lightning.core.projection import ShardsItsStep
+from lipschitz_lightning.core.projection import Projection, ShardsItsStep
 from lipschitz_lightning.core.roles import param_groups
 from lipschitz_lightning.core.sharding import count_traffic
 from lipschitz_lightning.errors import (
     LipschitzLightningError,
 )
-from lipschitz_lightning.lit.modules import flatten_positions
+from lipschitz_lightning.step import NextTokenModel, StepResult, batch_loss, train_step, training_margin
 
 # The real pipeline minus what would only add noise to a timing: validation, checkpoints and the
 # progress bar. The CSV logger stays, since every real run has one.
@@ -164,7 +164,7 @@ def autocast(cfg: DictConfig, device: torch.device):
 def plain_forward(cfg: DictConfig, net: torch.nn.Module):
     """What the module's training step calls: a language model's features (its loss takes the head
     itself, in chunks), another network's forward; compiled when the config says so."""
-    forward = net.features if hasattr(net, "features") else net
+    forward = net.features if isinstance(net, NextTokenModel) else net
     return torch.compile(forward) if cfg.model.get("compile", False) else forward
 
 
@@ -173,15 +173,33 @@ def training_loss(cfg: DictConfig) -> CrossEntropy:
     return instantiate(cfg.loss) if cfg.get("loss") is not None else CrossEntropy()
 
 
-def train_loss(cfg: DictConfig, net: torch.nn.Module, forward, x: torch.Tensor, y: torch.Tensor, progress: float,
-               loss: CrossEntropy) -> torch.Tensor:
-    """The module's training loss (``loss_and_counts``), the margin included: for a language model,
-    the window of training's progress and the loss over the vocabulary in chunks; the classifier's
-    logits through ``loss`` otherwise."""
-    margin = loss.margin(net.logit_l2_bound(loss.radius)) if loss.radius > 0 else None
-    if not hasattr(net, "next_token_loss"):
-        return loss(*flatten_positions(forward(x), y), margin).loss
-    return net.next_token_loss(forward(x, window=net.window(progress, x.device)), y, cfg.model.get("loss_chunk", 4096), loss, margin).loss
+@dataclass
+class PlainRun:
+    """What the plain loop steps: the module's network, optimizer, scheduler, projection and loss,
+    built from the same config, without Lightning."""
+
+    net: torch.nn.Module
+    forward: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    projection: Projection
+    loss: CrossEntropy
+    loss_chunk: int
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, progress: float) -> StepResult:
+        return train_step(self.net, [(x, y)], self.loss, self.optimizer, self.projection, progress=progress,
+                          forward=self.forward, loss_chunk=self.loss_chunk)
+
+
+def plain_run(cfg: DictConfig, device: torch.device) -> PlainRun:
+    torch.manual_seed(cfg.seed)
+    net = instantiate(cfg.model.net).to(device)
+    optimizer = instantiate(cfg.optimizer)(param_groups(net.param_specs()))
+    scheduler = instantiate(cfg.scheduler)(optimizer) if cfg.get("scheduler") is not None else None
+    projection = Projection(instantiate(cfg.constraint))
+    projection.attach([optimizer])
+    projection.scale_into_ball()
+    return PlainRun(net, plain_forward(cfg, net), optimizer, scheduler, projection, training_loss(cfg), cfg.model.get("loss_chunk", 4096))
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -194,41 +212,36 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 def run_plain(cfg: DictConfig, datamodule, device: torch.device, sync, time_projection: bool = False) -> Timing:
-    torch.manual_seed(cfg.seed)
-    net = instantiate(cfg.model.net).to(device)
-    forward = plain_forward(cfg, net)
-    optimizer = instantiate(cfg.optimizer)(param_groups(net.param_specs()))
-    scheduler = instantiate(cfg.scheduler)(optimizer)
-    # the constraint the callback applies, applied here directly after each step
-    constraint = instantiate(cfg.constraint)
-    constraint.attach([optimizer])
-    constraint.scale_into_ball()
+    """The training steps of ``step.train_step``, the function the Lightning module runs, in a loop."""
+    run = plain_run(cfg, device)
     batches = train_batches(datamodule, device)
     steps = cfg.trainer.max_steps
-    loss_fn = training_loss(cfg)
     reset_peak_memory(device)
 
-    stamps, projection_s = [], []
+    projection_s = []
+    if time_projection:
+        project = run.projection.after_step
+
+        def timed_projection() -> None:
+            sync()
+            started = time.perf_counter()
+            project()
+            sync()
+            projection_s.append(time.perf_counter() - started)
+
+        run.projection.after_step = timed_projection
+
+    stamps = []
     for step in range(steps):
         sync()
         stamps.append(time.perf_counter())
         x, y = next(batches)
         with autocast(cfg, device):
-            loss = train_loss(cfg, net, forward, x, y, step / steps, loss_fn)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if time_projection:
-            sync()
-            started = time.perf_counter()
-        constraint.after_step(optimizer)
-        if time_projection:
-            sync()
-            projection_s.append(time.perf_counter() - started)
-        scheduler.step()
+            result = run.step(x, y, step / steps)
+        run.scheduler.step()
     sync()
     stamps.append(time.perf_counter())
-    return Timing(stamps, projection_s, final_loss=loss.item(), peak_memory_gib=peak_memory_gib(device))
+    return Timing(stamps, projection_s, final_loss=result.loss.item(), peak_memory_gib=peak_memory_gib(device))
 
 
 # ---------------------------------------------------------------------------------- (c) communication
@@ -246,32 +259,34 @@ def communication_worker(rank: int, world: int, init_file: str, config: dict, st
     torch.distributed.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         cfg = OmegaConf.create(config)
-        torch.manual_seed(cfg.seed)
-        net = instantiate(cfg.model.net).to(device)
-        forward = plain_forward(cfg, net)
-        optimizer = instantiate(cfg.optimizer)(param_groups(net.param_specs()))
-        constraint = instantiate(cfg.constraint)
-        constraint.attach([optimizer])
-        constraint.scale_into_ball()
+        run = plain_run(cfg, device)
+        optimizer = run.optimizer
         if isinstance(optimizer, ShardsItsStep) and optimizer.shards_its_step:  # no DDP wrapper, as with trainer=ddp's strategy
             optimizer.reduce_gradients = True
         batches, sync = train_batches(load_train_data(cfg), device), make_sync(device)
-        loss_fn = training_loss(cfg)
-        sent, step_s = [], []
+        sent, step_s, parts = [], [], []
+
+        def counted(function):
+            # the optimizer's step and the projection (inside the step when it is sharded), timed
+            # and their collectives counted
+            def run_counted(*args, **kwargs):
+                sync()
+                started = time.perf_counter()
+                with count_traffic() as traffic:
+                    function(*args, **kwargs)
+                sync()
+                parts.append((time.perf_counter() - started, traffic.sent))
+            return run_counted
+
+        optimizer.step, run.projection.after_step = counted(optimizer.step), counted(run.projection.after_step)
         for step in range(steps):
+            parts.clear()
             x, y = next(batches)
             with autocast(cfg, device):
-                loss = train_loss(cfg, net, forward, x, y, step / steps, loss_fn)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            sync()
-            started = time.perf_counter()
-            with count_traffic() as traffic:
-                optimizer.step()
-                constraint.after_step(optimizer)
-            sync()
-            step_s.append(time.perf_counter() - started)
-            sent.append(traffic.sent)
+                run.step(x, y, step / steps)
+            step_s.append(sum(seconds for seconds, _ in parts))
+            sent.append({op: sum(counts.get(op, 0) for _, counts in parts) for op in {op for _, counts in parts for op in counts}})
+        net = run.net
         if rank == 0:
             plan = optimizer.shard_plan if isinstance(optimizer, ShardsItsStep) else None
             element = next(net.parameters()).element_size()
@@ -329,25 +344,20 @@ def step_flops(cfg: DictConfig, datamodule, device: torch.device) -> dict[str, f
     """FLOPs of one step of the plain loop by phase, counted by ``torch.utils.flop_counter``."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    torch.manual_seed(cfg.seed)
-    net = instantiate(cfg.model.net).to(device)
-    optimizer = instantiate(cfg.optimizer)(param_groups(net.param_specs()))
-    constraint = instantiate(cfg.constraint)
-    constraint.attach([optimizer])
-    constraint.scale_into_ball()
+    run = plain_run(cfg, device)
     x, y = next(train_batches(datamodule, device))
     counts = {}
     with FlopCounterMode(display=False) as counter:
-        loss = train_loss(cfg, net, net.features if hasattr(net, "features") else net, x, y, 0.0, training_loss(cfg))
+        loss = batch_loss(run.net, run.forward, x, y, run.loss, training_margin(run.net, run.loss), 0.0, run.loss_chunk).loss
     counts["forward"] = counter.get_total_flops()
     with FlopCounterMode(display=False) as counter:
         loss.backward()
     counts["backward"] = counter.get_total_flops()
     with FlopCounterMode(display=False) as counter:
-        optimizer.step()
+        run.optimizer.step()
     counts["optimizer"] = counter.get_total_flops()
     with FlopCounterMode(display=False) as counter:
-        constraint.after_step(optimizer)
+        run.projection.after_step()
     counts["projection"] = counter.get_total_flops()
     counts["total"] = sum(counts.values())
     return {k: v / 1e9 for k, v in counts.items()}

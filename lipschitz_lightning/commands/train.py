@@ -25,7 +25,6 @@ from lipschitz_lightning.commands.settings import validate_config
 from lipschitz_lightning.commands.tradeoff import describe
 from lipschitz_lightning.errors import ConfigError, Preempted
 from lipschitz_lightning.lit.callbacks import (
-    ApplyConstraint,
     FinalValidation,
     LipschitzMonitor,
 )
@@ -171,11 +170,18 @@ def build(cfg: DictConfig) -> Run:
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()  # missing or corrupt data fails here, before anything else is built
     loss = instantiate(cfg.loss) if cfg.get("loss") is not None else None
-    module = instantiate(cfg.model, optimizer=instantiate(cfg.optimizer), scheduler=instantiate(cfg.scheduler), loss=loss)
+    module = instantiate(cfg.model, optimizer=instantiate(cfg.optimizer), scheduler=instantiate(cfg.scheduler), loss=loss,
+                         constraint=instantiate(cfg.constraint))
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
-    callbacks = _instantiate_all(cfg.get("callbacks")) + [ApplyConstraint(instantiate(cfg.constraint)), FinalValidation()]
+    # the module steps its optimizer itself (step.train_step): the trainer's accumulation and
+    # clipping settings are its to apply
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    module.micro_batches = trainer_cfg.pop("accumulate_grad_batches", 1) or 1
+    module.gradient_clip_val = trainer_cfg.pop("gradient_clip_val", None)
+    module.gradient_clip_algorithm = trainer_cfg.pop("gradient_clip_algorithm", None) or "norm"
+    callbacks = _instantiate_all(cfg.get("callbacks")) + [FinalValidation()]
     loggers = _instantiate_loggers(cfg, resumed_step)
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
     return Run(cfg, datamodule, module, callbacks, loggers, trainer)
 
 

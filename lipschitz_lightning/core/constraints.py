@@ -7,18 +7,21 @@ Two layers of API:
 
 - bare matrix functions (``orthogonalize``, ``soft_cap``, ``spectral_hammer`` ...) act on ``M``
   exactly as written in SPEC §6, with no ``scale`` or ``w_max`` rescaling;
-- ``project_linear`` applies one method to a layer's weight ``W`` with the SPEC's unit
-  conventions (act on ``W / scale``, or on ``W / (scale * w_max)`` for the methods that cap at 1).
+- a constraint is a class (``Constraint``: ``SpectralSoftCap``, ``SpectralNormalize``, ...) that
+  holds its settings and declares what it needs; ``conf/constraint/<name>.yaml`` names it as its
+  ``_target_``. Calling one on a stack applies the SPEC's units (act on ``W / scale``, or on
+  ``W / (scale * w_max)`` for the methods that cap at 1); ``project_linear`` does it for one layer.
 
-Adding a constraint means one function registered with ``register_constraint`` plus one yaml
-file in ``conf/constraint/`` (docs/constraints.md).
+Adding a constraint is one subclass and one yaml file, in the user's own module and config folder
+(docs/constraints.md).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import re
 from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -43,6 +46,7 @@ from lipschitz_lightning.core.linalg import (  # noqa: F401  (the constraints' A
     spectral_norms,
     top_singular_triplet,
 )
+from lipschitz_lightning.core.types import Positive, PositiveInt, UnitInterval
 
 # --------------------------------------------------------------------------------------------
 # Bare matrix functions (SPEC §6 table; no scale, no w_max rescaling)
@@ -164,29 +168,248 @@ def project_embedding(E: Tensor, w_max: float = 1.0, dim: int = -1) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# Projection of a stack of same-shape matrices with the SPEC's unit conventions and the guards
+# A constraint: one class per method, named by conf/constraint/<name>.yaml's _target_
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class StepContext:
-    """What a projection needs to know about the matrices of a stack and the step that just happened.
+@dataclass
+class StackStep:
+    """What a constraint may read about a stack of same-shape matrices and the optimizer step they
+    just took, one entry per matrix of the stack (``Constraint.project``'s second argument)."""
 
-    Per-matrix values are tuples with one entry per matrix of the stack.
+    caps: tuple[float, ...]  # each matrix's w_max in RMS->RMS units (the head's may be its own)
+    lr_t: tuple[float, ...] = ()  # lr * t of the step (SPEC §5's target norm t)
+    wd_eff: tuple[float, ...] = ()  # wd * lr * t of the step
+    # the spectral norm of the step direction per unit lr * t (Muon's Newton-Schulz bound), in
+    # W / scale units; None where the step has no such bound (Adam's)
+    step_bound: tuple[float | None, ...] = ()
+    scale: float = 1.0  # sqrt(fanout / fanin) of the (whole) matrix
+    power_state: Tensor | None = None  # (matrices, smaller side): power iteration's warm starts, updated in place
+    shard: RowShard | None = None  # the stack is some rows of one matrix split across processes
+    # set by a guarded method: per matrix, True where its guarantee failed and the exact cap ran instead
+    fell_back: Tensor | None = None
+
+
+class Constraint:
+    """What happens to every weight matrix after every optimizer step (SPEC §3 step 4, §6).
+
+    A method is a subclass with a ``project(M, step)``: ``M`` a stack of same-shape matrices
+    ``(matrices, fanout, fanin)`` in the method's units, ``step`` the ``StackStep``. What it needs
+    is declared on the class: ``caps_at_one`` (``M = W / (scale * w_max)``, the method caps at 1;
+    else ``M = W / scale``, RMS->RMS units), ``power_iteration`` (a power-iteration vector per matrix
+    is kept between steps, in ``step.power_state``), ``polynomial`` (evaluated in ``dtype``). The
+    units are applied around ``project`` by ``__call__``; ``core.projection.Projection`` applies a
+    constraint to a whole model. A user's constraint is one subclass and one yaml file naming it
+    (docs/constraints.md).
+
+    ``w_max`` caps every hidden matrix, ``head_w_max`` the output layer (None: ``w_max``),
+    ``embed_w_max`` every token vector's RMS.
     """
 
-    w_max: tuple[float, ...]
-    lr_t: tuple[float, ...]  # lr * target_norm of the step
-    wd_eff: tuple[float, ...]  # wd * lr * target_norm of the step
-    max_update_norm: tuple[float, ...]  # u of §6.1, in W / scale units
-    step_bounded: tuple[bool, ...]  # whether u really bounds the step (Muon's) or is only assumed
-    spectral_wd: float
-    coupling: str
-    power_iters: int
-    power_state: Tensor | None  # (matrices, smaller side), updated in place
-    guard: bool  # fall back to the exact cap where a polynomial's guarantee would fail
-    form: str  # how the polynomial methods are evaluated (odd_polynomial_steps)
-    shard: RowShard | None = None  # the stack is some rows of one split matrix
+    name: ClassVar[str]  # the option's name in conf/constraint/ (labels, messages)
+    caps_at_one: ClassVar[bool] = False
+    power_iteration: ClassVar[bool] = False
+    polynomial: ClassVar[bool] = False
+    starts_in_ball: ClassVar[bool] = True  # a matrix above its cap is scaled to it before the first step
+    active: ClassVar[bool] = True  # False: the unconstrained baseline, which touches nothing
+
+    def __init__(self, w_max: Positive = 1.0, head_w_max: Positive | None = None, embed_w_max: Positive = 1.0):
+        self.w_max, self.embed_w_max = w_max, embed_w_max
+        self.head_w_max = w_max if head_w_max is None else head_w_max
+        self.dtype: torch.dtype | None = None  # a polynomial method's working precision (None: as given)
+        self.power_iters = 0
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "name" not in cls.__dict__:  # MyClip -> "my_clip"
+            cls.name = re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__).lower()
+
+    def cap(self, head: bool) -> float:
+        return self.head_w_max if head else self.w_max
+
+    def project(self, M: Tensor, step: StackStep) -> Tensor:
+        raise NotImplementedError
+
+    def __call__(self, W: Tensor, step: StackStep) -> Tensor:
+        """``project`` on the stack ``W`` with the SPEC's units around it (SPEC §6)."""
+        unit = _per_matrix(step.caps, W) * step.scale if self.caps_at_one else step.scale
+        M = W / unit
+        if self.dtype is not None:
+            return self.project(M.to(self.dtype), step).to(W.dtype) * unit
+        return self.project(M, step) * unit
+
+    def __repr__(self) -> str:
+        settings = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if v is not None and k != "dtype")
+        return f"{type(self).__name__}({settings})"
+
+
+class NoConstraint(Constraint):
+    """The unconstrained baseline: nothing is projected (weight decay is the only regulariser). The
+    caps are accepted, and unused, so that a model's config can set them for any constraint."""
+
+    name = "none"
+    active = False
+    starts_in_ball = False
+
+    def project(self, M: Tensor, step: StackStep) -> Tensor:
+        return M
+
+
+class SvdCap(Constraint):
+    """Exact ``min(sigma, w_max)`` from an SVD: slow, the ground truth."""
+
+    def project(self, M: Tensor, step: StackStep) -> Tensor:
+        return svd_cap(M, _per_matrix(step.caps, M, trailing=1), step.shard)
+
+
+class SpectralNormalize(Constraint):
+    """``W / max(1, ||W||_rms / w_max)``, the norm from power iteration (Miyato et al. 2018).
+
+    ``power_iters``: 256 warm-started iterations on the small Gram matrix keep a nearly flat
+    spectrum within 0.04% of ``w_max``; the paper's 16 from a random start overshoot it by up to 3%
+    (docs/constraints.md)."""
+
+    caps_at_one = True
+    power_iteration = True
+
+    def __init__(self, w_max: Positive = 1.0, head_w_max: Positive | None = None, embed_w_max: Positive = 1.0,
+                 power_iters: PositiveInt = 256):
+        super().__init__(w_max, head_w_max, embed_w_max)
+        self.power_iters = power_iters
+
+    def project(self, M: Tensor, step: StackStep) -> Tensor:
+        return spectral_normalize(M, self.power_iters, step.power_state, step.shard)
+
+
+class _Polynomial(Constraint):
+    """A method that is a polynomial in ``M M^T``, evaluated in ``dtype`` (float32, or bfloat16 as the
+    paper's NanoGPT run: every projected weight then rounded to bfloat16, a rounding that is
+    measured, not bounded) and in ``polynomial_form`` (``odd_polynomial_steps``)."""
+
+    polynomial = True
+
+    def __init__(self, w_max: Positive = 1.0, head_w_max: Positive | None = None, embed_w_max: Positive = 1.0,
+                 polynomial_form: Literal[POLYNOMIAL_FORMS] = "auto", dtype: Literal[PROJECTION_DTYPES] = "float32"):
+        super().__init__(w_max, head_w_max, embed_w_max)
+        self.polynomial_form = polynomial_form
+        self.dtype = None if dtype == "float32" else getattr(torch, dtype)
+
+
+class SpectralSoftCap(_Polynomial):
+    """Singular values pulled down by two polynomial steps whose strength is coupled to the step
+    (SPEC §6.1): with Muon and ``coupling="exact"`` every matrix ends at most ``w_max`` (the proof:
+    docs/constraints.md). ``coupling="reference"`` is the paper's ``u = lr t / scale``, for bit-parity
+    only. ``guard`` (on by default; off reproduces the paper's code exactly) takes the exact cap
+    where the guarantee would fail: a scalar map not monotone on ``[0, k]``, or a step with no
+    spectral bound that took a matrix past ``k``."""
+
+    def __init__(self, w_max: Positive = 1.0, head_w_max: Positive | None = None, embed_w_max: Positive = 1.0,
+                 coupling: Literal[COUPLINGS] = "exact", polynomial_form: Literal[POLYNOMIAL_FORMS] = "auto",
+                 dtype: Literal[PROJECTION_DTYPES] = "float32", guard: bool = True):
+        super().__init__(w_max, head_w_max, embed_w_max, polynomial_form, dtype)
+        self.coupling, self.guard = coupling, guard
+
+    def project(self, M: Tensor, step: StackStep) -> Tensor:
+        bounded = [bound is not None for bound in step.step_bound]
+        # u of §6.1 per matrix; a step with no spectral bound counts as lr * t and is checked below
+        u = [max_update_norm(lr_t, step.scale, self.coupling, 1.0 if bound is None else bound)
+             for lr_t, bound in zip(step.lr_t, step.step_bound)]
+        beyond = [False] * M.shape[0]
+        if self.guard and not all(bounded):
+            sigma = spectral_norms(M, step.shard).tolist()
+            beyond = [not ok and s > w * (1 - wd) + x for s, ok, w, wd, x in zip(sigma, bounded, step.caps, step.wd_eff, u)]
+        alphas, fallback = [], []
+        for w_max, wd_eff, x, far in zip(step.caps, step.wd_eff, u, beyond):
+            k = w_max * (1 - wd_eff) + x
+            if self.coupling == "exact" and k <= w_max and not far:
+                # decay outweighs the step: nothing can leave the ball, and the coupling's fallback
+                # alpha = 1 (no root) would inflate every singular value above 1
+                alphas.append(0.0), fallback.append(False)
+                continue
+            alpha = soft_cap_coupling(w_max, wd_eff, x)
+            unsafe = far or (self.guard and not soft_cap_is_monotone(alpha, k))
+            alphas.append(0.0 if unsafe else alpha), fallback.append(unsafe)
+        out = soft_cap(M, _per_matrix(alphas, M), self.polynomial_form, step.shard) if any(alphas) else M
+        # decided on the host from the step's floats: counting them never waits for the device
+        step.fell_back = torch.tensor(fallback, dtype=torch.bool)
+        return _exact_cap_rows(M, out, fallback, step.caps, step.shard)
+
+
+class SpectralHardCap(_Polynomial):
+    """A polynomial approximation of ``min(w_max, sigma)`` on every singular value: at most 1.0109
+    ``w_max`` for inputs up to 4 ``w_max`` (proven, ``hard_cap_bound``); ``guard`` sends a matrix that
+    may lie beyond (a rigorous upper bound on its norm) to the exact cap, where the polynomial
+    explodes."""
+
+    caps_at_one = True
+
+    def __init__(self, w_max: Positive = 1.0, head_w_max: Positive | None = None, embed_w_max: Positive = 1.0,
+                 polynomial_form: Literal[POLYNOMIAL_FORMS] = "auto", dtype: Literal[PROJECTION_DTYPES] = "float32",
+                 guard: bool = True):
+        super().__init__(w_max, head_w_max, embed_w_max, polynomial_form, dtype)
+        self.guard = guard
+
+    def project(self, M: Tensor, step: StackStep) -> Tensor:
+        if not self.guard:
+            return hard_cap(M, self.polynomial_form, step.shard)
+        # the one guard that reads the device every step: which branch to take depends on the weights
+        fits = (sigma_upper_bound(M, step.shard) <= HARD_CAP_SAFE_SIGMA).cpu()  # False for inf and nan too
+        step.fell_back = ~fits
+        if bool(fits.all()):
+            return hard_cap(M, self.polynomial_form, step.shard)
+        out = torch.empty_like(M)
+        out[~fits] = svd_cap(M[~fits], 1.0, step.shard)  # M is W / (scale * w_max) here: the cap is 1
+        if bool(fits.any()):
+            out[fits] = hard_cap(M[fits], self.polynomial_form, step.shard)
+        return out
+
+
+class Orthogonalize(_Polynomial):
+    """Every singular value set to about ``w_max`` by Newton-Schulz (the scaled Stiefel manifold),
+    proven at most 0.99934 ``w_max``."""
+
+    caps_at_one = True
+
+    def project(self, M: Tensor, step: StackStep) -> Tensor:
+        return orthogonalize(M, form=self.polynomial_form, shard=step.shard)
+
+
+class SpectralHammer(Constraint):
+    """The largest singular value that power iteration finds is set to ``w_max`` (also where it was
+    below); the others are left alone, so this is no ball: the next ones can grow past it."""
+
+    power_iteration = True
+
+    def __init__(self, w_max: Positive = 1.0, head_w_max: Positive | None = None, embed_w_max: Positive = 1.0,
+                 power_iters: PositiveInt = 16):
+        super().__init__(w_max, head_w_max, embed_w_max)
+        self.power_iters = power_iters
+
+    def project(self, M: Tensor, step: StackStep) -> Tensor:
+        return spectral_hammer(M, _per_matrix(step.caps, M, trailing=0), self.power_iters, step.power_state, step.shard)
+
+
+class SpectralWeightDecay(Constraint):
+    """The largest singular value shrinks by ``1 - spectral_wd`` each step: no ball (``w_max`` and
+    ``head_w_max`` are accepted, so that a model's config can set them for any constraint, and unused)."""
+
+    power_iteration = True
+    starts_in_ball = False
+
+    def __init__(self, spectral_wd: UnitInterval = 0.1, power_iters: PositiveInt = 16, w_max: Positive = 1.0,
+                 head_w_max: Positive | None = None, embed_w_max: Positive = 1.0):
+        super().__init__(w_max, head_w_max, embed_w_max)
+        self.spectral_wd, self.power_iters = spectral_wd, power_iters
+
+    def project(self, M: Tensor, step: StackStep) -> Tensor:
+        return spectral_weight_decay(M, self.spectral_wd, self.power_iters, step.power_state, step.shard)
+
+
+# the constraints this project ships, by their option names (conf/constraint/<name>.yaml)
+BUILT_IN: dict[str, type[Constraint]] = {cls.name: cls for cls in (
+    NoConstraint, SvdCap, SpectralNormalize, SpectralSoftCap, SpectralHardCap, Orthogonalize, SpectralHammer, SpectralWeightDecay,
+)}
+PAPER_METHODS = ("spectral_normalize", "spectral_soft_cap", "spectral_hard_cap", "spectral_hammer", "spectral_weight_decay", "orthogonalize")
 
 
 def _per_matrix(values, like: Tensor, trailing: int = 2) -> float | Tensor:
@@ -212,88 +435,7 @@ def _exact_cap_rows(M: Tensor, result: Tensor, rows: list[bool], caps: tuple[flo
     return result
 
 
-def _soft_cap_step(M: Tensor, ctx: StepContext) -> tuple[Tensor, Tensor]:
-    """The soft cap, guarded. Its guarantee needs (1) the scalar map monotone on [0, k] and (2)
-    every singular value at most k. A Muon step ensures (2) by construction; after any other step
-    the largest singular value is computed exactly and a matrix beyond k takes the exact cap."""
-    beyond = [False] * M.shape[0]
-    if ctx.guard and not all(ctx.step_bounded):
-        sigma = spectral_norms(M, ctx.shard).tolist()
-        beyond = [not bounded and s > w * (1 - wd) + u
-                  for s, bounded, w, wd, u in zip(sigma, ctx.step_bounded, ctx.w_max, ctx.wd_eff, ctx.max_update_norm)]
-    alphas, fallback = [], []
-    for w_max, wd_eff, u, far in zip(ctx.w_max, ctx.wd_eff, ctx.max_update_norm, beyond):
-        k = w_max * (1 - wd_eff) + u
-        if ctx.coupling == "exact" and k <= w_max and not far:
-            # decay outweighs the step: nothing can leave the ball, and the coupling's fallback
-            # alpha = 1 (no root) would inflate every singular value above 1
-            alphas.append(0.0), fallback.append(False)
-            continue
-        alpha = soft_cap_coupling(w_max, wd_eff, u)
-        unsafe = far or (ctx.guard and not soft_cap_is_monotone(alpha, k))
-        alphas.append(0.0 if unsafe else alpha), fallback.append(unsafe)
-    out = soft_cap(M, _per_matrix(alphas, M), ctx.form, ctx.shard) if any(alphas) else M
-    # decided on the host from the step's floats: counting them never waits for the device
-    return _exact_cap_rows(M, out, fallback, ctx.w_max, ctx.shard), torch.tensor(fallback, dtype=torch.bool)
-
-
-def _hard_cap_step(M: Tensor, ctx: StepContext) -> tuple[Tensor, Tensor]:
-    if not ctx.guard:
-        return hard_cap(M, ctx.form, ctx.shard), torch.zeros(M.shape[0], dtype=torch.bool)
-    # the one guard that reads the device every step: which branch to take depends on the weights
-    fits = (sigma_upper_bound(M, ctx.shard) <= HARD_CAP_SAFE_SIGMA).cpu()  # False for inf and nan too
-    if bool(fits.all()):
-        return hard_cap(M, ctx.form, ctx.shard), ~fits
-    out = torch.empty_like(M)
-    out[~fits] = svd_cap(M[~fits], 1.0, ctx.shard)  # M is W / (scale * w_max) here: the cap is 1
-    if bool(fits.any()):
-        out[fits] = hard_cap(M[fits], ctx.form, ctx.shard)
-    return out, ~fits
-
-
-def _no_fallback(function: Callable[[Tensor, StepContext], Tensor]) -> Callable[[Tensor, StepContext], tuple[Tensor, Tensor]]:
-    return lambda M, ctx: (function(M, ctx), torch.zeros(M.shape[0], dtype=torch.bool))
-
-
-# name -> (function on a stack M, acts on W / (scale * w_max) rather than W / scale). Each returns
-# the projected stack and, per matrix, whether a guard replaced the method by the exact cap.
-LINEAR_METHODS: dict[str, tuple[Callable[[Tensor, StepContext], tuple[Tensor, Tensor]], bool]] = {
-    "none": (_no_fallback(lambda M, ctx: M), False),
-    "spectral_normalize": (_no_fallback(lambda M, ctx: spectral_normalize(M, ctx.power_iters, ctx.power_state, ctx.shard)), True),
-    "spectral_soft_cap": (_soft_cap_step, False),
-    "spectral_hard_cap": (_hard_cap_step, True),
-    "spectral_hammer": (
-        _no_fallback(lambda M, ctx: spectral_hammer(M, _per_matrix(ctx.w_max, M, trailing=0), ctx.power_iters, ctx.power_state, ctx.shard)),
-        False,
-    ),
-    "spectral_weight_decay": (
-        _no_fallback(lambda M, ctx: spectral_weight_decay(M, ctx.spectral_wd, ctx.power_iters, ctx.power_state, ctx.shard)),
-        False,
-    ),
-    "orthogonalize": (_no_fallback(lambda M, ctx: orthogonalize(M, form=ctx.form, shard=ctx.shard)), True),
-    "svd_cap": (_no_fallback(lambda M, ctx: svd_cap(M, _per_matrix(ctx.w_max, M, trailing=1), ctx.shard)), False),
-}
-
-
-
-def register_constraint(name: str, caps_at_one: bool = False):
-    """Add a constraint method: the decorated function takes a stack of matrices ``M`` and the
-    ``StepContext`` and returns the projected stack. ``M`` is ``W / scale`` (RMS->RMS units), or
-    ``W / (scale * w_max)`` with ``caps_at_one`` (the method then caps at 1); the result is scaled
-    back. With a yaml file in ``conf/constraint/`` naming it (``method: <name>``), that is all a new
-    constraint needs (docs/constraints.md)."""
-
-    def register(function: Callable[[Tensor, StepContext], Tensor]) -> Callable[[Tensor, StepContext], Tensor]:
-        LINEAR_METHODS[name] = (_no_fallback(function), caps_at_one)
-        return function
-
-    return register
-
-
-POWER_ITERATION_METHODS = frozenset({"spectral_normalize", "spectral_hammer", "spectral_weight_decay"})
-POLYNOMIAL_METHODS = frozenset({"spectral_soft_cap", "spectral_hard_cap", "orthogonalize"})
 PROJECTION_DTYPES = ("float32", "bfloat16")
-GUARDED_METHODS = frozenset({"spectral_soft_cap", "spectral_hard_cap"})
 COUPLINGS = ("exact", "reference")
 
 
@@ -301,9 +443,9 @@ def max_update_norm(lr_t: float, scale: float, coupling: str, update_sigma_max: 
     """``u`` of §6.1: the largest spectral norm one optimizer step can have, in ``W / scale`` units.
 
     ``exact``: Muon's step is ``lr * t * orth(buf)`` in these units, and Newton-Schulz output has
-    spectral norm at most ``update_sigma_max``, so this is a true bound.
-    ``reference``: the paper's code, ``lr * t / scale``; it is not a bound when ``scale > 1``
-    (``fanout > fanin``) and kept only for bit-parity.
+    spectral norm at most ``update_sigma_max`` (default: the small coefficients' proven bound), so
+    this is a true bound. ``reference``: the paper's code, ``lr * t / scale``; it is not a bound
+    when ``scale > 1`` (``fanout > fanin``) and kept only for bit-parity.
     """
     if coupling == "exact":
         return lr_t * (ns_max_singular_value("small") if update_sigma_max is None else update_sigma_max)
@@ -312,92 +454,47 @@ def max_update_norm(lr_t: float, scale: float, coupling: str, update_sigma_max: 
     raise ValueError(f"constraint.coupling must be one of {list(COUPLINGS)}, got {coupling!r}")
 
 
+# --------------------------------------------------------------------------------------------
+# One layer or one stack, outside a training run
+# --------------------------------------------------------------------------------------------
+
+MUON_STEP = "muon"  # project_stack's default step bound: Muon's with the small-model coefficients
+
+
+def project_stack(W: Tensor, constraint: Constraint, *, lr_t: float | tuple[float, ...] = 0.0,
+                  wd_eff: float | tuple[float, ...] = 0.0, step_bound: float | None | str = MUON_STEP,
+                  power_state: Tensor | None = None, caps: tuple[float, ...] | None = None) -> tuple[Tensor, Tensor]:
+    """``constraint`` on a stack of same-shape weights ``(matrices, fanout, fanin)`` after a step of
+    ``lr_t`` (``lr * t``) and ``wd_eff`` (one for all, or one per matrix). Returns the projected stack
+    and, per matrix, whether a guard applied the exact cap instead.
+
+    ``step_bound``: the spectral norm of the step per unit ``lr * t`` (default: Muon's, the proven
+    bound of the small-model Newton-Schulz); None for a step with no such bound (Adam's), which the
+    guarded methods then check matrix by matrix. ``caps``: each matrix's ``w_max`` (default:
+    ``constraint.w_max``). ``power_state``: ``(matrices, smaller side)``, updated in place.
+    """
+    count = W.shape[0]
+    bound = ns_max_singular_value("small") if step_bound == MUON_STEP else step_bound
+    step = StackStep(
+        caps=tuple(caps) if caps is not None else (constraint.w_max,) * count,
+        lr_t=_each(lr_t, count), wd_eff=_each(wd_eff, count), step_bound=(bound,) * count,
+        scale=layer_scale(W), power_state=power_state, fell_back=torch.zeros(count, dtype=torch.bool),
+    )
+    if not constraint.active:
+        return W, step.fell_back
+    return constraint(W, step), step.fell_back
+
+
+def project_linear(W: Tensor, constraint: Constraint, *, lr_t: float = 0.0, wd_eff: float = 0.0,
+                   step_bound: float | None | str = MUON_STEP, power_state: Tensor | None = None) -> Tensor:
+    """``constraint`` on one layer's weight ``W`` of shape ``(fanout, fanin)`` (or a stack
+    ``(..., fanout, fanin)`` sharing one ``w_max`` and step); see ``project_stack``. A guarded
+    method with ``guard=False`` reproduces the paper's code exactly, also where its guarantee fails."""
+    stack = W.reshape(-1, *W.shape[-2:])
+    state = None if power_state is None else power_state.view(stack.shape[0], -1)  # a view: updated in place
+    projected, _ = project_stack(stack, constraint, lr_t=lr_t, wd_eff=wd_eff, step_bound=step_bound, power_state=state)
+    return projected.reshape(W.shape)
+
+
 def _each(value, count: int) -> tuple:
     return tuple(value) if isinstance(value, (tuple, list)) else (value,) * count
-
-
-def project_stack(
-    W: Tensor,
-    method: str,
-    *,
-    w_max: tuple[float, ...],
-    lr_t: tuple[float, ...],
-    wd_eff: tuple[float, ...],
-    spectral_wd: float = 0.0,
-    coupling: str = "exact",
-    update_sigma_max: float | tuple[float, ...] | None = None,
-    power_iters: int = 16,
-    power_state: Tensor | None = None,
-    guard: bool = True,
-    step_bounded: tuple[bool, ...] | None = None,
-    form: str = "auto",
-    dtype: torch.dtype | None = None,
-    shard: RowShard | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Apply constraint ``method`` to a stack of same-shape weights ``(matrices, fanout, fanin)``.
-
-    Returns the projected stack and a boolean per matrix: True where a guard (``guard=True``) found
-    the method's guarantee void for this input (soft cap not monotone on [0, k], hard cap input
-    beyond its polynomial's range) and applied the exact cap instead.
-
-    ``update_sigma_max``: the optimizer's step bound (``projection.StepBound``), one for every matrix or
-    one per matrix. ``dtype``: the working precision of the polynomial methods (soft cap, hard cap, orthogonalize);
-    ``torch.bfloat16`` rounds every projected weight to bfloat16, as the paper's NanoGPT run does
-    (what that rounding costs is measured, not bounded). ``shard``: ``W`` is some rows of one split matrix.
-    """
-    if method not in LINEAR_METHODS:
-        raise ValueError(f"unknown constraint method {method!r}; allowed: {sorted(LINEAR_METHODS)}")
-    if method == "none":
-        return W, torch.zeros(W.shape[0], dtype=torch.bool)
-    function, caps_at_one = LINEAR_METHODS[method]
-    scale = layer_scale(W if shard is None else shard.shape)
-    unit = _per_matrix(w_max, W) * scale if caps_at_one else scale
-    ctx = StepContext(
-        w_max=tuple(w_max),
-        lr_t=tuple(lr_t),
-        wd_eff=tuple(wd_eff),
-        max_update_norm=tuple(max_update_norm(x, scale, coupling, sigma) for x, sigma in zip(lr_t, _each(update_sigma_max, len(lr_t)))),
-        step_bounded=tuple(step_bounded) if step_bounded is not None else (True,) * len(lr_t),
-        spectral_wd=spectral_wd,
-        coupling=coupling,
-        power_iters=power_iters,
-        power_state=power_state,
-        guard=guard,
-        form=form,
-        shard=shard,
-    )
-    M = W / unit
-    if dtype is not None and method in POLYNOMIAL_METHODS:
-        projected, fell_back = function(M.to(dtype), ctx)
-        return projected.to(W.dtype) * unit, fell_back
-    projected, fell_back = function(M, ctx)
-    return projected * unit, fell_back
-
-
-def project_linear(
-    W: Tensor,
-    method: str,
-    *,
-    w_max: float,
-    lr_t: float,
-    wd_eff: float = 0.0,
-    spectral_wd: float = 0.0,
-    coupling: str = "exact",
-    update_sigma_max: float | None = None,
-    power_iters: int = 16,
-    power_state: Tensor | None = None,
-    guard: bool = True,
-    form: str = "auto",
-) -> Tensor:
-    """Apply constraint ``method`` to one layer's weight ``W`` of shape ``(fanout, fanin)`` (or a
-    stack ``(..., fanout, fanin)`` sharing one ``w_max`` and step). ``guard=False`` reproduces the
-    paper's code exactly, also where its guarantee fails (see ``project_stack``)."""
-    stack = W.reshape(-1, *W.shape[-2:])
-    count = stack.shape[0]
-    projected, _ = project_stack(
-        stack, method, w_max=(w_max,) * count, lr_t=(lr_t,) * count, wd_eff=(wd_eff,) * count,
-        spectral_wd=spectral_wd, coupling=coupling, update_sigma_max=update_sigma_max, power_iters=power_iters,
-        power_state=None if power_state is None else power_state.view(count, -1),  # a view: updated in place
-        guard=guard, form=form,
-    )
-    return projected.reshape(W.shape)

@@ -1,18 +1,19 @@
-"""A weight constraint for a whole model (SPEC §3 step 4, §6): every weight back into its ball
-after every optimizer step.
+"""A constraint applied to a whole model (SPEC §3 step 4, §6): every weight, after every optimizer
+step.
 
-Pure torch (``torch.distributed`` where a process group exists), no Lightning. A ``Constraint`` is
-a plain object built from ``conf/constraint/*.yaml``; it owns its state (the power-iteration
-vectors, the guards' fallback count) and is applied the same way by the training callback
-(``lit.callbacks.ApplyConstraint``), the benchmark's plain loop and the tests::
+Pure torch (``torch.distributed`` where a process group exists), no Lightning. A ``Projection``
+applies one ``core.constraints.Constraint`` (built from ``conf/constraint/*.yaml``) and owns the
+state that needs (the power-iteration vectors, the guards' fallback count); the training step
+(``lipschitz_lightning.step.train_step``), which the Lightning module and the benchmark's plain
+loop both run, calls it::
 
-    constraint = Constraint("spectral_soft_cap", w_max=6.0)
-    constraint.attach([optimizer])     # the weights, and how each optimizer steps them
-    constraint.scale_into_ball()       # once, before the first step
+    projection = Projection(SpectralSoftCap(w_max=6.0))
+    projection.attach([optimizer])     # the weights, and how each optimizer steps them
+    projection.scale_into_ball()       # once, before the first step
     for x, y in batches:
         ...
         optimizer.step()
-        constraint.after_step(optimizer)
+        projection.after_step()
 
 At NanoGPT scale a per-parameter loop is the wrong shape: 73 matrices, most of them 768x768,
 projected one by one on every one of 8 GPUs. Here matrices of one shape form one stack and go
@@ -33,21 +34,19 @@ import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
 from lipschitz_lightning.core.bounds import rms_norm
 from lipschitz_lightning.core.constraints import (
-    COUPLINGS,
-    LINEAR_METHODS,
-    POLYNOMIAL_FORMS,
-    POWER_ITERATION_METHODS,
-    PROJECTION_DTYPES,
+    Constraint,
     RowShard,
+    SpectralSoftCap,
+    StackStep,
+    layer_scale,
     project_embedding,
-    project_stack,
     random_start_vector,
 )
 from lipschitz_lightning.core.roles import ParamGroup, Role, step_coefficients
@@ -58,7 +57,6 @@ from lipschitz_lightning.core.sharding import (
     shared_out,
 )
 from lipschitz_lightning.core.sharding import stack as stack_of
-from lipschitz_lightning.core.types import Positive, PositiveInt, UnitInterval, one_of
 from lipschitz_lightning.errors import ConfigError
 
 
@@ -103,33 +101,18 @@ def constrained_weights(optimizers) -> list[ConstrainedWeight]:
     return weights
 
 
-class Constraint:
-    """One constraint method for every weight of some optimizers.
+class Projection:
+    """One ``Constraint`` for every weight of some optimizers.
 
-    Matrices are projected in stacks of one shape (the head with ``head_w_max``), embeddings (rows
-    are token vectors) pulled back to RMS at most ``embed_w_max``; parameters that are neither (a
-    bias, a gain) are left alone, since a spectral ball means nothing for them.
-    ``fallback_count()`` counts the matrices where a guard replaced the method by the exact cap
-    (``constraints.project_stack``), on this rank. The settings are those of the yaml files.
+    Matrices are projected in stacks of one shape (the head with the constraint's ``head_w_max``),
+    embeddings (rows are token vectors) pulled back to RMS at most ``embed_w_max``; parameters that
+    are neither (a bias, a gain) are left alone, since a spectral ball means nothing for them.
+    ``fallback_count()`` counts the matrices where a guard replaced the method by the exact cap, on
+    this rank.
     """
 
-    def __init__(
-        self,
-        method: one_of(LINEAR_METHODS),
-        w_max: Positive = 1.0,
-        coupling: Literal[COUPLINGS] = "exact",
-        spectral_wd: UnitInterval = 0.0,
-        head_w_max: Positive | None = None,
-        embed_w_max: Positive = 1.0,
-        power_iters: PositiveInt = 16,
-        polynomial_form: Literal[POLYNOMIAL_FORMS] = "auto",
-        dtype: Literal[PROJECTION_DTYPES] = "float32",
-        guard: bool = True,
-    ):
-        self.method, self.w_max, self.coupling, self.spectral_wd = method, w_max, coupling, spectral_wd
-        self.head_w_max = w_max if head_w_max is None else head_w_max
-        self.embed_w_max, self.power_iters, self.form, self.guard = embed_w_max, power_iters, polynomial_form, guard
-        self.dtype = None if dtype == "float32" else getattr(torch, dtype)
+    def __init__(self, constraint: Constraint):
+        self.constraint = constraint
         self.embeddings: list[ConstrainedWeight] = []
         self.stacks: list[list[ConstrainedWeight]] = []
         self.power_states: dict[str, Tensor] = {}
@@ -140,23 +123,24 @@ class Constraint:
         self._fallbacks_device: Tensor | None = None
         # the weights whose power vectors this rank keeps up to date (None: all of them)
         self.owned: set[str] | None = None
-        self._in_step: set[int] = set()  # optimizers that run the projection inside their step
+        self._after_step = True  # False when every optimizer runs the projection inside its own step
 
     # ------------------------------------------------------------------ attaching
 
     def attach(self, optimizers) -> None:
         """Take the weights of ``optimizers``; an optimizer that shards its step gets the projection
-        to run inside it (``after_step`` then does nothing for it)."""
+        to run inside it (``after_step`` then leaves its weights alone)."""
         optimizers = list(optimizers)
         weights = constrained_weights(optimizers)
-        if self.method != "none":
+        constraint = self.constraint
+        if constraint.active:
             for weight in weights:
                 if weight.param.dtype not in (torch.float32, torch.float64):
                     raise ConfigError(
-                        f"constraint={self.method} needs float32 or float64 weights, got {weight.param.dtype}: rounding a "
+                        f"constraint={constraint.name} needs float32 or float64 weights, got {weight.param.dtype}: rounding a "
                         f"projected weight to {weight.param.dtype} can push it past w_max (use trainer.precision=bf16-mixed)"
                     )
-        if self.method == "spectral_soft_cap" and any(w.step_bound is None and w.role != Role.EMBEDDING.value for w in weights):
+        if isinstance(constraint, SpectralSoftCap) and any(w.step_bound is None and w.role != Role.EMBEDDING.value for w in weights):
             warnings.warn(
                 "an optimizer's step is not spectrally bounded (Adam's), so the soft cap's coupling (which assumes a step of "
                 "spectral norm lr * t, as Muon's) does not bound it: after every step each matrix's exact norm is checked, "
@@ -170,15 +154,15 @@ class Constraint:
             if weight.role != Role.EMBEDDING.value and weight.param.ndim == 2:
                 stacks[(tuple(weight.param.shape), weight.param.device, weight.param.dtype)].append(weight)
         self.stacks = list(stacks.values())
-        self._in_step = set()
-        for optimizer in optimizers:
-            if isinstance(optimizer, ShardsItsStep) and optimizer.shards_its_step:
+        in_step = [isinstance(optimizer, ShardsItsStep) and optimizer.shards_its_step for optimizer in optimizers]
+        for optimizer, shards in zip(optimizers, in_step):
+            if shards:
                 optimizer.attach_projection(self.project)
-                self._in_step.add(id(optimizer))
+        self._after_step = not all(in_step)
 
-    def after_step(self, optimizer) -> None:
-        """What runs after ``optimizer.step()``: the projection, unless the step ran it itself."""
-        if id(optimizer) not in self._in_step:
+    def after_step(self) -> None:
+        """What runs after the optimizers' ``step()``: the projection, unless the steps ran it themselves."""
+        if self._after_step:
             self.project()
 
     # ------------------------------------------------------------------ state
@@ -203,7 +187,7 @@ class Constraint:
         self._fallbacks_host, self._fallbacks_device = (int(state.get("fallbacks", 0)) if rank_and_world()[0] == 0 else 0), None
 
     def cap(self, weight: ConstrainedWeight) -> float:
-        return self.head_w_max if weight.role == Role.HEAD.value else self.w_max
+        return self.constraint.cap(head=weight.role == Role.HEAD.value)
 
     def fallback_count(self) -> int:
         """The guards' fallbacks so far on this rank (reads the device: call it when logging)."""
@@ -218,7 +202,7 @@ class Constraint:
             self._fallbacks_device = total if self._fallbacks_device is None else self._fallbacks_device + total
 
     def _power_states(self, stack: list[ConstrainedWeight], shape: tuple[int, ...] | None = None) -> Tensor | None:
-        if self.method not in POWER_ITERATION_METHODS:
+        if not self.constraint.power_iteration:
             return None
         states = []
         for weight in stack:
@@ -229,16 +213,18 @@ class Constraint:
         return torch.stack(states)
 
     def _project(self, stack: list[ConstrainedWeight], W: Tensor, states: Tensor | None, shard: RowShard | None = None) -> tuple[Tensor, Tensor]:
-        if not stack:  # a rank's empty share
-            return W, torch.zeros(0, dtype=torch.bool)
-        lr_t, wd_eff = zip(*(step_coefficients(weight.group) for weight in stack))
-        return project_stack(
-            W, self.method, w_max=tuple(self.cap(weight) for weight in stack), lr_t=lr_t, wd_eff=wd_eff,
-            spectral_wd=self.spectral_wd, coupling=self.coupling,
-            update_sigma_max=tuple(1.0 if weight.step_bound is None else weight.step_bound for weight in stack),
-            power_iters=self.power_iters, power_state=states, guard=self.guard,
-            step_bounded=tuple(weight.step_bound is not None for weight in stack), form=self.form, dtype=self.dtype, shard=shard,
+        """The constraint on ``W``, the stack of ``stack``'s weights (or their rows: ``shard``), after
+        the step their groups just took; and per matrix whether a guard fell back."""
+        lr_t, wd_eff = zip(*(step_coefficients(weight.group) for weight in stack)) if stack else ((), ())
+        step = StackStep(
+            caps=tuple(self.cap(weight) for weight in stack), lr_t=lr_t, wd_eff=wd_eff,
+            step_bound=tuple(weight.step_bound for weight in stack),
+            scale=layer_scale(W if shard is None else shard.shape), power_state=states, shard=shard,
+            fell_back=torch.zeros(len(stack), dtype=torch.bool),
         )
+        if not stack:  # a rank's empty share
+            return W, step.fell_back
+        return self.constraint(W, step), step.fell_back
 
     # ------------------------------------------------------------------ projecting
 
@@ -247,13 +233,13 @@ class Constraint:
         """Every weight back into its ball. With ``sharded`` (inside a sharded optimizer step), only
         the weights, or rows of split matrices, this rank owns: the step's all-gather shares them."""
         self.steps_applied += 1
-        if self.method == "none":  # the unconstrained baseline: decay is its only regulariser
+        if not self.constraint.active:  # the unconstrained baseline: decay is its only regulariser
             return
         if sharded is not None:
             self._project_owned(sharded)
             return
         for weight in self.embeddings:
-            weight.param.copy_(project_embedding(weight.param, self.embed_w_max))
+            weight.param.copy_(project_embedding(weight.param, self.constraint.embed_w_max))
         for stack in self.stacks:
             W = stack_of([weight.param.float() for weight in stack])
             states = self._power_states(stack)
@@ -281,7 +267,7 @@ class Constraint:
             part = sharded.part(weight.param)
             if part is not False:  # token vectors are rows: a split table projects row by row
                 rows = weight.param if part is None else weight.param[part]
-                rows.copy_(project_embedding(rows, self.embed_w_max))
+                rows.copy_(project_embedding(rows, self.constraint.embed_w_max))
         split = []
         for stack in self.stacks:
             mine = []
@@ -317,10 +303,10 @@ class Constraint:
     @torch.no_grad()
     def scale_into_ball(self) -> None:
         """Start inside the ball: a matrix initialised above its cap is scaled down to it once."""
-        if self.method in ("none", "spectral_weight_decay"):  # no ball to start in
+        if not self.constraint.starts_in_ball:
             return
         for weight in self.embeddings:
-            weight.param.copy_(project_embedding(weight.param, self.embed_w_max))
+            weight.param.copy_(project_embedding(weight.param, self.constraint.embed_w_max))
         for stack in self.stacks:
             for weight in stack:
                 norm = rms_norm(weight.param)

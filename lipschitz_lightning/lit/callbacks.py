@@ -1,7 +1,5 @@
-"""Lightning glue: the constraint's callback, the norm / certified-bound monitor, speed, rank
-agreement, checkpoints at a cadence and on preemption.
-
-The maths lives in ``projection``, ``constraints`` and ``lipschitz``; this file only decides when it runs.
+"""Lightning glue: the norm / certified-bound monitor, speed, rank agreement, checkpoints at a
+cadence and on preemption. (The constraint runs inside every optimizer step: ``step.train_step``.)
 """
 
 from __future__ import annotations
@@ -15,58 +13,9 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lipschitz_lightning.core.projection import Constraint
 from lipschitz_lightning.core.types import PositiveInt
+from lipschitz_lightning.data.common import micro_batches_per_step
 from lipschitz_lightning.errors import TrainingDiverged
-
-
-class ApplyConstraint(Callback):
-    """Runs a ``projection.Constraint`` after every optimizer step of a Lightning run (SPEC §3 step 4).
-
-    It hooks the optimizer's own ``step`` (``register_step_post_hook``), so it runs exactly once per
-    optimizer step whatever the gradient accumulation, precision plugin or strategy, and it reads the
-    ``lr`` and weight decay of the step that just happened (the LR scheduler moves on only after
-    the hook). The constraint's state goes into checkpoints with the callback's; at every
-    validation its guards' fallbacks are logged (``constraint/guard_fallbacks``, summed over ranks).
-    """
-
-    def __init__(self, constraint: Constraint):
-        self.constraint = constraint
-        self._hooks: list = []
-
-    @property
-    def state_key(self) -> str:
-        return "WeightConstraint"  # the key earlier checkpoints keep this state under
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.constraint.attach(trainer.optimizers)
-        for optimizer in trainer.optimizers:
-            self._hooks.append(optimizer.register_step_post_hook(lambda optimizer, args, kwargs: self.constraint.after_step(optimizer)))
-        if trainer.global_step == 0:
-            self.constraint.scale_into_ball()
-
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or not self.constraint.stacks:
-            return
-        count = torch.tensor(float(self.constraint.fallback_count()), device=pl_module.device)
-        pl_module.log("constraint/guard_fallbacks", trainer.strategy.reduce(count, reduce_op="sum"), rank_zero_only=True)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._remove_hooks()
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        self._remove_hooks()
-
-    def _remove_hooks(self) -> None:
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks.clear()
-
-    def state_dict(self) -> dict:
-        return self.constraint.state_dict()
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.constraint.load_state_dict(state_dict)
 
 
 class LipschitzMonitor(Callback):
@@ -112,7 +61,7 @@ class SpeedMonitor(Callback):
         x = batch[0]
         tokens = x.ndim == 2 and not x.is_floating_point()
         self._unit = "tokens" if tokens else "examples"
-        self._items_per_step = (x.numel() if tokens else x.shape[0]) * trainer.accumulate_grad_batches * trainer.world_size
+        self._items_per_step = (x.numel() if tokens else x.shape[0]) * micro_batches_per_step(trainer) * trainer.world_size
         if self._since is None:
             self._since = (self._clock(pl_module), trainer.global_step)
 

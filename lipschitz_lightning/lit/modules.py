@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Annotated
 
@@ -13,17 +14,15 @@ from torch import nn
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
 
+from lipschitz_lightning.core.constraints import Constraint, NoConstraint
 from lipschitz_lightning.core.losses import CrossEntropy, Radius, parse_radius
+from lipschitz_lightning.core.projection import Projection
 from lipschitz_lightning.core.roles import param_groups
 from lipschitz_lightning.core.types import PositiveInt
 from lipschitz_lightning.errors import TrainingDiverged
 from lipschitz_lightning.lit.checkpoints import network_record
 from lipschitz_lightning.robustness.certified import certified, margins
-
-
-def flatten_positions(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every position of a sequence is one classification: (..., classes) -> (N, classes)."""
-    return logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+from lipschitz_lightning.step import flatten_positions, train_step
 
 
 class CorrectFraction(Metric):
@@ -47,12 +46,16 @@ class CorrectFraction(Metric):
 
 class ClassificationModule(L.LightningModule):
     """Classification trained with ``loss`` (``conf/loss/``: cross-entropy by default, or the
-    certified-margin loss). ``net`` provides ``param_specs()`` (roles, target norms) and, for a loss
-    with a radius, ``logit_l2_bound()``. Validation and test report plain cross-entropy, accuracy,
-    and the fraction certified at l2 radius ``certified_radius`` (``certify``'s check with the
-    exact bound of the weights at that point)."""
+    certified-margin loss) under ``constraint`` (``conf/constraint/``). Every optimizer step is
+    ``step.train_step`` (forward, loss, backward, optimizer step, projection), the function the
+    benchmark's plain loop runs too: the module steps its optimizer itself (Lightning's manual
+    optimization), ``micro_batches`` batches per step. ``net`` provides ``param_specs()`` (roles,
+    target norms) and, for a loss with a radius, ``logit_l2_bound()``. Validation and test report
+    plain cross-entropy, accuracy, and the fraction certified at l2 radius ``certified_radius``
+    (``certify``'s check with the exact bound of the weights at that point)."""
 
     data_kind = "images"  # the ``kind`` of datamodule it trains on (commands/settings.py checks the pairing)
+    loss_chunk = 4096  # positions per chunk of a language model's loss over its vocabulary
 
     def __init__(
         self,
@@ -63,16 +66,23 @@ class ClassificationModule(L.LightningModule):
         compile: bool = False,
         loss: CrossEntropy | None = None,
         certified_radius: Radius = "36/255",
+        constraint: Constraint | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters(logger=False, ignore=["net", "optimizer", "scheduler", "loss"])
+        self.save_hyperparameters(logger=False, ignore=["net", "optimizer", "scheduler", "loss", "constraint"])
+        self.automatic_optimization = False  # train_step steps the optimizer and projects
         self.net = net
         self.loss = loss if loss is not None else CrossEntropy()
+        self.projection = Projection(constraint if constraint is not None else NoConstraint())
         # torch.compile of the network's forward (the training and validation passes; the
         # instrumented statistics pass stays eager). Not a registered submodule: the state dict
         # and checkpoints keep only self.net's keys.
         object.__setattr__(self, "_compiled_net", torch.compile(net) if compile else None)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        # trainer.accumulate_grad_batches and gradient clipping, which Lightning leaves to a module
+        # that steps its own optimizer (training.build sets them)
+        self.micro_batches, self.gradient_clip_val, self.gradient_clip_algorithm = 1, None, "norm"
+        self._pending: list = []  # the micro-batches of the step under way
         self._train_correct: torch.Tensor | int = 0
         self._train_certified: torch.Tensor | int = 0
         self._train_count = 0
@@ -92,50 +102,71 @@ class ClassificationModule(L.LightningModule):
     def fast_net(self) -> nn.Module:
         return self.net if self._compiled_net is None else self._compiled_net
 
+    @property
+    def train_forward(self) -> Callable:
+        """What ``train_step`` calls on a batch: the network's forward (compiled when asked)."""
+        return self.fast_net
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fast_net(x)
 
-    def training_margin(self) -> torch.Tensor | None:
-        """The logit margin that certifies ``loss.radius`` with the weights this step's forward pass
-        uses (their bound on the domain the radius needs: docs/certified_training.md), a tensor on
-        the device, read by nothing until a logging step; None for a loss without a radius."""
-        if self.loss.radius == 0.0:
-            return None
-        return self.loss.margin(self.net.logit_l2_bound(self.loss.radius))
+    def progress(self) -> float:
+        """The fraction of training done (a language model's sliding window grows with it)."""
+        return self.global_step / self.trainer.max_steps if self._trainer is not None and self.trainer.max_steps > 0 else 1.0
 
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        margin = self.training_margin()
-        loss, correct, certified, count = self.loss_and_counts(batch, margin)
+    def on_train_start(self) -> None:
+        self.projection.attach([self.optimizers(use_pl_optimizer=False)])
+        if self.trainer.global_step == 0:
+            self.projection.scale_into_ball()
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor | None:
+        self._pending.append(batch)
+        if len(self._pending) < self.micro_batches:
+            return None
+        micro_batches, self._pending = self._pending, []
+        step = self.global_step  # train_step's optimizer step moves it on
+        optimizer = self.optimizers()
+        result = train_step(
+            self.net, micro_batches, self.loss, optimizer, self.projection, progress=self.progress(),
+            forward=self.train_forward, loss_chunk=self.loss_chunk, backward=self.manual_backward,
+            no_sync=self._no_sync, clip_gradients=self._clip_gradients(optimizer),
+        )
         # counts stay on the device until a logging step: a torchmetrics update would check its
         # inputs and count classes on the host, a device sync every step
-        self._train_correct = self._train_correct + correct
-        self._train_certified = self._train_certified + certified
-        self._train_count += count
-        self._unchecked_losses.append((self.global_step, loss.detach()))
+        self._train_correct = self._train_correct + result.correct
+        self._train_certified = self._train_certified + result.certified
+        self._train_count += result.count
+        self._unchecked_losses.append((step, result.loss))
         # Logging and the finiteness check each cost a host sync (and ~1 ms of Python per
         # self.log): on accelerators do them every log_every_n_steps, not every step.
-        logging_step = self.global_step % self.trainer.log_every_n_steps == 0
-        if logging_step or loss.device.type == "cpu":
+        logging_step = step % self.trainer.log_every_n_steps == 0
+        if logging_step or result.loss.device.type == "cpu":
             self._raise_if_diverged()
         if logging_step:
-            self.log("train/loss", loss, prog_bar=True)
+            self.log("train/loss", result.loss, prog_bar=True)
             # over the steps since the last log
             self.log("train/acc", torch.as_tensor(self._train_correct).float() / float(self._train_count))
-            if self.loss.radius > 0:
+            if result.margin is not None:
                 # the fraction of training points the loss counted as certified at its radius
                 self.log("train/certified", torch.as_tensor(self._train_certified).float() / float(self._train_count))
-                self.log("train/margin", margin)
+                self.log("train/margin", result.margin.float())
             self._train_correct, self._train_certified, self._train_count = 0, 0, 0
-            self.log("train/lr", self.optimizers().param_groups[0]["lr"])
-        return loss
+            self.log("train/lr", optimizer.param_groups[0]["lr"])
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+        return result.loss
 
-    def loss_and_counts(self, batch, margin: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | int, int]:
-        """The mean training loss, how many predictions were right and how many margins exceed
-        ``margin`` (tensors; 0 without a margin), and out of how many."""
-        x, y = batch
-        logits, y = flatten_positions(self(x), y)
-        loss, correct, certified = self.loss(logits, y, margin)
-        return loss, correct, certified if margin is not None else 0, y.numel()
+    def _no_sync(self):
+        """A DDP-wrapped model's ``no_sync``: gradients of all micro-batches but the last stay local."""
+        model = self.trainer.model
+        return model.no_sync() if isinstance(model, torch.nn.parallel.DistributedDataParallel) else contextlib.nullcontext()
+
+    def _clip_gradients(self, optimizer) -> Callable[[], None] | None:
+        if not self.gradient_clip_val:
+            return None
+        return lambda: self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val,
+                                           gradient_clip_algorithm=self.gradient_clip_algorithm)
 
     def on_train_end(self) -> None:
         self._raise_if_diverged()
@@ -175,6 +206,14 @@ class ClassificationModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._log_certified("val")
+        self._log_fallbacks()
+
+    def _log_fallbacks(self) -> None:
+        """The constraint's guards' fallbacks so far (``constraint/guard_fallbacks``), summed over ranks."""
+        if self.trainer.sanity_checking or not self.projection.stacks:
+            return
+        count = torch.tensor(float(self.projection.fallback_count()), device=self.device)
+        self.log("constraint/guard_fallbacks", self.trainer.strategy.reduce(count, reduce_op="sum"), rank_zero_only=True)
 
     def on_test_epoch_end(self) -> None:
         self._log_certified("test")
@@ -188,6 +227,13 @@ class ClassificationModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["network"] = network_record(self.net)
         checkpoint["run_config"] = self.run_config
+        checkpoint["projection"] = self.projection.state_dict()  # a collective under DDP: every rank saves
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # earlier versions kept it as the state of a callback, WeightConstraint
+        state = checkpoint.get("projection") or (checkpoint.get("callbacks") or {}).get("WeightConstraint")
+        if state is not None:
+            self.projection.load_state_dict(state)
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(param_groups(self.net.param_specs()))
@@ -219,8 +265,8 @@ class LanguageModelModule(ClassificationModule):
 
     def __init__(self, net: nn.Module, optimizer, scheduler=None, vocab_size: PositiveInt = 65,
                  stats_tokens: PositiveInt = 4096, compile: bool = False, loss_chunk: PositiveInt = 4096,
-                 loss: CrossEntropy | None = None):
-        super().__init__(net, optimizer, scheduler, num_classes=vocab_size, compile=compile, loss=loss)
+                 loss: CrossEntropy | None = None, constraint: Constraint | None = None):
+        super().__init__(net, optimizer, scheduler, num_classes=vocab_size, compile=compile, loss=loss, constraint=constraint)
         self.stats_tokens, self.loss_chunk = stats_tokens, loss_chunk
         self.val_acc = CorrectFraction()
         object.__setattr__(self, "_compiled_features", torch.compile(net.features) if compile else None)
@@ -236,8 +282,12 @@ class LanguageModelModule(ClassificationModule):
 
     def window(self, device: torch.device) -> torch.Tensor | None:
         """The attention window at this point of training (``net.window``); outside a fit, the last."""
-        progress = self.global_step / self.trainer.max_steps if self._trainer is not None and self.trainer.max_steps > 0 else 1.0
-        return self.net.window(progress, device)
+        return self.net.window(self.progress(), device)
+
+    @property
+    def train_forward(self) -> Callable:
+        """What ``train_step`` calls: the features (compiled when asked); the loss takes the head."""
+        return self.net.features if self._compiled_features is None else self._compiled_features
 
     def forward(self, x: torch.Tensor, stats: dict | None = None) -> torch.Tensor:
         if stats is not None:
@@ -248,11 +298,6 @@ class LanguageModelModule(ClassificationModule):
         if stats is not None or self._compiled_features is None:
             return self.net.features(x, stats=stats, window=self.window(x.device))
         return self._compiled_features(x, window=self.window(x.device))
-
-    def loss_and_counts(self, batch, margin: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | int, int]:
-        x, y = batch
-        loss, correct, certified = self.net.next_token_loss(self.features(x), y, self.loss_chunk, self.loss, margin)
-        return loss, correct, certified if margin is not None else 0, y.numel()
 
     def validation_step(self, batch, batch_idx: int) -> None:
         x, _ = batch
@@ -279,12 +324,14 @@ class LanguageModelModule(ClassificationModule):
         maxima = {name: self._stat_maxima.get(name, empty).float() for name in self.net.stat_names()}
         self.log_dict(maxima, reduce_fx="max", sync_dist=True)
         self._stat_maxima = {}
+        self._log_fallbacks()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["network"] = network_record(self.net, self.vocab_chars, self.tokenizer)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         record = checkpoint.get("network", {})
         self.vocab_chars = record.get("vocab", self.vocab_chars)
         self.tokenizer = record.get("tokenizer", self.tokenizer)
