@@ -75,3 +75,15 @@ def test_a_checkpoint_of_this_project_still_loads(trained_run):
 
     saved = load_network(trained_run / "checkpoints" / "last.ckpt")
     assert saved.target == "lipschitz_lightning.models.mlp.MLP" and saved.checkpoint["global_step"] == 2
+
+
+def test_a_checkpoint_trained_with_a_user_s_own_constraint_loads_without_importing_it(trained_run, tmp_path):
+    # the constraint section is read, never built, when a checkpoint is opened: a user's class there
+    # (docs/constraints.md) is fine, and is not imported
+    from lipschitz_lightning.lit.checkpoints import load_network
+
+    checkpoint = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True)
+    checkpoint["run_config"]["constraint"] = {"_target_": "my_constraints.SpectralClip", "w_max": 2.0}
+    torch.save(checkpoint, tmp_path / "user.ckpt")
+    assert load_network(tmp_path / "user.ckpt").target == "lipschitz_lightning.models.mlp.MLP"
+    assert "my_constraints" not in sys.modules

@@ -79,9 +79,16 @@ EARLIER_TARGETS = frozenset({
 })
 
 
-def check_targets(node, where: str) -> None:
-    """Refuse a run config (read from ``where``) naming a ``_target_`` this project's configs do not."""
-    for target in named_targets(node):
+# The sections of a run config that a command builds from a checkpoint (evaluate, certify and sample
+# rebuild its data and its module). The others are only read: a run config may name a user's own
+# constraint class there (docs/constraints.md), which nothing imports when the checkpoint is opened.
+BUILT_FROM_CHECKPOINT = ("model", "data")
+
+
+def check_targets(run_config: dict, where: str) -> None:
+    """Refuse a run config (read from ``where``) whose sections that get built name a ``_target_``
+    this project's configs do not."""
+    for target in named_targets([run_config.get(section) for section in BUILT_FROM_CHECKPOINT]):
         if target not in configured_targets() and target not in EARLIER_TARGETS:
             raise ConfigError(f"{where} names {target!r} as a _target_, which no config of this project names: refused, nothing was built")
 
