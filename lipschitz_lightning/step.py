@@ -31,6 +31,16 @@ class NextTokenModel(Protocol):
                         margin: Tensor | None) -> LossCounts: ...
 
 
+@runtime_checkable
+class ClipsAttentionLogits(Protocol):
+    """A model with Kimi's QK-clip: after every step, heads whose logits passed ``logit_clip`` shrink
+    their q and k (``models.gpt.GPT.clip_logits``; None: off)."""
+
+    logit_clip: float | None
+
+    def clip_logits(self, stats: dict) -> None: ...
+
+
 @dataclass
 class StepResult:
     loss: Tensor  # the step's mean training loss, detached
@@ -53,11 +63,13 @@ def training_margin(net: nn.Module, loss: CrossEntropy) -> Tensor | None:
 
 
 def batch_loss(net: nn.Module, forward: Callable, x: Tensor, y: Tensor, loss: CrossEntropy, margin: Tensor | None,
-               progress: float = 1.0, loss_chunk: int = 4096) -> LossCounts:
+               progress: float = 1.0, loss_chunk: int = 4096, stats: dict | None = None) -> LossCounts:
     """One batch's loss and counts: a language model's features (under the sliding window of this
-    point of training) through its chunked next-token loss, a classifier's logits through ``loss``."""
+    point of training) through its chunked next-token loss, a classifier's logits through ``loss``.
+    ``stats``: a language model's forward also records its attention logits and activations there."""
     if isinstance(net, NextTokenModel):
-        features = forward(x, window=net.window(progress, x.device))
+        window = net.window(progress, x.device)
+        features = forward(x, window=window) if stats is None else forward(x, window=window, stats=stats)
         return net.next_token_loss(features, y, loss_chunk, loss, margin)
     logits, targets = flatten_positions(forward(x), y)
     return loss(logits, targets, margin)
@@ -76,6 +88,7 @@ def train_step(
     backward: Callable[[Tensor], None] | None = None,
     no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     clip_gradients: Callable[[], None] | None = None,
+    stats: dict | None = None,
 ) -> StepResult:
     """One optimizer step over ``micro_batches`` (one, or several whose gradients add up).
 
@@ -83,11 +96,16 @@ def train_step(
     ``progress``: the fraction of training done (a language model's sliding window grows with it);
     ``backward``: ``Tensor.backward``, or Lightning's ``manual_backward``; ``no_sync``: a context in
     which a backward does not synchronise gradients across DDP ranks (all micro-batches but the
-    last); ``clip_gradients``: called between backward and the optimizer's step.
+    last); ``clip_gradients``: called between backward and the optimizer's step; ``stats``: a
+    language model's forward records its largest attention logits and activations there (a model
+    with QK-clip always does; ``forward`` must then take ``stats``: not a compiled one).
     """
     forward = forward or net
     backward = backward or Tensor.backward
     parts = len(micro_batches)
+    clips_logits = isinstance(net, ClipsAttentionLogits) and net.logit_clip is not None
+    if clips_logits and stats is None:
+        stats = {}
 
     # ---- the margin a certified-margin loss asks of every prediction (the live weights' bound)
     margin = training_margin(net, loss)
@@ -97,7 +115,7 @@ def train_step(
     for index, (x, y) in enumerate(micro_batches):
         with no_sync() if index < parts - 1 else contextlib.nullcontext():
             # ---- forward and loss
-            counts = batch_loss(net, forward, x, y, loss, margin, progress, loss_chunk)
+            counts = batch_loss(net, forward, x, y, loss, margin, progress, loss_chunk, stats)
             # ---- backward: each micro-batch's share of the step's mean loss
             backward(counts.loss if parts == 1 else counts.loss / parts)
         total = total + counts.loss.detach()
@@ -114,4 +132,7 @@ def train_step(
         optimizer.step()
         # ---- the projection (SPEC §3 step 4): the constraint on every weight, unless the step ran it
         projection.after_step()
+        # ---- QK-clip, for a model that asks for it (a baseline: Kimi's MuonClip)
+        if clips_logits:
+            net.clip_logits(stats)
     return StepResult(total if parts == 1 else total / parts, correct, certified if margin is not None else 0, seen, margin)

@@ -81,9 +81,10 @@ def test_instrumented_forward_gives_the_same_logits_and_the_stats():
     stats: dict = {}
     torch.testing.assert_close(net(tokens, stats=stats), net(tokens), atol=1e-5, rtol=1e-4)
     assert sorted(stats) == sorted(
-        [f"attention/{kind}_{l}" for kind in ("max_logit", "max_abs_logit") for l in range(2)]
+        [f"attention/{kind}_{l}" for kind in ("max_logit", "max_abs_logit", "max_abs_logit_per_head") for l in range(2)]
         + [f"activation/{kind}_max_block{l}" for kind in ("rms", "abs") for l in range(2)]
     )
+    assert sorted(net.stat_names()) == sorted(key for key in stats if "per_head" not in key)
     # the largest logit, recomputed for block 0: its input is the embedding
     att = net.blocks[0].attention
     x = net.embedding.weight[tokens]

@@ -250,7 +250,8 @@ def _fit(run: Run, resolved: dict) -> dict:
         if isinstance(logger, WandbLogger):
             logger.experiment.finish()  # one run per job, also inside a multirun
 
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "lipschitz/", "norm/", "constraint/"))}
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
+               if k.startswith(("val/", "lipschitz/", "norm/", "constraint/", "stability/"))}
     if getattr(datamodule, "holds_out_validation", False):
         # validation came from the training images (what a search tunes on); the test split is reported once, at the end
         trainer.test(module, datamodule=datamodule, verbose=False)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import math
+import statistics
 from collections.abc import Callable
 from typing import Annotated
 
@@ -44,6 +47,20 @@ class CorrectFraction(Metric):
         return self.correct.float() / self.total.float()
 
 
+class LossSpikes:
+    """Counts loss spikes: steps whose training loss exceeds ``factor`` times the median of the
+    ``window`` steps before it (once at least ``window // 2`` of them are there)."""
+
+    def __init__(self, factor: float = 1.5, window: int = 50):
+        self.factor, self.recent, self.count = factor, collections.deque(maxlen=window), 0
+
+    def update(self, losses: list[float]) -> None:
+        for value in losses:
+            if len(self.recent) >= self.recent.maxlen // 2 and value > self.factor * statistics.median(self.recent):
+                self.count += 1
+            self.recent.append(value)
+
+
 class ClassificationModule(L.LightningModule):
     """Classification trained with ``loss`` (``conf/loss/``: cross-entropy by default, or the
     certified-margin loss) under ``constraint`` (``conf/constraint/``). Every optimizer step is
@@ -67,6 +84,7 @@ class ClassificationModule(L.LightningModule):
         loss: CrossEntropy | None = None,
         certified_radius: Radius = "36/255",
         constraint: Constraint | None = None,
+        loss_spike_factor: Annotated[float, at.Gt(1)] = 1.5,
     ):
         super().__init__()
         self.save_hyperparameters(logger=False, ignore=["net", "optimizer", "scheduler", "loss", "constraint"])
@@ -94,6 +112,7 @@ class ClassificationModule(L.LightningModule):
         self.certified_fraction = {"val": CorrectFraction(), "test": CorrectFraction()}
         self._margins: dict[str, list[torch.Tensor]] = {"val": [], "test": []}
         self._unchecked_losses: list[tuple[int, torch.Tensor]] = []
+        self.loss_spikes = LossSpikes(loss_spike_factor)
         # the run's resolved config, set by training.build: checkpoints carry it, so that a
         # checkpoint alone says which data and settings it was trained with
         self.run_config: dict | None = None
@@ -126,10 +145,14 @@ class ClassificationModule(L.LightningModule):
         micro_batches, self._pending = self._pending, []
         step = self.global_step  # train_step's optimizer step moves it on
         optimizer = self.optimizers()
+        # Logging and the finiteness check each cost a host sync (and ~1 ms of Python per
+        # self.log): on accelerators do them every log_every_n_steps, not every step.
+        logging_step = step % self.trainer.log_every_n_steps == 0
+        watch = self.stability_watch(logging_step)
         result = train_step(
             self.net, micro_batches, self.loss, optimizer, self.projection, progress=self.progress(),
-            forward=self.train_forward, loss_chunk=self.loss_chunk, backward=self.manual_backward,
-            no_sync=self._no_sync, clip_gradients=self._clip_gradients(optimizer),
+            forward=self.train_forward if watch is None else self.net.features, loss_chunk=self.loss_chunk,
+            backward=self.manual_backward, no_sync=self._no_sync, clip_gradients=self._clip_gradients(optimizer), stats=watch,
         )
         # counts stay on the device until a logging step: a torchmetrics update would check its
         # inputs and count classes on the host, a device sync every step
@@ -137,11 +160,8 @@ class ClassificationModule(L.LightningModule):
         self._train_certified = self._train_certified + result.certified
         self._train_count += result.count
         self._unchecked_losses.append((step, result.loss))
-        # Logging and the finiteness check each cost a host sync (and ~1 ms of Python per
-        # self.log): on accelerators do them every log_every_n_steps, not every step.
-        logging_step = step % self.trainer.log_every_n_steps == 0
         if logging_step or result.loss.device.type == "cpu":
-            self._raise_if_diverged()
+            self._check_losses()
         if logging_step:
             self.log("train/loss", result.loss, prog_bar=True)
             # over the steps since the last log
@@ -152,10 +172,19 @@ class ClassificationModule(L.LightningModule):
                 self.log("train/margin", result.margin.float())
             self._train_correct, self._train_certified, self._train_count = 0, 0, 0
             self.log("train/lr", optimizer.param_groups[0]["lr"])
+            self.log("stability/loss_spikes", float(self.loss_spikes.count))
+            if watch:
+                self.log_dict(watch_metrics(watch, self._watched_bounds), reduce_fx="max", sync_dist=True)
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
         return result.loss
+
+    def stability_watch(self, logging_step: bool) -> dict | None:
+        """A dict for this step's forward pass to record its largest attention logits and activations
+        in (a language model, on logging steps; every step when it clips logits), with the
+        certificate's bounds on them for the weights of this forward pass; None otherwise."""
+        return None
 
     def _no_sync(self):
         """A DDP-wrapped model's ``no_sync``: gradients of all micro-batches but the last stay local."""
@@ -169,17 +198,21 @@ class ClassificationModule(L.LightningModule):
                                            gradient_clip_algorithm=self.gradient_clip_algorithm)
 
     def on_train_end(self) -> None:
-        self._raise_if_diverged()
+        self._check_losses()
 
-    def _raise_if_diverged(self) -> None:
+    def _check_losses(self) -> None:
+        """The losses since the last check, read at once: a NaN or inf stops the run with its step;
+        the others count towards the loss spikes."""
         if not self._unchecked_losses:
             return
         steps, losses = zip(*self._unchecked_losses)
         self._unchecked_losses.clear()
-        finite = torch.isfinite(torch.stack(losses)).tolist()
+        values = torch.stack(losses).tolist()
+        finite = [math.isfinite(value) for value in values]
         if not all(finite):
             first = finite.index(False)
-            raise TrainingDiverged(f"training loss is {losses[first].item()} at step {steps[first]}: the run diverged")
+            raise TrainingDiverged(f"training loss is {values[first]} at step {steps[first]}: the run diverged")
+        self.loss_spikes.update(values)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         x, y = batch
@@ -243,6 +276,20 @@ class ClassificationModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
+def watch_metrics(stats: dict, certificate) -> dict[str, torch.Tensor | float]:
+    """What a training step's forward pass reached, per block, beside what the certificate bounds it
+    by (``stability/``): the largest pre-softmax logit and |logit| (bound: ``attention_logit``) and
+    the largest token RMS of the block's output (bound: ``activation_rms``)."""
+    metrics = {}
+    for l, (activation, logit) in enumerate(zip(certificate.activation_rms, certificate.attention_logit)):
+        metrics[f"stability/attention_max_logit_{l}"] = stats[f"attention/max_logit_{l}"].float()
+        metrics[f"stability/attention_max_abs_logit_{l}"] = stats[f"attention/max_abs_logit_{l}"].float()
+        metrics[f"stability/attention_logit_bound_{l}"] = float(logit)
+        metrics[f"stability/activation_rms_max_{l}"] = stats[f"activation/rms_max_block{l}"].float()
+        metrics[f"stability/activation_rms_bound_{l}"] = float(activation)
+    return metrics
+
+
 class LanguageModelModule(ClassificationModule):
     """Next-token prediction: mean token cross-entropy and token accuracy over ``vocab_size`` classes.
 
@@ -265,8 +312,10 @@ class LanguageModelModule(ClassificationModule):
 
     def __init__(self, net: nn.Module, optimizer, scheduler=None, vocab_size: PositiveInt = 65,
                  stats_tokens: PositiveInt = 4096, compile: bool = False, loss_chunk: PositiveInt = 4096,
-                 loss: CrossEntropy | None = None, constraint: Constraint | None = None):
-        super().__init__(net, optimizer, scheduler, num_classes=vocab_size, compile=compile, loss=loss, constraint=constraint)
+                 loss: CrossEntropy | None = None, constraint: Constraint | None = None,
+                 loss_spike_factor: Annotated[float, at.Gt(1)] = 1.5):
+        super().__init__(net, optimizer, scheduler, num_classes=vocab_size, compile=compile, loss=loss, constraint=constraint,
+                         loss_spike_factor=loss_spike_factor)
         self.stats_tokens, self.loss_chunk = stats_tokens, loss_chunk
         self.val_acc = CorrectFraction()
         object.__setattr__(self, "_compiled_features", torch.compile(net.features) if compile else None)
@@ -283,6 +332,14 @@ class LanguageModelModule(ClassificationModule):
     def window(self, device: torch.device) -> torch.Tensor | None:
         """The attention window at this point of training (``net.window``); outside a fit, the last."""
         return self.net.window(self.progress(), device)
+
+    def stability_watch(self, logging_step: bool) -> dict | None:
+        if not logging_step and self.net.logit_clip is None:
+            return None
+        if logging_step:
+            # the certificate of the weights this step's forward pass uses, before the step moves them
+            self._watched_bounds = self.net.certificate()
+        return {}
 
     @property
     def train_forward(self) -> Callable:

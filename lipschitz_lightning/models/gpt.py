@@ -91,6 +91,10 @@ class GPTConfig:
     window_max: PositiveInt = 1792
     # token vectors are looked up with RMS at most this (nn.Embedding's max_norm); null: as stored
     embed_max_rms: Positive | None = None
+    # Kimi's QK-clip (MuonClip), a baseline against the constraints: after every step, each head
+    # whose largest |logit| in that step passed this has its q and k rows scaled by
+    # sqrt(logit_clip / largest); null: off (the paper's model)
+    logit_clip: Positive | None = None
 
 
 # ---------------------------------------------------------------------------- masks
@@ -214,15 +218,40 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Attentio
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-2)
 
 
-def explicit_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: AttentionMask, stats: dict | None = None, name: str = "") -> Tensor:
-    """The same masked softmax written out; it also exposes the pre-softmax logits to ``stats``."""
+def explicit_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: AttentionMask) -> Tensor:
+    """The same masked softmax written out."""
     logits = (q @ k.transpose(-2, -1)) * scale
     allowed = mask.dense(q.shape[0], q.shape[-2], q.device)
-    if stats is not None:
-        stats[f"attention/max_logit_{name}"] = logits.masked_fill(~allowed, float("-inf")).amax().detach()
-        # what the certificate bounds (attention_logit): the largest |logit|
-        stats[f"attention/max_abs_logit_{name}"] = logits.abs().masked_fill(~allowed, 0).amax().detach()
     return logits.masked_fill(~allowed, float("-inf")).softmax(dim=-1) @ v
+
+
+# The attention logits a forward pass records beside its output are the ones of all its
+# sequences where they fit in this many entries (Shakespeare's batch of 64 x 4 heads x 256^2: 16.8M);
+# else of the first sequence's first STATS_QUERIES queries, exact for them since attention is causal.
+STATS_ENTRIES = 1 << 25
+STATS_QUERIES = 4096
+
+
+@torch.no_grad()
+def record_logits(q: Tensor, k: Tensor, scale: float, mask: AttentionMask, stats: dict, name: str) -> None:
+    """The largest pre-softmax logit, the largest |logit| and the largest |logit| of each head, over
+    the keys the mask allows: the product ``q k^T`` written out beside the kernel's output (no
+    gradient), left on the device until someone reads it."""
+    batch, heads, seq, _ = q.shape
+    if batch * heads * seq * seq > STATS_ENTRIES:
+        q, k, batch, seq = q[:1, :, :STATS_QUERIES], k[:1, :, :STATS_QUERIES], 1, min(seq, STATS_QUERIES)
+        mask = AttentionMask(None if mask.documents is None else mask.documents[:1, :seq], mask.window_blocks)
+    logits = (q.float() @ k.float().transpose(-2, -1)) * scale
+    allowed = mask.dense(batch if mask.documents is not None else 1, seq, q.device)
+    largest = logits.abs().masked_fill(~allowed, 0).amax(dim=(0, 2, 3))  # per head
+    record_max(stats, f"attention/max_logit_{name}", logits.masked_fill(~allowed, float("-inf")).amax())
+    record_max(stats, f"attention/max_abs_logit_{name}", largest.amax())  # what the certificate bounds (attention_logit)
+    record_max(stats, f"attention/max_abs_logit_per_head_{name}", largest)
+
+
+def record_max(stats: dict, key: str, value: Tensor) -> None:
+    """``stats[key]``, or the larger of it and ``value`` (micro-batches of one step add to one record)."""
+    stats[key] = value if key not in stats else torch.maximum(stats[key], value)
 
 
 @functools.cache
@@ -319,10 +348,9 @@ class Attention(nn.Module):
         batch, seq, width = x.shape
         q, k, v = (proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2) for proj in (self.q, self.k, self.v))
         q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        if stats is None:
-            y = self.kernel(q, k, v, self.scale, mask)
-        else:
-            y = explicit_attention(q, k, v, self.scale, mask, stats, name)
+        y = self.kernel(q, k, v, self.scale, mask)
+        if stats is not None:
+            record_logits(q, k, self.scale, mask, stats, name)
         y = y.transpose(1, 2).reshape(batch, seq, width) * ATTENTION_OUTPUT_SCALE
         return self.out(y)
 
@@ -460,14 +488,31 @@ class GPT(nn.Module):
         for l, block in enumerate(self.blocks):
             x = block(x, rotary, masks[pattern[l]] if pattern is not None else mask, stats, str(l))
             if stats is not None:
-                stats[f"activation/rms_max_block{l}"] = x.detach().float().pow(2).mean(dim=-1).sqrt().max()
-                stats[f"activation/abs_max_block{l}"] = x.detach().abs().max().float()
+                record_max(stats, f"activation/rms_max_block{l}", x.detach().float().pow(2).mean(dim=-1).sqrt().max())
+                record_max(stats, f"activation/abs_max_block{l}", x.detach().abs().max().float())
         return x
 
+    @property
+    def logit_clip(self) -> float | None:
+        return self.config.logit_clip
+
     def stat_names(self) -> list[str]:
-        """The keys ``forward(..., stats=...)`` fills."""
+        """The scalar keys ``forward(..., stats=...)`` fills (it also fills each block's per-head maxima)."""
         return [f"{kind}{l}" for l in range(self.config.num_blocks)
                 for kind in ("attention/max_logit_", "attention/max_abs_logit_", "activation/rms_max_block", "activation/abs_max_block")]
+
+    @torch.no_grad()
+    def clip_logits(self, stats: dict) -> None:
+        """QK-clip (Kimi's MuonClip; ``logit_clip``): each head whose largest |logit| in the forward pass
+        that ``stats`` recorded passed ``logit_clip`` gets its q and k rows scaled by
+        ``sqrt(logit_clip / largest)``, so that those logits would have been ``logit_clip``. On the
+        device, no read."""
+        tau, heads, head_dim = self.config.logit_clip, self.config.num_heads, self.config.width // self.config.num_heads
+        for l, block in enumerate(self.blocks):
+            largest = stats[f"attention/max_abs_logit_per_head_{l}"]
+            factor = (tau / largest.clamp(min=tau)).sqrt().to(block.attention.q.weight.dtype)[:, None, None]
+            for weight in (block.attention.q.weight, block.attention.k.weight):
+                weight.view(heads, head_dim, -1).mul_(factor)
 
     # ------------------------------------------------------------------ what the framework needs
 

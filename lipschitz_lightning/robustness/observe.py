@@ -22,8 +22,8 @@ def observe_language_model(net: nn.Module, batches, max_batches: int, stats_toke
         tokens = batch[0] if isinstance(batch, (tuple, list)) else batch
         stats: dict = {}
         net(tokens[:, :stats_tokens], stats=stats, window=window)
-        for name, value in stats.items():
-            observed[name] = max(observed.get(name, -math.inf), float(value))
+        for name in net.stat_names():
+            observed[name] = max(observed.get(name, -math.inf), float(stats[name]))
     return observed
 
 
