@@ -551,11 +551,15 @@ def test_every_constraint_option_names_its_class_and_the_class_its_option():
     from hydra.utils import get_class
 
     from conftest import CONF_DIR
+    from lipschitz_lightning.commands.tradeoff import constraint_name
 
     options = {path.stem: yaml.safe_load(path.read_text())["_target_"] for path in (CONF_DIR / "constraint").glob("*.yaml")}
     assert set(options) == set(C.BUILT_IN) >= set(SPEC_METHODS)
     for name, target in options.items():
         assert get_class(target) is C.BUILT_IN[name] and get_class(target).name == name
+        # a summary's label, read from the target without importing it (commands.tradeoff), agrees
+        assert constraint_name({"_target_": target}) == name
+    assert constraint_name({"_target_": "my_constraints.SpectralClip"}) == "spectral_clip" == type("SpectralClip", (C.Constraint,), {}).name
 
 
 def test_project_linear_knows_every_spec_method():
