@@ -38,7 +38,7 @@ def settings(ckpt_path, out_dir, **overrides):
     cfg.pop("defaults"), cfg.pop("hydra")
     cfg.ckpt_path, cfg.out_dir = ckpt_path, (str(out_dir) if out_dir is not None else None)
     cfg.paths.data_dir = None  # the run's own data
-    small = {"attack": {"steps": 10, "restarts": 2, "batch": 512},
+    small = {"attack": {"steps": 10, "restarts": 2, "batch": 512}, "autoattack": {"examples": 0},
              "lower_bound": {"points": 32, "pairs": 8, "steps": 20}, "max_batches": 2,
              # radii at which the tiny classifier has certified points, and points the attack breaks
              "radii": [2.0, 4.0, 8.0]}
@@ -145,6 +145,35 @@ def tiny_classifier(single_torch_thread, tiny_cifar, tmp_path_factory):
                  "constraint.w_max=2", *QUIET_TRAINER]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return train(compose("train", overrides=overrides))["checkpoint"]
+
+
+def test_autoattack_beside_pgd_breaks_no_certified_point(tiny_classifier, tmp_path):
+    cfg = settings(tiny_classifier, tmp_path, autoattack={"examples": 64})
+    (result,) = C.certify(cfg).values()
+    a = result["autoattack"]
+    assert a["examples"] == 64 and a["radius"] == min(cfg.radii)
+    # nothing certified falls; the attacks are compared point by point on the same 64 points
+    assert a["certified_acc"] <= a["autoattack_acc"] and a["certified_acc"] <= a["pgd_acc"]
+    assert a["autoattack_acc"] - a["pgd_acc"] == pytest.approx((a["broken_by_pgd_only"] - a["broken_by_autoattack_only"]) / 64)
+    assert a["autoattack_acc"] < accuracy_on_first(result, 64) or a["pgd_acc"] < accuracy_on_first(result, 64)  # teeth
+    assert "| AutoAttack |" in (tmp_path / "certify.md").read_text()
+
+
+def accuracy_on_first(result: dict, count: int) -> float:
+    loaded = load_run(settings(result["checkpoint"], None), result["checkpoint"])
+    x, y = C.validation_set(loaded, count)
+    with torch.no_grad():
+        return float((loaded.saved.net(x).argmax(1) == y).float().mean())
+
+
+def test_autoattack_without_torchattacks_is_one_line_before_any_work(tiny_classifier, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchattacks" else real(name, *a))
+    with pytest.raises(C.ConfigError, match=r"^autoattack.examples=64: AutoAttack needs torchattacks: pip install --no-deps"):
+        C.certify(settings(tiny_classifier, tmp_path, autoattack={"examples": 64}))
+    assert not (tmp_path / "certify.json").exists()
 
 
 def test_certified_never_exceeds_attacked_point_by_point(tiny_classifier, tmp_path):

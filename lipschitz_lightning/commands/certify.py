@@ -24,6 +24,7 @@ certified bound fails the command.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import math
 import os
@@ -42,6 +43,8 @@ from lipschitz_lightning.errors import (
     exit_with,
 )
 from lipschitz_lightning.robustness.attacks import (
+    AUTOATTACK_MISSING,
+    autoattack_l2,
     jacobian_norms,
     lipschitz_violation,
     pair_search,
@@ -91,6 +94,8 @@ def checkpoint_paths(cfg) -> list[str]:
     for path in paths:  # all of them before any work (load_network says the same of a file it cannot read)
         if not Path(path).is_file():
             raise ConfigError(f"ckpt_path must be an existing checkpoint file, got {path!r}")
+    if cfg.autoattack.examples > 0 and importlib.util.find_spec("torchattacks") is None:
+        raise ConfigError(f"autoattack.examples={cfg.autoattack.examples}: {AUTOATTACK_MISSING}; or give autoattack.examples=0")
     out = output_dir(cfg)
     existing = next(p for p in (out, *out.parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK):
@@ -136,13 +141,14 @@ def run_label(run_config: dict) -> str:
         return ""
 
 
-def attack_radius_by_radius(cfg, net, net64, x, y, margin, bound: float, bound_l2: float, where: str) -> tuple[list[dict], int]:
+def attack_radius_by_radius(cfg, net, net64, x, y, margin, bound: float, bound_l2: float, where: str) -> tuple[list[dict], int, dict]:
     """Certified against attacked accuracy at each radius, ascending: a point broken at a radius is
     broken at every larger one. A certified point that PGD flips stops the command, unless float64
-    says the flip is float32's rounding; such flips are counted (the second value)."""
+    says the flip is float32's rounding; such flips are counted (the second value). The third: the
+    points PGD left correctly classified, per radius."""
     generator = torch.Generator().manual_seed(cfg.seed)
     broken = ~(margin > 0)  # a misclassified point needs no attack (nor does a NaN margin)
-    rows, rounding_only = [], 0
+    rows, rounding_only, survived = [], 0, {}
     for eps in sorted(set(float(r) for r in cfg.radii)):
         safe = certified(margin, bound_l2, eps)
         for part in (~broken).nonzero()[:, 0].split(cfg.attack.batch):
@@ -150,24 +156,60 @@ def attack_radius_by_radius(cfg, net, net64, x, y, margin, bound: float, bound_l
                                 step_size=cfg.attack.step_size, generator=generator)
             for i in (safe[part] & hit).nonzero()[:, 0].tolist():
                 index = int(part[i])
-                violation = lipschitz_violation(net64, x[index], delta[i], y[index], bound_l2)
-                if violation is None:
-                    rounding_only += 1  # flipped in float32 only; float64 says the bound holds
-                    hit[i] = False
+                if confirmed_break(net64, x, delta[i], y, index, eps, bound, bound_l2, where, "PGD"):
                     continue
-                raise CertificateBroken(
-                    f"certificate broken: {where}: PGD flipped validation point {index} within l2 radius {eps:.6g} "
-                    f"({eps * 255:.4g}/255), where the certified bound {bound:.6g} (RMS units) forbids it: margin "
-                    f"{violation['margin_before']:.6g} -> {violation['margin_after']:.6g} over l2 distance "
-                    f"{violation['l2_distance']:.6g}, more than the certified drop {violation['allowed_drop']:.6g} (float64)"
-                )
+                rounding_only += 1  # flipped in float32 only; float64 says the bound holds
+                hit[i] = False
             broken[part[hit]] = True
         # a certified point is never broken here: the loop above raised or let it survive
         survivors = ~broken
+        survived[eps] = survivors.clone()
         rows.append({"radius": eps, "radius_x255": eps * 255, "certified_acc": float(safe.float().mean()),
                      "empirical_acc": float(survivors.float().mean()), "certified_points": int(safe.sum()),
                      "surviving_points": int(survivors.sum())})
-    return rows, rounding_only
+    return rows, rounding_only, survived
+
+
+def confirmed_break(net64, x, delta, y, index: int, eps: float, bound: float, bound_l2: float, where: str, attack: str) -> bool:
+    """A certified point an attack flipped: re-checked in float64, it stops the command with the
+    numbers (CertificateBroken), or it was float32's rounding (False)."""
+    violation = lipschitz_violation(net64, x[index], delta, y[index], bound_l2)
+    if violation is None:
+        return False
+    raise CertificateBroken(
+        f"certificate broken: {where}: {attack} flipped validation point {index} within l2 radius {eps:.6g} "
+        f"({eps * 255:.4g}/255), where the certified bound {bound:.6g} (RMS units) forbids it: margin "
+        f"{violation['margin_before']:.6g} -> {violation['margin_after']:.6g} over l2 distance "
+        f"{violation['l2_distance']:.6g}, more than the certified drop {violation['allowed_drop']:.6g} (float64)"
+    )
+
+
+def autoattack_beside_pgd(cfg, net, net64, x, y, margin, bound: float, bound_l2: float, survived: dict, where: str) -> dict | None:
+    """AutoAttack (torchattacks, l2, standard) at the first radius on the first ``autoattack.examples``
+    points, beside PGD's result on the same points: where AutoAttack breaks points PGD left standing,
+    our attack is weak. A certified point it flips stops the command, as for PGD."""
+    count = min(cfg.autoattack.examples, len(x))
+    if count == 0:
+        return None
+    eps = min(float(r) for r in cfg.radii)
+    points = torch.arange(count)
+    correct = points[margin[:count] > 0]
+    started = time.perf_counter()
+    hit, delta = autoattack_l2(net, x[correct], y[correct], eps, version=cfg.autoattack.version, seed=cfg.seed,
+                               batch=cfg.attack.batch)
+    safe = certified(margin[:count], bound_l2, eps)
+    for i in (safe[correct] & hit).nonzero()[:, 0].tolist():
+        if not confirmed_break(net64, x, delta[i], y, int(correct[i]), eps, bound, bound_l2, where, "AutoAttack"):
+            hit[i] = False  # float32's rounding, as for PGD
+    autoattack_survivors = torch.zeros(count, dtype=torch.bool)
+    autoattack_survivors[correct] = ~hit
+    pgd_survivors = survived[eps][:count]
+    return {"radius": eps, "radius_x255": eps * 255, "examples": count, "version": cfg.autoattack.version,
+            "certified_acc": float(safe.float().mean()), "pgd_acc": float(pgd_survivors.float().mean()),
+            "autoattack_acc": float(autoattack_survivors.float().mean()),
+            "broken_by_autoattack_only": int((pgd_survivors & ~autoattack_survivors).sum()),
+            "broken_by_pgd_only": int((~pgd_survivors & autoattack_survivors).sum()),
+            "seconds": time.perf_counter() - started}
 
 
 def search_lower_bound(cfg, net, net64, x, bound: float, where: str) -> dict:
@@ -212,8 +254,9 @@ def certify_classifier(cfg, loaded: Loaded) -> dict:
     accuracy = float((margin > 0).float().mean())
 
     started = time.perf_counter()
-    rows, rounding_only = attack_radius_by_radius(cfg, net, net64, x, y, margin, bound, bound_l2, where)
+    rows, rounding_only, survived = attack_radius_by_radius(cfg, net, net64, x, y, margin, bound, bound_l2, where)
     attack_s = time.perf_counter() - started
+    autoattack = autoattack_beside_pgd(cfg, net, net64, x, y, margin, bound, bound_l2, survived, where)
     started = time.perf_counter()
     lower = search_lower_bound(cfg, net, net64, x, bound, where)
     lower_bound_s = time.perf_counter() - started
@@ -237,6 +280,7 @@ def certify_classifier(cfg, loaded: Loaded) -> dict:
         "radii": rows,
         "attack": {"steps": cfg.attack.steps, "restarts": cfg.attack.restarts, "step_size": cfg.attack.step_size,
                    "float32_only_flips_of_certified_points": rounding_only},
+        "autoattack": autoattack,
         **lower,
         "weights": weights_in_low_precision(net, x, y, cfg.attack.batch, accuracy, bound),
         "curve": {"radius": grid.tolist(), "certified_acc": curve},
@@ -367,6 +411,12 @@ def markdown(results: dict[str, dict]) -> str:
                      f"{w['float32']['accuracy']:.1%} / {w['bfloat16']['accuracy']:.1%} / {w['float8_e4m3']['accuracy']:.1%}",
                      f"{w['bfloat16']['bound_rms']:.4g} / {w['float8_e4m3']['bound_rms']:.4g}"]
             lines.append("| " + " | ".join(cells) + " |")
+        attacked = {name: r["autoattack"] for name, r in classifiers.items() if r.get("autoattack")}
+        if attacked:
+            lines += ["", "| checkpoint | points | radius | certified | PGD | AutoAttack | broken by AutoAttack only / PGD only |",
+                      "| --- | --- | --- | --- | --- | --- | --- |"]
+            lines += [f"| {name} | {a['examples']} | {a['radius_x255']:.4g}/255 | {a['certified_acc']:.1%} | {a['pgd_acc']:.1%} | "
+                      f"{a['autoattack_acc']:.1%} | {a['broken_by_autoattack_only']} / {a['broken_by_pgd_only']} |" for name, a in attacked.items()]
     for name, r in results.items():
         if r["kind"] != "language_model":
             continue

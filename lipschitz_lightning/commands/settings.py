@@ -246,6 +246,11 @@ class LowerBound(Settings):
     gap: Positive
 
 
+class AutoAttackSettings(Settings):
+    examples: NonNegativeInt
+    version: Literal["standard", "plus", "rand"]
+
+
 class CertifySettings(Settings):
     ckpt_path: Annotated[str, at.MinLen(1)] | Annotated[list[Annotated[str, at.MinLen(1)]], at.MinLen(1)]
     out_dir: str | None
@@ -255,6 +260,7 @@ class CertifySettings(Settings):
     examples: PositiveInt | None  # null: the whole validation split
     radii: Annotated[list[Positive], at.MinLen(1)]  # l2, pixels in [0, 1]
     attack: Attack
+    autoattack: AutoAttackSettings
     lower_bound: LowerBound
     curve_max_radius: Positive
     max_batches: PositiveInt
