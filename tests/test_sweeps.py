@@ -151,6 +151,31 @@ def test_every_grid_point_of_every_sweep_composes_and_validates(sweep):
                 assert label.pair.replace(" + ", "_") == pair.replace("weight_decay", label.constraint)
 
 
+def test_every_run_of_the_stability_grid_composes_with_its_learning_rate():
+    """shakespeare_stability: 5 pairs x 5 learning rates 30x apart, each config valid."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from lipschitz_lightning.commands.settings import validate_config
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        base = compose("train", overrides=["+sweep=shakespeare_stability"], return_hydra_config=True)
+        pairs, levels = base.hydra.sweeper.params["+stability"].split(","), base.hydra.sweeper.params["tradeoff.level"].split(",")
+        assert len(pairs) >= 4 and len(levels) >= 5
+        for pair in pairs:
+            optimizer = pair.split("_")[0]
+            lrs = []
+            for level in levels:
+                cfg = compose("train", overrides=["+sweep=shakespeare_stability", f"+stability={pair}", f"tradeoff.level={level}",
+                                                  "paths.output_dir=unused"])
+                validate_config(cfg)
+                resolved = OmegaConf.to_container(cfg, resolve=True)
+                lrs.append(resolved["optimizer"]["lr"])
+                assert describe(resolved).optimizer == optimizer
+                assert (resolved["model"]["net"]["logit_clip"] == 100.0) == pair.endswith("qk_clip")
+            assert max(lrs) / min(lrs) >= 30 and lrs == sorted(lrs)
+
+
 def test_slurm_launcher_config_composes():
     """The documented cluster launch: the sweep fanned out by hydra-submitit-launcher, one GPU per run."""
     from hydra import compose, initialize_config_dir
