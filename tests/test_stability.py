@@ -110,3 +110,48 @@ def test_a_run_with_qk_clip_keeps_its_logits_near_tau(shared_data_dir, tmp_path)
     rows = list(csv.DictReader(open(next(Path(tmp_path).rglob("metrics.csv")))))
     reached = [float(row["stability/attention_max_abs_logit_0"]) for row in rows if row.get("stability/attention_max_abs_logit_0")]
     assert len(reached) == 8 and max(reached[1:]) < 2.0 * 1.5
+
+
+def fake_run(folder: Path, optimizer: str, lr: float, val_loss: float | None, logits: list[float], spikes: int = 0,
+             status: str = "completed", clip: float | None = None) -> None:
+    import json
+
+    folder.mkdir(parents=True)
+    config = {"optimizer": {"_target_": f"lipschitz_lightning.optim.{optimizer}", "lr": lr, "weight_decay": 0.0},
+              "constraint": {"_target_": "lipschitz_lightning.core.constraints.SpectralSoftCap" if optimizer == "Muon" and clip is None
+                             else "lipschitz_lightning.core.constraints.NoConstraint", "w_max": 6.0},
+              "model": {"net": {"logit_clip": clip}}}
+    summary = {"status": status, "step": 200 if status == "completed" else 37, "config": config, "stability/loss_spikes": spikes}
+    if val_loss is not None:
+        summary["val/loss"] = val_loss
+    if status == "failed":
+        summary["error"] = "TrainingDiverged: training loss is nan at step 37: the run diverged"
+    (folder / "summary.json").write_text(json.dumps(summary))
+    with open(folder / "metrics.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["step", "stability/attention_max_abs_logit_0", "stability/attention_logit_bound_0",
+                         "stability/activation_rms_max_0", "train/loss"])
+        for step, value in enumerate(logits):
+            writer.writerow([step * 10, value, 100.0, 1.0, ""])
+        writer.writerow([len(logits) * 10, "", "", "", 2.0])  # a row of other metrics
+
+
+def test_the_stability_report_reads_a_sweep(tmp_path):
+    from lipschitz_lightning.commands import stability
+
+    fake_run(tmp_path / "0", "Muon", 0.02, 2.3, [1.0, 2.0])
+    fake_run(tmp_path / "1", "Muon", 0.1, 2.2, [1.5, 3.0])
+    fake_run(tmp_path / "2", "Muon", 0.6, 2.25, [2.0, 9.0], spikes=2)
+    fake_run(tmp_path / "3", "AdamW", 0.003, 2.4, [5.0, 50.0])
+    fake_run(tmp_path / "4", "AdamW", 0.018, None, [80.0], status="failed")
+    fake_run(tmp_path / "5", "Muon", 0.1, 2.3, [3.0], clip=100.0)
+    runs = stability.collect([tmp_path])
+    assert [r.pair for r in runs].count("muon + spectral_soft_cap") == 3 and "muon + none + QK-clip 100" in {r.pair for r in runs}
+    top = next(r for r in runs if r.lr == 0.6)
+    assert top.max_logit == 9.0 and top.max_logit_bound == 100.0 and top.logits == [(0, 2.0), (10, 9.0)]
+    # within 0.1 nats of the pair's best and no spike: 0.02 and 0.1 (0.6 spiked)
+    assert stability.usable_range(runs, "muon + spectral_soft_cap") == (0.02, 0.1)
+    assert stability.usable_range(runs, "adamw + none") == (0.003, 0.003)
+    table = stability.write(runs, tmp_path / "out")
+    assert "diverged at step 37" in table and (tmp_path / "out" / "stability.png").stat().st_size > 0
+    assert len((tmp_path / "out" / "stability.csv").read_text().splitlines()) == 7
