@@ -411,3 +411,15 @@ def test_the_bound_that_waits_for_no_device_is_an_upper_bound_within_its_stated_
     exact = float(torch.linalg.matrix_norm(W, ord=2))
     bound = float(sigma_upper_bound(W, squarings=SYNC_FREE_SQUARINGS))
     assert exact * (1 - 1e-12) <= bound <= exact * 1.00013
+
+
+def test_an_input_shift_is_a_translation_that_leaves_the_bound_alone():
+    torch.manual_seed(0)
+    shifted = MLP(input_dim=48, width=32, num_classes=10, zero_init=False, input_shift=0.5)
+    plain = MLP(input_dim=48, width=32, num_classes=10, zero_init=False)
+    plain.load_state_dict(shifted.state_dict())
+    x, y = torch.rand(8, 48), torch.rand(8, 48)
+    torch.testing.assert_close(shifted(x), plain(x - 0.5))
+    assert shifted.certified_bound() == plain.certified_bound()
+    # differences of outputs depend on differences of inputs only: the certified radii do not move
+    torch.testing.assert_close(shifted(x) - shifted(y), plain(x - 0.5) - plain(y - 0.5))

@@ -30,10 +30,14 @@ class MLP(nn.Module):
         num_classes: PositiveInt = 10,
         zero_init: bool = True,
         final_scale: Positive = 1.0,
+        input_shift: float = 0.0,
     ):
         super().__init__()
         self.config = dict(input_dim=input_dim, width=width, num_layers=num_layers, num_classes=num_classes,
-                           zero_init=zero_init, final_scale=final_scale)
+                           zero_init=zero_init, final_scale=final_scale, input_shift=input_shift)
+        # subtracted from every input value (0.5 centres pixels in [0, 1]): a network without biases
+        # cannot make the offset itself. A translation, so the bound and every certified radius are unchanged.
+        self.input_shift = input_shift
         dims = [input_dim] + [width] * (num_layers - 1) + [num_classes]
         self.layers = nn.ModuleList(nn.Linear(i, o, bias=False) for i, o in zip(dims[:-1], dims[1:]))
         self.final_scale = final_scale
@@ -47,6 +51,8 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.flatten(1)
+        if self.input_shift:
+            x = x - self.input_shift
         for layer in self.layers[:-1]:
             x = relu(layer(x))
         return self.layers[-1](x) * self.final_scale
