@@ -6,5 +6,10 @@ register the config resolvers (``cli.register_resolvers``) and set what is proce
 
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-CONF_DIR = PROJECT_ROOT / "conf"  # the Hydra configs every command composes
+# conf/ and sweeps/ stay at the repository's root. A checkout, and the editable install that points
+# at it (pip install -e .), read them there; an installed wheel (pip install .) carries them inside
+# the package (pyproject.toml's package-dir). Every command finds them through these two names.
+_PACKAGE_DIR = Path(__file__).resolve().parent
+_CONFIG_ROOT = _PACKAGE_DIR if (_PACKAGE_DIR / "conf").is_dir() else _PACKAGE_DIR.parent
+CONF_DIR = _CONFIG_ROOT / "conf"  # the Hydra configs every command composes
+SWEEPS_DIR = _CONFIG_ROOT / "sweeps"  # the multirun grids, pairs and searches (on train's search path)

@@ -1,6 +1,12 @@
 """``python -m lipschitz_lightning.benchmark``: the command lives in ``lipschitz_lightning.commands.benchmark``."""
 
-if __name__ == "__main__":
-    from lipschitz_lightning.commands.benchmark import main
 
+def main() -> None:
+    """The ``lipschitz-benchmark`` console script."""
+    from lipschitz_lightning.commands.benchmark import main as benchmark
+
+    benchmark()
+
+
+if __name__ == "__main__":
     main()

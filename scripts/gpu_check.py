@@ -42,6 +42,7 @@ import torch._dynamo  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 
+from lipschitz_lightning import CONF_DIR  # noqa: E402
 from lipschitz_lightning.data.fineweb import DOCUMENT_START, write_shard  # noqa: E402
 from lipschitz_lightning.models.gpt import AttentionMask, flex_attention, sdpa_attention  # noqa: E402
 
@@ -149,7 +150,7 @@ def train_once(name: str, overrides: list[str], steps: int, expected_graphs: int
 
     register_resolvers()
     with tempfile.TemporaryDirectory(prefix="gpu-check-run-") as output_dir:
-        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose("train", overrides=[*overrides, f"trainer.max_steps={steps}", f"paths.output_dir={output_dir}",
                                               "callbacks.progress_bar=null", "callbacks.last_checkpoint=null",
                                               "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false"])

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from lipschitz_lightning.commands.extras import pyplot
 from lipschitz_lightning.commands.runs import Loaded, load_run
 from lipschitz_lightning.core.losses import parse_radius
 from lipschitz_lightning.errors import (
@@ -368,6 +369,7 @@ def certify(cfg) -> dict[str, dict]:
     """Certify every checkpoint of ``cfg.ckpt_path``; write certify.json, .md and .png into the
     output folder (``cfg.out_dir``, or the first checkpoint's run directory); return the results."""
     paths = checkpoint_paths(cfg)
+    pyplot()  # certify.png is written last: a missing extra is one line now, not after the work
     torch.manual_seed(cfg.seed)
     results = {}
     for name, path in zip(_names(paths), paths):
@@ -442,11 +444,7 @@ def plot(results: dict[str, dict], path: Path) -> None:
     accuracy at the attacked radii (dots), and certified accuracy at the first radius against clean
     accuracy (one point per checkpoint: the robustness each run bought, and at what price).
     Language models: per block, certified bounds (solid) and observed maxima (dashed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     classifiers = {k: v for k, v in results.items() if v["kind"] == "classifier"}
     models = {k: v for k, v in results.items() if v["kind"] == "language_model"}
     count = 2 * bool(classifiers) + bool(models)

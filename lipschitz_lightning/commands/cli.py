@@ -20,7 +20,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from lipschitz_lightning import CONF_DIR, PROJECT_ROOT
+from lipschitz_lightning import CONF_DIR, SWEEPS_DIR
 from lipschitz_lightning.commands import studies
 from lipschitz_lightning.errors import ConfigError
 
@@ -170,9 +170,9 @@ def register_resolvers() -> None:
 
         return on_gpu if torch.cuda.is_available() else otherwise
 
-    # conf/train.yaml puts <project root>/sweeps on Hydra's search path, so that `+sweep=...` works
-    # from any working directory (a relative file:// path would not)
-    OmegaConf.register_new_resolver("lipschitz_lightning.project_root", lambda: str(PROJECT_ROOT), replace=True)
+    # conf/train.yaml puts sweeps/ (SWEEPS_DIR: the checkout's, or the installed package's) on Hydra's
+    # search path, so that `+sweep=...` works from any working directory (a relative file:// path would not)
+    OmegaConf.register_new_resolver("lipschitz_lightning.sweeps_dir", lambda: str(SWEEPS_DIR), replace=True)
     # the largest of some numbers: a setting that must cover two others (the model's longest sequence)
     OmegaConf.register_new_resolver("lipschitz_lightning.max", lambda *values: max(values), replace=True)
     # a setting that differs on a GPU (bfloat16 autocast, bfloat16 Newton-Schulz) and on a CPU

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from lipschitz_lightning.commands.extras import pyplot
 from lipschitz_lightning.commands.studies import STUDY_FILE, trial_states
 from lipschitz_lightning.commands.tradeoff import describe
 from lipschitz_lightning.errors import OneLineParser
@@ -254,11 +255,7 @@ CONSTRAINT_LINESTYLES = {"weight_decay": ":", "spectral_normalize": "--", "spect
 
 def plot(rows: list[RunRow], path: Path, title: str = ""):
     """Scatter every completed run, one frontier line per pair; return the figure (for tests)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on clusters or CI
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     figure, axes = plt.subplots(figsize=(8, 5.5), dpi=120)
     by_pair = defaultdict(list)
     for row in rows:
@@ -302,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = collect(args.dirs)
     if not rows:
         parser.error(f"no runs (summary.json or .hydra/) under {', '.join(map(str, args.dirs))}")
+    pyplot()  # the figure is written with the tables: without matplotlib, one line and no tables
     out = args.out or args.dirs[0]
     out.mkdir(parents=True, exist_ok=True)
     table = markdown(rows, study_counts(args.dirs))

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from lipschitz_lightning.commands.extras import needs
 from lipschitz_lightning.data.shakespeare import CharVocab
 from lipschitz_lightning.errors import ConfigError, LipschitzLightningError, exit_with
 from lipschitz_lightning.lit.checkpoints import load_network
@@ -25,10 +26,7 @@ class Tokenizer:
     """A tiktoken encoding with ``CharVocab``'s interface: text <-> token ids."""
 
     def __init__(self, name: str):
-        try:
-            import tiktoken
-        except ImportError:
-            raise ConfigError(f"ckpt_path's model reads {name} tokens: sampling it needs tiktoken (pip install tiktoken)") from None
+        tiktoken = needs("tiktoken", f"ckpt_path's model reads {name} tokens: sampling it needs tiktoken")
         try:
             self.encoding = tiktoken.get_encoding(name)
         except Exception as error:  # tiktoken fetches its files once, from the network, then caches them

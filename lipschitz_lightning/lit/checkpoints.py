@@ -17,7 +17,7 @@ import yaml
 from hydra.utils import get_class
 from torch import nn
 
-from lipschitz_lightning import CONF_DIR, PROJECT_ROOT
+from lipschitz_lightning import CONF_DIR, SWEEPS_DIR
 from lipschitz_lightning.errors import ConfigError
 
 STATE_PREFIX = "net."  # the LightningModules keep the network as ``self.net``
@@ -45,7 +45,7 @@ def network_record(net: nn.Module, vocab: str | None = None, tokenizer: str | No
 # these lists is refused before anything is imported or built, or a checkpoint whose record said
 # "subprocess.Popen" would run a command when opened.
 NETWORKS = ("lipschitz_lightning.models.mlp.MLP", "lipschitz_lightning.models.gpt.GPT")
-CONF_DIRS = (CONF_DIR, PROJECT_ROOT / "sweeps")
+CONF_DIRS = (CONF_DIR, SWEEPS_DIR)
 
 
 def named_targets(node) -> Iterator:

@@ -1,0 +1,137 @@
+"""Train a network whose Lipschitz constant is enforced throughout training: the command behind the
+root ``train.py``, ``python -m lipschitz_lightning.train`` and the ``lipschitz-train`` console script
+(the same Hydra app over ``conf/train.yaml``, found through ``CONF_DIR``, so it runs from an installed
+package as from a checkout).
+
+    python train.py                                   # MLP on CIFAR-10, Muon + spectral soft cap
+    python train.py optimizer=adamw constraint=none   # the unconstrained baseline
+    python train.py experiment=cifar_mlp_adamw_baseline
+    python train.py resume=logs/train/runs/<run>      # continue a run with its own settings
+    python train.py +sweep=cifar_tradeoff             # a tradeoff grid (Hydra multirun), see sweeps/
+"""
+
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from lipschitz_lightning import CONF_DIR
+from lipschitz_lightning.commands.cli import (
+    HYDRA_FILES,
+    check_composition,
+    quiet_known_warnings,
+    rank_arguments,
+    register_resolvers,
+    resume_arguments,
+    set_cuda_allocator,
+)
+from lipschitz_lightning.commands.settings import check_train_settings
+from lipschitz_lightning.errors import (
+    ConfigError,
+    LipschitzLightningError,
+    Preempted,
+    exit_with,
+    one_line,
+)
+
+log = logging.getLogger("lipschitz_lightning")
+
+
+def run(args: list[str]) -> None:
+    """The train command's line: ``resume=`` and the rank's run directory sorted out before Hydra
+    starts, then the Hydra app."""
+    set_cuda_allocator()  # before torch is imported
+    register_resolvers()
+    try:
+        args, resumed = resume_arguments(args)
+        args = rank_arguments(args)
+        composed = check_composition("train", args)  # an unknown option or key: one line, before torch
+        if composed is not None:
+            check_train_settings(composed)
+    except ConfigError as error:
+        exit_with(error)
+    sys.argv[1:] = args
+
+    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+    def main(cfg: DictConfig) -> float | tuple[float, ...] | None:
+        # torch and Lightning load here, not at import: --cfg job, --help and Hydra's errors stay
+        # quick, and Lightning's notices find Hydra's logging already set up (so they reach train.log)
+        from lipschitz_lightning.commands.allocator import keep_freed_memory
+        from lipschitz_lightning.commands.train import (
+            build,
+            in_multirun,
+            record_failure,
+            train,
+        )
+
+        # the lightning package gives itself a stderr console on import; Hydra's handlers show its notices already
+        logging.getLogger("lightning").handlers.clear()
+        logging.captureWarnings(True)  # warnings reach train.log too
+        quiet_known_warnings()
+        built = None
+        try:
+            if cfg.get("keep_freed_memory"):
+                keep_freed_memory()
+            built = build(cfg)  # config, resume and data checks: nothing trained yet
+            summary = train(cfg, built)
+            if cfg.get("optimized_metrics"):  # a search's objectives, in its order
+                return tuple(summary.get(key) for key in cfg.optimized_metrics)  # a missing one: a failed trial
+            return summary.get("val/acc")
+        except Exception as error:
+            if in_multirun():
+                if built is None:
+                    record_failure(cfg, error)  # train() records the failures of a built run itself
+                # one diverged or misconfigured grid point is a result, not a reason to stop the sweep:
+                # its summary.json says failed and the report lists it; a SIGTERM stops the whole sweep
+                if isinstance(error, LipschitzLightningError) and not isinstance(error, Preempted):
+                    return None
+                raise
+            if built is None:
+                if resumed is not None:
+                    resumed.restore()  # the run's saved config back: the next resume= re-reads it
+                else:
+                    _leave_nothing_behind(Path(cfg.paths.log_dir))
+            if not isinstance(error, LipschitzLightningError):
+                raise
+            log.error(one_line(error))
+            sys.exit(getattr(error, "exit_status", 1))
+
+    main()
+
+
+def _leave_nothing_behind(log_dir: Path) -> None:
+    """A new single run that failed before training leaves no trace: its run directory goes, if it
+    holds only what Hydra wrote into it, with the folders above it up to ``paths.log_dir`` that it
+    leaves empty."""
+    hydra_config = HydraConfig.get()
+    output_dir = Path(hydra_config.runtime.output_dir)
+    written_by_hydra = {output_dir / f"{hydra_config.job.name}.log"}
+    if hydra_config.output_subdir is not None:
+        hydra_dir = output_dir / hydra_config.output_subdir
+        if any(path.name not in HYDRA_FILES for path in hydra_dir.glob("*")):
+            return
+        written_by_hydra.add(hydra_dir)
+    if not all(path in written_by_hydra for path in output_dir.iterdir()):
+        return
+    shutil.rmtree(output_dir, ignore_errors=True)
+    log_dir = log_dir.resolve()
+    for parent in output_dir.resolve().parents:
+        if parent != log_dir and log_dir not in parent.parents:
+            break
+        try:
+            parent.rmdir()  # only when empty
+        except OSError:
+            break
+
+
+def main() -> None:
+    """The ``lipschitz-train`` console script."""
+    run(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()
