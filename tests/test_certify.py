@@ -167,10 +167,7 @@ def accuracy_on_first(result: dict, count: int) -> float:
 
 
 def test_autoattack_without_torchattacks_is_one_line_before_any_work(tiny_classifier, tmp_path, monkeypatch):
-    import importlib.util
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchattacks" else real(name, *a))
+    monkeypatch.setattr(C, "available", lambda module: module != "torchattacks")
     with pytest.raises(C.ConfigError, match=r"^autoattack.examples=64: AutoAttack needs torchattacks: pip install --no-deps"):
         C.certify(settings(tiny_classifier, tmp_path, autoattack={"examples": 64}))
     assert not (tmp_path / "certify.json").exists()

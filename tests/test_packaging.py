@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 import lipschitz_lightning
-from lipschitz_lightning.commands.extras import EXTRAS, pyplot
+from lipschitz_lightning.commands.extras import APART, EXTRAS, pyplot
 from lipschitz_lightning.errors import ConfigError, one_line
 
 try:
@@ -93,10 +93,11 @@ def test_every_import_is_declared_and_the_extras_are_imported_only_where_used():
     for module, files in sorted(third_party_imports().items()):
         names = {normalized(d) for d in distributions.get(module, [])}
         assert names, f"{module} (imported by {', '.join(sorted(files))}) is not installed: which distribution is it?"
-        if module in EXTRAS:
+        if module in EXTRAS or module in APART:
             # imported in one place (commands/extras.py), where a missing one is one line naming the extra
             assert files == {"commands/extras.py"}, f"{module} is imported by {', '.join(sorted(files))}: use commands.extras"
-            assert names & extras[EXTRAS[module]] and not names & required
+            assert not names & required
+            assert module in APART or names & extras[EXTRAS[module]]
         elif not names & required:
             undeclared.append(f"{module} (imported by {', '.join(sorted(files))})")
     assert not undeclared, "not in [project.dependencies]: " + ", ".join(undeclared)

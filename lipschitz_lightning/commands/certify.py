@@ -24,7 +24,6 @@ certified bound fails the command.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import math
 import os
@@ -34,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from lipschitz_lightning.commands.extras import pyplot
+from lipschitz_lightning.commands.extras import available, install_line, needs, pyplot
 from lipschitz_lightning.commands.runs import Loaded, load_run
 from lipschitz_lightning.core.losses import parse_radius
 from lipschitz_lightning.errors import (
@@ -44,7 +43,6 @@ from lipschitz_lightning.errors import (
     exit_with,
 )
 from lipschitz_lightning.robustness.attacks import (
-    AUTOATTACK_MISSING,
     autoattack_l2,
     jacobian_norms,
     lipschitz_violation,
@@ -95,8 +93,9 @@ def checkpoint_paths(cfg) -> list[str]:
     for path in paths:  # all of them before any work (load_network says the same of a file it cannot read)
         if not Path(path).is_file():
             raise ConfigError(f"ckpt_path must be an existing checkpoint file, got {path!r}")
-    if cfg.autoattack.examples > 0 and importlib.util.find_spec("torchattacks") is None:
-        raise ConfigError(f"autoattack.examples={cfg.autoattack.examples}: {AUTOATTACK_MISSING}; or give autoattack.examples=0")
+    if cfg.autoattack.examples > 0 and not available("torchattacks"):
+        raise ConfigError(f"autoattack.examples={cfg.autoattack.examples}: AutoAttack needs torchattacks: {install_line('torchattacks')} "
+                          f"(README.md says why without its dependencies); or give autoattack.examples=0")
     out = output_dir(cfg)
     existing = next(p for p in (out, *out.parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK):
@@ -196,7 +195,8 @@ def autoattack_beside_pgd(cfg, net, net64, x, y, margin, bound: float, bound_l2:
     points = torch.arange(count)
     correct = points[margin[:count] > 0]
     started = time.perf_counter()
-    hit, delta = autoattack_l2(net, x[correct], y[correct], eps, version=cfg.autoattack.version, seed=cfg.seed,
+    auto_attack = needs("torchattacks", "AutoAttack needs torchattacks").AutoAttack
+    hit, delta = autoattack_l2(auto_attack, net, x[correct], y[correct], eps, version=cfg.autoattack.version, seed=cfg.seed,
                                batch=cfg.attack.batch)
     safe = certified(margin[:count], bound_l2, eps)
     for i in (safe[correct] & hit).nonzero()[:, 0].tolist():

@@ -2,28 +2,43 @@
 dependency of every install: its import happens here, where it is used, and a missing one is the one
 line that names the extra which installs it.
 
-    plots    matplotlib   report's tradeoff.png, certify's certify.png
+    plots    matplotlib   report's tradeoff.png and stability.png, certify's certify.png
     nanogpt  tiktoken     sampling a checkpoint that reads GPT-2 tokens (model=nanogpt)
+
+One module is installed apart, by its own line (README.md's install has it): torchattacks, certify's
+AutoAttack, whose package declares torchvision and pins requests~=2.25, neither of which its code
+imports, and either of which would break this environment; no extra can say "without its
+dependencies".
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from types import ModuleType
 
 from lipschitz_lightning.errors import ConfigError
 
 # the extra that installs each optional module (the tests check these against pyproject.toml)
 EXTRAS = {"matplotlib": "plots", "tiktoken": "nanogpt"}
+# what installs each optional module that no extra can
+APART = {"torchattacks": "pip install --no-deps torchattacks==3.5.1"}
+
+
+def install_line(module: str) -> str:
+    return APART[module] if module in APART else f'pip install "lipschitz-lightning[{EXTRAS[module]}]"'
+
+
+def available(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
 
 
 def needs(module: str, purpose: str) -> ModuleType:
-    """``module`` imported; if it is missing, ``ConfigError``:
-    ``<purpose>: pip install "lipschitz-lightning[<extra>]"``."""
+    """``module`` imported; if it is missing, ``ConfigError``: ``<purpose>: <the line that installs it>``."""
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise ConfigError(f'{purpose}: pip install "lipschitz-lightning[{EXTRAS[module]}]"') from None
+        raise ConfigError(f"{purpose}: {install_line(module)}") from None
 
 
 def pyplot() -> ModuleType:

@@ -18,6 +18,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from lipschitz_lightning.commands.extras import pyplot
 from lipschitz_lightning.commands.tradeoff import constraint_name
 
 
@@ -121,11 +122,7 @@ def markdown(runs: list[StabilityRun]) -> str:
 
 
 def plot(runs: list[StabilityRun], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     pairs = sorted({r.pair for r in runs})
     colors = {pair: plt.get_cmap("tab10")(i % 10) for i, pair in enumerate(pairs)}
     figure, (left, right) = plt.subplots(1, 2, figsize=(13, 5))

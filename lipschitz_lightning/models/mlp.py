@@ -30,7 +30,7 @@ class MLP(nn.Module):
         num_classes: PositiveInt = 10,
         zero_init: bool = True,
         final_scale: Positive = 1.0,
-        input_shift: float = 0.0,
+        input_shift: Annotated[float, at.Interval(ge=0, le=1)] = 0.0,
     ):
         super().__init__()
         self.config = dict(input_dim=input_dim, width=width, num_layers=num_layers, num_classes=num_classes,

@@ -65,23 +65,13 @@ def pgd_l2(
     return broken, found
 
 
-AUTOATTACK_MISSING = (
-    "AutoAttack needs torchattacks: pip install --no-deps torchattacks==3.5.1 (its declared torchvision and "
-    "requests~=2.25 pins are not used by its code and would break this environment)"
-)
-
-
-def autoattack_l2(net: nn.Module, x: Tensor, labels: Tensor, eps: float, *, version: str = "standard", seed: int = 0,
-                  batch: int = 500) -> tuple[Tensor, Tensor]:
-    """torchattacks' AutoAttack in l2 at radius ``eps`` (APGD-CE, APGD-T, FAB-T and Square in its
-    standard version), in the pixel box [0, 1]. Images are ``(N, H, W, C)`` here and ``(N, C, H, W)``
-    there (Square draws its patches over H and W), so the attack sees a view that permutes them back.
-    Returns ``(broken, delta)`` as ``pgd_l2``: the misclassified adversarial points and their
-    perturbations (zeros for the others)."""
-    try:
-        import torchattacks
-    except ImportError:
-        raise ImportError(AUTOATTACK_MISSING) from None
+def autoattack_l2(auto_attack: type, net: nn.Module, x: Tensor, labels: Tensor, eps: float, *, version: str = "standard",
+                  seed: int = 0, batch: int = 500) -> tuple[Tensor, Tensor]:
+    """AutoAttack in l2 at radius ``eps`` (torchattacks' ``AutoAttack`` class, given as ``auto_attack``:
+    APGD-CE, APGD-T, FAB-T and Square in its standard version), in the pixel box [0, 1]. Images are
+    ``(N, H, W, C)`` here and ``(N, C, H, W)`` there (Square draws its patches over H and W), so the
+    attack sees a view that permutes them back. Returns ``(broken, delta)`` as ``pgd_l2``: the
+    misclassified adversarial points and their perturbations (zeros for the others)."""
     image = x.ndim == 4 and x.shape[-1] in (1, 3)
     channels_first = (lambda t: t.permute(0, 3, 1, 2)) if image else (lambda t: t)
     channels_last = (lambda t: t.permute(0, 2, 3, 1)) if image else (lambda t: t)
@@ -90,7 +80,7 @@ def autoattack_l2(net: nn.Module, x: Tensor, labels: Tensor, eps: float, *, vers
         def forward(self, t: Tensor) -> Tensor:
             return net(channels_last(t))
 
-    attack = torchattacks.AutoAttack(ChannelsFirst().eval(), norm="L2", eps=eps, version=version, n_classes=_classes(net, x), seed=seed)
+    attack = auto_attack(ChannelsFirst().eval(), norm="L2", eps=eps, version=version, n_classes=_classes(net, x), seed=seed)
     broken = torch.zeros(len(x), dtype=torch.bool)
     delta = torch.zeros_like(x)
     for part in torch.arange(len(x)).split(batch):
