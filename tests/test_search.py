@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from lipschitz_lightning.commands import search, studies
+from lipschitz_lightning.commands import report, search, studies
 from lipschitz_lightning.commands import train as training
 from lipschitz_lightning.errors import ConfigError, Preempted, TrainingDiverged
 
@@ -184,3 +184,51 @@ def test_train_py_runs_a_search_only_when_asked_and_leaves_hydra_its_flags(tmp_p
     assert result.returncode == 0, result.stderr[-2000:]
     printed = OmegaConf.create(result.stdout).search
     assert printed.study_name == "muon_spectral_soft_cap" and list(printed.objectives) == ["val/acc", "val/certified_acc"]
+
+
+# ----------------------------------------------------------------------------- the report's first hour
+
+
+def _rows(grid: bool, searched: bool) -> list[report.RunRow]:
+    rows = []
+    if grid:
+        rows += [report.RunRow(run=f"grid/{i}", status="completed", pair=f"muon + {c}", optimizer="muon", constraint=c, val_acc=a, bound=b)
+                 for i, (c, a, b) in enumerate([("spectral_soft_cap", 0.5, 8.0), ("spectral_soft_cap", 0.56, 60.0), ("weight_decay", 0.55, 300.0)])]
+    if searched:
+        rows.append(report.RunRow(run="s/trial-000", status="completed", source="study", pair="muon + spectral_soft_cap", optimizer="muon",
+                                  constraint="spectral_soft_cap", val_acc=0.61, test_acc=0.55, bound=7.0))
+    report.mark_frontiers(rows)
+    return rows
+
+
+@pytest.mark.parametrize(("grid", "searched", "title"), [
+    (True, False, "each pair's Pareto frontier (grid)"),
+    (False, True, "each pair's Pareto frontier (searched)"),
+    (True, True, "each pair's Pareto frontier, grid (thin) and searched (thick)"),
+])
+def test_the_plot_s_title_and_legend_say_what_is_drawn_and_what_its_lines_mean(tmp_path, grid, searched, title):
+    axes = report.plot(_rows(grid, searched), tmp_path / "tradeoff.png").axes[0]
+    assert axes.get_title().endswith(title)
+    legend = {text.get_text(): handle for text, handle in zip(axes.get_legend().get_texts(), axes.get_legend().legend_handles)}
+    lines = {label: handle.get_linestyle() for label, handle in legend.items() if "frontier" in label}
+    if grid:
+        assert lines["grid frontier: spectral_soft_cap"] == "-" and lines["grid frontier: weight_decay"] == ":"
+        assert legend["grid frontier: weight_decay"].get_linewidth() < 2
+    if searched:
+        assert legend["searched frontier (hollow points: its trials)"].get_linewidth() > 2
+        assert "muon + spectral_soft_cap (searched)" in legend
+    assert grid == any(label.startswith("grid frontier") for label in lines)
+    assert searched == any(label.startswith("searched frontier") for label in lines)
+
+
+def test_the_table_gives_held_out_validation_its_own_column_and_test_accuracy_its_own(tmp_path):
+    table = report.markdown(_rows(True, True))
+    header = [cell.strip() for cell in table.splitlines()[0].strip("|").split("|")]
+    assert "val acc" not in header and "(test)" not in table
+    test, held_out = header.index("test acc"), header.index("held-out val acc")
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()[2:] if line.startswith("| ")]
+    (searched,) = [cells for cells in rows if cells[0] == "study"]
+    assert searched[test] == "55.00%" and searched[held_out] == "61.00%"  # the test split, then what the search tuned on
+    (grid,) = [cells for cells in rows if cells[0] == "grid" and cells[header.index("certified bound")] == "8"]
+    assert grid[test] == "50.00%" and grid[held_out] == "-"  # the grid validated on the test split: no held-out accuracy
+    assert "held-out val acc: on the training images a run held out" in table

@@ -10,8 +10,9 @@ under the table rather than dropped. A run inside a search's folder (one holding
 frontier is drawn over the grid's, and the table says how many trials each study holds, by state
 (read from the study through Optuna, ``commands/studies.py``). Accuracy is on the test images:
 ``test/acc`` for a run that validated on held-out training images, ``val/acc`` otherwise (there
-validation is the test split). Writes ``tradeoff.csv``, ``tradeoff.md`` and ``tradeoff.png`` into
-``--out`` (default: the first directory) and prints the markdown.
+validation is the test split); the held-out validation accuracy a search tunes on has a column of
+its own. Writes ``tradeoff.csv``, ``tradeoff.md`` and ``tradeoff.png`` into ``--out`` (default: the
+first directory) and prints the markdown.
 """
 
 from __future__ import annotations
@@ -228,12 +229,12 @@ def markdown(rows: list[RunRow], study_counts: list[StudyCount] = ()) -> str:
     """One row per completed run, grid first, then each search; the Pareto points marked."""
     done = sorted((r for r in rows if r.plottable), key=lambda r: (r.searched, r.source, r.pair, r.bound))
     lines = [
-        "| source | pair | w_max | wd | lr | loss T / radius | test acc | certified at 36/255 | val acc | certified bound | Pareto | layer norms |",
+        "| source | pair | w_max | wd | lr | loss T / radius | test acc | certified at 36/255 | held-out val acc | certified bound | Pareto | layer norms |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in done:
         loss = "" if r.temperature is None else f"{r.temperature:.3g} / {_fmt(r.radius, '.3g') or 0}"
-        held_out = _percent(r.val_acc) if r.test_acc is not None else "(test)"
+        held_out = _percent(r.val_acc) if r.test_acc is not None else "-"
         lines.append(
             f"| {r.source} | {r.pair} | {_fmt(r.w_max, '.3g')} | {_fmt(r.weight_decay, '.3g')} | {_fmt(r.lr, '.3g')} | {loss} | "
             f"{_percent(r.accuracy)} | {_percent(r.certified_acc)} | {held_out} | {r.bound:.4g} | {'yes' if r.on_frontier else ''} | "
@@ -241,6 +242,9 @@ def markdown(rows: list[RunRow], study_counts: list[StudyCount] = ()) -> str:
         )
     not_done = [r for r in rows if not r.plottable]
     lines.append("")
+    if done:
+        lines.append("test acc and certified: on the test images. held-out val acc: on the training images a run held "
+                     "out (data.holdout), what a search tunes on; - where the run validated on the test images.")
     lines.append(f"{len(done)} completed, {len(not_done)} failed or incomplete.")
     pairs = defaultdict(set)
     for r in rows:
@@ -275,8 +279,29 @@ CONSTRAINT_MARKERS = {
 CONSTRAINT_LINESTYLES = {"weight_decay": ":", "spectral_normalize": "--", "spectral_hammer": "-.", "spectral_soft_cap": "-"}
 
 
+def _title(grid: bool, searched: bool) -> str:
+    """What the plot draws, and only that."""
+    drawn = {(True, True): ", grid (thin) and searched (thick)", (True, False): " (grid)", (False, True): " (searched)"}
+    return f"Lipschitz bound vs accuracy: each pair's Pareto frontier{drawn.get((grid, searched), '')}"
+
+
+def _line_legend(styles: dict[str, str], searched: bool) -> list:
+    """Legend entries for what the lines mean: a grid frontier's style is its constraint's (the
+    colour is the optimizer's, as the points'); a searched frontier is thick and solid."""
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color="0.35", linestyle=style, linewidth=1.2, label=f"grid frontier: {constraint}")
+               for constraint, style in styles.items()]
+    if searched:
+        handles.append(Line2D([], [], color="0.35", linewidth=2.4, label="searched frontier (hollow points: its trials)"))
+    return handles
+
+
 def plot(rows: list[RunRow], path: Path, title: str = ""):
-    """Scatter every completed run, one frontier line per pair; return the figure (for tests)."""
+    """Scatter every completed run, one frontier line per pair; return the figure (for tests).
+
+    Colour: the optimizer; marker: the constraint; a grid's frontier is thin, in its constraint's
+    line style, a search's thick and solid over hollow points. The legend says all of it."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on clusters or CI
@@ -287,7 +312,10 @@ def plot(rows: list[RunRow], path: Path, title: str = ""):
     for row in rows:
         if row.plottable:
             by_pair[row.pair, row.searched].append(row)
+    styles: dict[str, str] = {}  # the grid frontiers' line styles, by constraint
     for (pair, searched), members in sorted(by_pair.items()):
+        if not searched:
+            styles[members[0].constraint] = CONSTRAINT_LINESTYLES.get(members[0].constraint, "-")
         colour = OPTIMIZER_COLOURS.get(members[0].optimizer, "tab:gray")
         marker = CONSTRAINT_MARKERS.get(members[0].constraint, "o")
         axes.scatter(
@@ -304,9 +332,11 @@ def plot(rows: list[RunRow], path: Path, title: str = ""):
     axes.set_xscale("log")
     axes.set_xlabel("certified Lipschitz bound (log scale)")
     axes.set_ylabel("accuracy on the 10,000 test images (%)")
-    axes.set_title(title or "Lipschitz bound vs accuracy: each pair's Pareto frontier, grid (thin) and searched (thick)")
+    any_searched = any(searched for _, searched in by_pair)
+    axes.set_title(title or _title(grid=bool(styles), searched=any_searched), fontsize=10)
     axes.grid(True, which="both", alpha=0.3)
-    axes.legend(fontsize=8, loc="lower right")
+    points, _ = axes.get_legend_handles_labels()
+    axes.legend(handles=[*points, *_line_legend(dict(sorted(styles.items())), any_searched)], fontsize=8, loc="lower right")
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
