@@ -278,7 +278,7 @@ def prepare(args: list[str]) -> Plan:
     from lipschitz_lightning.commands.settings import validate_config
 
     for end in corners(space):  # a key no config has, or a range end out of bounds: before any trial
-        cfg = _compose([*overrides, *(override(k, v) for k, v in end.items()), f"paths.output_dir={folder}"])
+        cfg = _compose([*overrides, *(override(k, v) for k, v in end.items()), override("paths.output_dir", str(folder))])
         check_train_settings(cfg)
         validate_config(cfg)
     instantiate(cfg.data).prepare_data()  # the data's absence: one line, before the study is opened
@@ -406,7 +406,7 @@ def run_trial(plan: Plan, number: int, params: dict[str, Any], run_dir: Path) ->
     try:
         cfg = None
         try:
-            cfg = _compose([*plan.overrides, *drawn, f"paths.output_dir={run_dir}"])
+            cfg = _compose([*plan.overrides, *drawn, override("paths.output_dir", str(run_dir))])
             # what Hydra leaves in a run directory: the report reads a killed trial's config there, and
             # python train.py resume=<trial dir> continues the trial as a single run
             (run_dir / ".hydra").mkdir()
