@@ -20,6 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from lipschitz_lightning import CONF_DIR
+from lipschitz_lightning.commands import search
 from lipschitz_lightning.commands.cli import (
     HYDRA_FILES,
     check_composition,
@@ -46,6 +47,8 @@ def run(args: list[str]) -> None:
     starts, then the Hydra app."""
     set_cuda_allocator()  # before torch is imported
     register_resolvers()
+    if search.requested(args):  # +hparams_search=<pair>: an Optuna study, its trials run here (commands/search.py)
+        return search.run(args)
     try:
         args, resumed = resume_arguments(args)
         args = rank_arguments(args)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -220,22 +219,30 @@ def search(tmp_path: Path, data_dir: Path, trials: int) -> subprocess.CompletedP
 
 @pytest.mark.slow
 def test_a_three_trial_search_writes_its_study_resumes_it_and_the_report_reads_it(tiny_cifar, tmp_path):
+    from lipschitz_lightning.commands import studies
+
     result = search(tmp_path, tiny_cifar, 3)
     assert result.returncode == 0, result.stderr[-3000:]
     folder = tmp_path / "cifar_frontier" / "searches" / "muon_spectral_soft_cap"
-    with sqlite3.connect(folder / "study.db") as connection:
-        states = dict(connection.execute("SELECT state, COUNT(*) FROM trials GROUP BY state").fetchall())
-    assert states == {"COMPLETE": 3}
-    summaries = [json.loads(p.read_text()) for p in folder.glob("trial-*/summary.json")]
+    study = studies.load(f"sqlite:///{folder / 'study.db'}", "muon_spectral_soft_cap")  # Optuna's public API
+    assert studies.trial_states(study) == {"COMPLETE": 3}
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"] and study.metric_names == ["val/acc", "lipschitz/log10_bound"]
+    summaries = [json.loads(p.read_text()) for p in sorted(folder.glob("trial-*/summary.json"))]
     assert len(summaries) == 3 and all("test/acc" in s and "lipschitz/log10_bound" in s for s in summaries)
-    # every trial drew its own settings, validated on held-out images
+    # the study was told each trial's objectives, and where its run is
+    for trial, summary in zip(study.trials, summaries):
+        assert trial.values == [summary["val/acc"], summary["lipschitz/log10_bound"]]
+        assert trial.user_attrs["run_dir"] == summary["output_dir"] == str(folder / f"trial-{trial.number:03d}")
+    # every trial drew its own settings, validated on held-out images; the command line's steps held
     assert len({s["config"]["optimizer"]["lr"] for s in summaries}) == 3
-    assert all(s["config"]["data"]["holdout"] == 64 for s in summaries)
+    assert all(s["config"]["data"]["holdout"] == 64 and s["step"] == 20 for s in summaries)
 
-    # the same command with one more trial in all runs only that one
+    # the same command with one more trial in all runs only that one, and draws new settings
     result = search(tmp_path, tiny_cifar, 4)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert len(list(folder.glob("trial-*/summary.json"))) == 4
+    summaries = [json.loads(p.read_text()) for p in folder.glob("trial-*/summary.json")]
+    assert len(summaries) == 4 and len({s["config"]["optimizer"]["lr"] for s in summaries}) == 4
+    assert "3 of 4 trials completed, 1 to run" in result.stdout
 
     rows = report.collect([tmp_path / "cifar_frontier" / "searches"])
     assert len(rows) == 4 and {r.source for r in rows} == {"muon_spectral_soft_cap"}
@@ -256,14 +263,31 @@ def _summary(directory: Path, pair: tuple[str, str], knob: float, accuracy: floa
         {"status": "completed", "step": 10, "val/acc": accuracy, "lipschitz/bound": bound, "config": config, **extra}))
 
 
+def _study(folder: Path, name: str, states: list[str], record: bool = True):
+    """A study in ``folder`` (SQLite) whose trials end in ``states``, made through Optuna's API."""
+    import optuna
+
+    from lipschitz_lightning.commands import studies
+
+    folder.mkdir(parents=True, exist_ok=True)
+    storage = studies.default_storage(folder)
+    study = optuna.create_study(study_name=name, storage=storage, directions=["maximize", "minimize"])
+    for state in states:
+        trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+        if state == "COMPLETE":
+            study.tell(trial, [0.5, 1.0])
+        elif state == "FAIL":
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)  # RUNNING: left as a killed trial leaves it
+    if record:
+        studies.StudyRecord(name, storage).write(folder)
+    return study
+
+
 def test_the_report_marks_each_source_s_pareto_points_and_counts_trials(tmp_path):
     grid, searched = tmp_path / "grid", tmp_path / "searches" / "study_a"
     _summary(grid / "0", ("Muon", "spectral_soft_cap"), 2.0, 0.50, 8.0)
     _summary(grid / "1", ("Muon", "spectral_soft_cap"), 4.0, 0.55, 60.0)
-    searched.mkdir(parents=True)
-    with sqlite3.connect(searched / "study.db") as connection:
-        connection.execute("CREATE TABLE trials (state TEXT)")
-        connection.executemany("INSERT INTO trials VALUES (?)", [("COMPLETE",), ("COMPLETE",), ("FAIL",)])
+    _study(searched, "study_a", ["COMPLETE", "COMPLETE", "FAIL"])
     # held-out validation: the row's accuracy is the test split's
     _summary(searched / "trial-a", ("Muon", "spectral_soft_cap"), 2.0, 0.70, 7.0, **{"test/acc": 0.58, "test/certified_acc": 0.4})
     _summary(searched / "trial-b", ("Muon", "spectral_soft_cap"), 2.0, 0.60, 9.0, **{"test/acc": 0.50})
@@ -278,15 +302,30 @@ def test_the_report_marks_each_source_s_pareto_points_and_counts_trials(tmp_path
     assert (tmp_path / "tradeoff.png").stat().st_size > 0
 
 
+def test_the_report_reads_a_study_of_hydra_s_sweeper_and_says_why_one_is_unreadable(tmp_path):
+    from lipschitz_lightning.commands import studies
+
+    _study(tmp_path / "old" / "pair_a", "pair_a", ["COMPLETE", "RUNNING"], record=False)  # study.db alone: its only study
+    _summary(tmp_path / "old" / "pair_a" / "trial-x", ("Muon", "spectral_soft_cap"), 2.0, 0.6, 7.0)
+    shared = tmp_path / "shared" / "pair_b"
+    shared.mkdir(parents=True)
+    studies.StudyRecord("pair_b", "postgresql://user:***@db.invalid/studies").write(shared)  # the password is never written
+    _summary(shared / "trial-000", ("Muon", "spectral_soft_cap"), 2.0, 0.6, 7.0)
+    rows = report.collect([tmp_path])
+    assert {r.source for r in rows} == {"pair_a", "pair_b"}
+    table = report.markdown(rows, report.study_counts([tmp_path]))
+    assert "search pair_a (muon + spectral_soft_cap): 2 trials (1 complete, 1 running)" in table
+    assert "search pair_b (muon + spectral_soft_cap): its study was not read: postgresql://user:***@db.invalid/studies" in table
+
+
 def test_trials_left_counts_completed_trials_only(tmp_path):
     from lipschitz_lightning.commands.studies import trials_left
 
-    assert trials_left(str(tmp_path), 5) == 5
-    with sqlite3.connect(tmp_path / "study.db") as connection:
-        connection.execute("CREATE TABLE trials (state TEXT)")
-        connection.executemany("INSERT INTO trials VALUES (?)", [("COMPLETE",), ("RUNNING",), ("FAIL",)])
-    assert trials_left(str(tmp_path), 5) == 4  # the killed and the failed trial are run again
-    assert trials_left(str(tmp_path), 1) == 0
+    study = _study(tmp_path, "s", [])
+    assert trials_left(study, 5) == 5
+    study = _study(tmp_path / "b", "s", ["COMPLETE", "RUNNING", "FAIL"])
+    assert trials_left(study, 5) == 4  # the killed and the failed trial are run again
+    assert trials_left(study, 1) == 0
 
 
 SEARCHES = sorted(p.stem for p in (REPO / "sweeps" / "hparams_search").glob("*.yaml") if p.stem not in ("cifar_frontier", "certified"))
@@ -296,30 +335,30 @@ SEARCHES = sorted(p.stem for p in (REPO / "sweeps" / "hparams_search").glob("*.y
 def test_every_search_composes_and_its_space_s_corners_validate(name, tmp_path):
     """Each pair's search space, at the low and the high end of every interval, is a valid run."""
     from hydra import compose, initialize_config_dir
-    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from lipschitz_lightning import CONF_DIR
     from lipschitz_lightning.commands.cli import register_resolvers
+    from lipschitz_lightning.commands.search import corners, override, search_settings, search_space
     from lipschitz_lightning.commands.settings import check_train_settings, validate_config
 
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        base = compose("train", overrides=[f"+hparams_search={name}", f"paths.log_dir={tmp_path}"], return_hydra_config=True)
-        assert list(base.hydra.sweeper.direction) == ["maximize", "minimize"]
-        assert list(base.optimized_metrics) == ["val/acc", "lipschitz/log10_bound"] and base.data.holdout == 5000
-        parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in base.hydra.sweeper.params.items()])
-        for end in (0, -1):
-            overrides = []
-            for override in parsed:
-                value = override.value()
-                chosen = value.list[end] if hasattr(value, "list") else (value.start if end == 0 else value.end)
-                overrides.append(f"{override.get_key_element()}={chosen}")
+        base = compose("train", overrides=[f"+hparams_search={name}", f"paths.log_dir={tmp_path}"])
+        settings = search_settings(base)
+        assert settings.study_name == name and settings.trials == 40 and settings.dir == f"{tmp_path}/cifar_frontier/searches/{name}"
+        assert settings.objectives == ["val/acc", "lipschitz/log10_bound"] and settings.directions == ["maximize", "minimize"]
+        assert settings.sampler.target == "optuna.samplers.NSGAIISampler" and settings.sampler.model_extra == {"population_size": 8}
+        assert base.data.holdout == 5000
+        space = search_space(settings.params)
+        assert {"loss.temperature", "loss.radius", "trainer.max_steps", "optimizer.lr"} <= space.keys()
+        for end in corners(space):
+            overrides = [override(key, value) for key, value in end.items()]
             cfg = compose("train", overrides=[f"+hparams_search={name}", f"paths.output_dir={tmp_path}", *overrides])
             check_train_settings(cfg)
             validate_config(cfg)
-        certified = compose("train", overrides=[f"+hparams_search=[{name},certified]", f"paths.log_dir={tmp_path}"], return_hydra_config=True)
-        assert list(certified.optimized_metrics) == ["val/acc", "val/certified_acc"]
-        assert list(certified.hydra.sweeper.direction) == ["maximize", "maximize"]
+        certified = search_settings(compose("train", overrides=[f"+hparams_search=[{name},certified]", f"paths.log_dir={tmp_path}"]))
+        assert certified.objectives == ["val/acc", "val/certified_acc"] and certified.directions == ["maximize", "maximize"]
+        assert certified.dir == f"{tmp_path}/cifar_certified_frontier/searches/{name}" and certified.params == settings.params
 
 
 def test_the_language_model_s_margin_holds_for_every_perturbation_within_its_radius():

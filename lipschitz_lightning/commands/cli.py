@@ -21,7 +21,6 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from lipschitz_lightning import CONF_DIR, SWEEPS_DIR
-from lipschitz_lightning.commands import studies
 from lipschitz_lightning.errors import ConfigError
 
 # the files Hydra (re)writes into a run directory before the task starts
@@ -177,9 +176,6 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("lipschitz_lightning.max", lambda *values: max(values), replace=True)
     # a setting that differs on a GPU (bfloat16 autocast, bfloat16 Newton-Schulz) and on a CPU
     OmegaConf.register_new_resolver("lipschitz_lightning.if_cuda", if_cuda, replace=True)
-    # an Optuna search's study: SQLite in the sweep's folder, made before the sweeper opens it
-    OmegaConf.register_new_resolver("lipschitz_lightning.study_storage", studies.study_storage, replace=True)
-    OmegaConf.register_new_resolver("lipschitz_lightning.trials_left", studies.trials_left, replace=True)
 
 
 # Lightning's notices that say nothing to act on in this project's runs

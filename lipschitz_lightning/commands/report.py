@@ -5,12 +5,14 @@
 
 Every run directory (one holding ``summary.json`` or Hydra's ``.hydra/``) is one row. Runs that
 failed, diverged or never finished are rows too, with their status and error, and are listed
-under the table rather than dropped. A run inside a folder holding ``study.db`` (an Optuna search,
-sweeps/hparams_search/) is a searched trial: its pair's searched frontier is drawn over the
-grid's, and the table says how many trials each study holds, by state. Accuracy is on the test
-images: ``test/acc`` for a run that validated on held-out training images, ``val/acc`` otherwise
-(there validation is the test split). Writes ``tradeoff.csv``, ``tradeoff.md`` and ``tradeoff.png``
-into ``--out`` (default: the first directory) and prints the markdown.
+under the table rather than dropped. A run inside a search's folder (one holding ``study.json`` or
+``study.db``: an Optuna search, sweeps/hparams_search/) is a searched trial: its pair's searched
+frontier is drawn over the grid's, and the table says how many trials each study holds, by state
+(read from the study through Optuna, ``commands/studies.py``). Accuracy is on the test images:
+``test/acc`` for a run that validated on held-out training images, ``val/acc`` otherwise (there
+validation is the test split); the held-out validation accuracy a search tunes on has a column of
+its own. Writes ``tradeoff.csv``, ``tradeoff.md`` and ``tradeoff.png`` into ``--out`` (default: the
+first directory) and prints the markdown.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from lipschitz_lightning.commands import studies
 from lipschitz_lightning.commands.extras import pyplot
-from lipschitz_lightning.commands.studies import STUDY_FILE, trial_states
 from lipschitz_lightning.commands.tradeoff import describe
 from lipschitz_lightning.errors import OneLineParser
 
@@ -89,11 +91,23 @@ def _hydra_config(path: Path) -> dict:
     return {key: OmegaConf.to_container(config[key], resolve=True) for key in ("optimizer", "constraint") if key in config}
 
 
-def _study_of(directory: Path, root: Path) -> str:
+def search_names(roots: list[Path]) -> dict[Path, str]:
+    """Every search's folder under ``roots`` (resolved) -> the name its rows and its study's line
+    carry: its study's name (the folder's, where no ``study.json`` writes it down), with the task's
+    folder in front where two searches share a name (a pair's search and its certified variant)."""
+    found = {path.parent.resolve() for root in roots for file in (studies.RECORD_FILE, studies.STUDY_FILE) for path in root.rglob(file)}
+    records = {folder: studies.search_record(folder) for folder in sorted(found)}
+    names = {folder: record.study_name or folder.name for folder, record in records.items() if record is not None}
+    shared = {name for name in names.values() if list(names.values()).count(name) > 1}
+    return {folder: f"{folder.parent.parent.name}/{name}" if name in shared else name for folder, name in names.items()}
+
+
+def _study_of(directory: Path, root: Path, searches: dict[Path, str]) -> str:
     """The search a run belongs to: the nearest folder above it, up to ``root``, that holds a study."""
-    for parent in directory.parents:
-        if (parent / STUDY_FILE).is_file():
-            return parent.name
+    root = root.resolve()
+    for parent in directory.resolve().parents:
+        if parent in searches:
+            return searches[parent]
         if parent == root:
             break
     return "grid"
@@ -103,20 +117,27 @@ def _study_of(directory: Path, root: Path) -> str:
 class StudyCount:
     study: str
     trials: dict[str, int]  # Optuna's trial states: COMPLETE, FAIL, RUNNING, ...
+    error: str = ""  # why the study could not be read (its trials' rows are in the table all the same)
 
 
 def study_counts(roots: list[Path]) -> list[StudyCount]:
-    """Every study under ``roots`` and its trials by state."""
+    """Every search's study under ``roots`` and its trials by state, read through Optuna."""
     counts = []
-    for root in roots:
-        for database in sorted(root.rglob(STUDY_FILE)):
-            states = trial_states(database)
-            if states is not None:
-                counts.append(StudyCount(database.parent.name, states))
+    for folder, name in search_names(roots).items():
+        record = studies.search_record(folder)
+        try:
+            import optuna  # noqa: F401
+        except ImportError:
+            counts.append(StudyCount(name, {}, "Optuna is not installed (pip install -e '.[search]')"))
+            continue
+        try:
+            counts.append(StudyCount(name, studies.trial_states(studies.load(record.storage, record.study_name))))
+        except Exception as error:  # an old schema, a storage out of reach or its driver missing, a hidden password
+            counts.append(StudyCount(name, {}, f"{studies.shown(record.storage)}: {' '.join(str(error).split())}"))
     return counts
 
 
-def _read_run(directory: Path, root: Path) -> RunRow:
+def _read_run(directory: Path, root: Path, searches: dict[Path, str]) -> RunRow:
     name = str(directory.relative_to(root)) if directory.is_relative_to(root) else str(directory)
     summary_path = directory / "summary.json"
     if summary_path.is_file():
@@ -126,7 +147,7 @@ def _read_run(directory: Path, root: Path) -> RunRow:
         # killed, or still running: only Hydra's record of the composed config is there
         summary = {"status": "incomplete", "error": "no summary.json: the run was killed, crashed or is still running"}
         config = _hydra_config(directory / ".hydra" / "config.yaml")
-    row = RunRow(run=name, status=summary.get("status", "completed"), source=_study_of(directory, root), error=summary.get("error", ""))
+    row = RunRow(run=name, status=summary.get("status", "completed"), source=_study_of(directory, root, searches), error=summary.get("error", ""))
     try:
         label = describe(config)
         row.pair, row.optimizer, row.constraint = label.pair, label.optimizer, label.constraint
@@ -155,11 +176,11 @@ def _radius(value) -> float | None:
 
 
 def collect(roots: list[Path]) -> list[RunRow]:
-    rows = []
+    rows, searches = [], search_names(roots)
     for root in roots:
         # with several sweeps, "0" alone would not say which sweep's job 0 a row is
         anchor = root.parent if len(roots) > 1 else root
-        rows += [_read_run(directory, anchor) for directory in _run_dirs(root)]
+        rows += [_read_run(directory, anchor, searches) for directory in _run_dirs(root)]
     mark_frontiers(rows)
     return rows
 
@@ -205,16 +226,16 @@ def _percent(value: float | None) -> str:
     return "" if value is None else f"{100 * value:.2f}%"
 
 
-def markdown(rows: list[RunRow], studies: list[StudyCount] = ()) -> str:
+def markdown(rows: list[RunRow], study_counts: list[StudyCount] = ()) -> str:
     """One row per completed run, grid first, then each search; the Pareto points marked."""
     done = sorted((r for r in rows if r.plottable), key=lambda r: (r.searched, r.source, r.pair, r.bound))
     lines = [
-        "| source | pair | w_max | wd | lr | loss T / radius | test acc | certified at 36/255 | val acc | certified bound | Pareto | layer norms |",
+        "| source | pair | w_max | wd | lr | loss T / radius | test acc | certified at 36/255 | held-out val acc | certified bound | Pareto | layer norms |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in done:
         loss = "" if r.temperature is None else f"{r.temperature:.3g} / {_fmt(r.radius, '.3g') or 0}"
-        held_out = _percent(r.val_acc) if r.test_acc is not None else "(test)"
+        held_out = _percent(r.val_acc) if r.test_acc is not None else "-"
         lines.append(
             f"| {r.source} | {r.pair} | {_fmt(r.w_max, '.3g')} | {_fmt(r.weight_decay, '.3g')} | {_fmt(r.lr, '.3g')} | {loss} | "
             f"{_percent(r.accuracy)} | {_percent(r.certified_acc)} | {held_out} | {r.bound:.4g} | {'yes' if r.on_frontier else ''} | "
@@ -222,15 +243,21 @@ def markdown(rows: list[RunRow], studies: list[StudyCount] = ()) -> str:
         )
     not_done = [r for r in rows if not r.plottable]
     lines.append("")
+    if done:
+        lines.append("test acc and certified: on the test images. held-out val acc: on the training images a run held "
+                     "out (data.holdout), what a search tunes on; - where the run validated on the test images.")
     lines.append(f"{len(done)} completed, {len(not_done)} failed or incomplete.")
     pairs = defaultdict(set)
     for r in rows:
         if r.searched:
             pairs[r.source].add(r.pair)
-    for study in studies:
+    for study in study_counts:
+        found = ", ".join(sorted(pairs[study.study])) or "no run found"
+        if study.error:
+            lines.append(f"- search {study.study} ({found}): its study was not read: {study.error}")
+            continue
         states = ", ".join(f"{count} {state.lower()}" for state, count in sorted(study.trials.items()))
-        lines.append(f"- search {study.study} ({', '.join(sorted(pairs[study.study])) or 'no run found'}): "
-                     f"{sum(study.trials.values())} trials ({states})")
+        lines.append(f"- search {study.study} ({found}): {sum(study.trials.values())} trials ({states})")
     for r in not_done:
         where = f" at step {r.step}" if r.step is not None else ""
         lines.append(f"- {r.status}: {r.run} ({r.pair or 'config unreadable'}){where}: {r.error}")
@@ -253,15 +280,38 @@ CONSTRAINT_MARKERS = {
 CONSTRAINT_LINESTYLES = {"weight_decay": ":", "spectral_normalize": "--", "spectral_hammer": "-.", "spectral_soft_cap": "-"}
 
 
+def _title(grid: bool, searched: bool) -> str:
+    """What the plot draws, and only that."""
+    drawn = {(True, True): ", grid (thin) and searched (thick)", (True, False): " (grid)", (False, True): " (searched)"}
+    return f"Lipschitz bound vs accuracy: each pair's Pareto frontier{drawn.get((grid, searched), '')}"
+
+
+def _line_legend(styles: dict[str, str], searched: bool) -> list:
+    """Legend entries for what the lines mean: a grid frontier's style is its constraint's (the
+    colour is the optimizer's, as the points'); a searched frontier is thick and solid."""
+    Line2D = pyplot().Line2D
+    handles = [Line2D([], [], color="0.35", linestyle=style, linewidth=1.2, label=f"grid frontier: {constraint}")
+               for constraint, style in styles.items()]
+    if searched:
+        handles.append(Line2D([], [], color="0.35", linewidth=2.4, label="searched frontier (hollow points: its trials)"))
+    return handles
+
+
 def plot(rows: list[RunRow], path: Path, title: str = ""):
-    """Scatter every completed run, one frontier line per pair; return the figure (for tests)."""
+    """Scatter every completed run, one frontier line per pair; return the figure (for tests).
+
+    Colour: the optimizer; marker: the constraint; a grid's frontier is thin, in its constraint's
+    line style, a search's thick and solid over hollow points. The legend says all of it."""
     plt = pyplot()
     figure, axes = plt.subplots(figsize=(8, 5.5), dpi=120)
     by_pair = defaultdict(list)
     for row in rows:
         if row.plottable:
             by_pair[row.pair, row.searched].append(row)
+    styles: dict[str, str] = {}  # the grid frontiers' line styles, by constraint
     for (pair, searched), members in sorted(by_pair.items()):
+        if not searched:
+            styles[members[0].constraint] = CONSTRAINT_LINESTYLES.get(members[0].constraint, "-")
         colour = OPTIMIZER_COLOURS.get(members[0].optimizer, "tab:gray")
         marker = CONSTRAINT_MARKERS.get(members[0].constraint, "o")
         axes.scatter(
@@ -278,9 +328,11 @@ def plot(rows: list[RunRow], path: Path, title: str = ""):
     axes.set_xscale("log")
     axes.set_xlabel("certified Lipschitz bound (log scale)")
     axes.set_ylabel("accuracy on the 10,000 test images (%)")
-    axes.set_title(title or "Lipschitz bound vs accuracy: each pair's Pareto frontier, grid (thin) and searched (thick)")
+    any_searched = any(searched for _, searched in by_pair)
+    axes.set_title(title or _title(grid=bool(styles), searched=any_searched), fontsize=10)
     axes.grid(True, which="both", alpha=0.3)
-    axes.legend(fontsize=8, loc="lower right")
+    points, _ = axes.get_legend_handles_labels()
+    axes.legend(handles=[*points, *_line_legend(dict(sorted(styles.items())), any_searched)], fontsize=8, loc="lower right")
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)

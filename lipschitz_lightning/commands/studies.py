@@ -1,39 +1,107 @@
-"""An Optuna search's study on disk (sweeps/hparams_search/): SQLite in the search's folder, read
-with the standard library, so composing a search and reporting one need neither Optuna nor torch."""
+"""An Optuna search's study (sweeps/hparams_search/, run by ``commands/search.py``), read through
+Optuna's public API only (``optuna.load_study``, ``optuna.get_all_study_summaries``,
+``Study.get_trials``, ``FrozenTrial.state``): the storage's schema is Optuna's business.
+
+A search's folder holds ``study.json``, which names its study and its storage: by default
+``study.db`` beside it (SQLite), or any database URL Optuna takes, written with its password
+hidden. A folder with a ``study.db`` and no ``study.json`` is a search of Hydra's Optuna sweeper
+(before this version), read as the only study in that file. Optuna is imported only when a study
+is read, so composing a search and reporting a grid need neither Optuna nor torch.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import sqlite3
+import json
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
-STUDY_FILE = "study.db"
+STUDY_FILE = "study.db"  # the default storage, SQLite in the search's folder
+RECORD_FILE = "study.json"  # which study a search's folder holds, and where
 
 
-def study_storage(sweep_dir: str) -> str:
-    """``sqlite:///<sweep dir>/study.db``, the folder created: Optuna's sweeper opens its storage
-    before any job has made the sweep's folder, and SQLite does not make folders."""
-    folder = Path(sweep_dir).resolve()
-    folder.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{folder / STUDY_FILE}"
+def default_storage(folder: Path) -> str:
+    """``sqlite:///<folder>/study.db`` (SQLite does not make the folder: whoever opens it first does)."""
+    return f"sqlite:///{Path(folder).resolve() / STUDY_FILE}"
 
 
-def trial_states(database: Path) -> dict[str, int] | None:
-    """A study's trials by state (Optuna's schema: ``trials.state``, e.g. COMPLETE, FAIL, RUNNING);
-    None for a file that holds no study."""
-    with contextlib.closing(sqlite3.connect(database)) as connection:
+def shown(storage: str) -> str:
+    """A storage URL as it may be written down or printed: its password hidden."""
+    from sqlalchemy.engine import make_url  # Optuna's own dependency
+
+    try:
+        return make_url(storage).render_as_string(hide_password=True)
+    except Exception:  # not a database URL (Optuna will say so when it opens it)
+        return storage
+
+
+@dataclass(frozen=True)
+class StudyRecord:
+    """``study.json``: the study a search's folder belongs to."""
+
+    study_name: str
+    storage: str  # as written: a password is hidden
+    objectives: tuple[str, ...] = ()
+    directions: tuple[str, ...] = ()
+
+    def write(self, folder: Path) -> None:
+        path = Path(folder) / RECORD_FILE
+        partial = path.with_suffix(".json.partial")
+        partial.write_text(json.dumps({"study_name": self.study_name, "storage": self.storage,
+                                       "objectives": list(self.objectives), "directions": list(self.directions)}, indent=2) + "\n")
+        partial.replace(path)
+
+
+def search_record(folder: Path) -> StudyRecord | None:
+    """The study whose trials a folder holds: its ``study.json``, or a ``study.db`` alone (a search
+    of Hydra's Optuna sweeper: its one study, name unknown until read); None for any other folder."""
+    folder = Path(folder)
+    record = folder / RECORD_FILE
+    if record.is_file():
         try:
-            rows = connection.execute("SELECT state, COUNT(*) FROM trials GROUP BY state").fetchall()
-        except sqlite3.DatabaseError:
+            data = json.loads(record.read_text())
+            return StudyRecord(str(data["study_name"]), str(data["storage"]), tuple(data.get("objectives") or ()), tuple(data.get("directions") or ()))
+        except (ValueError, KeyError, TypeError):
             return None
-    return {str(state): int(count) for state, count in rows}
+    if (folder / STUDY_FILE).is_file():
+        return StudyRecord("", f"sqlite:///{(folder / STUDY_FILE).resolve()}")
+    return None
 
 
-def trials_left(sweep_dir: str, total: int) -> int:
-    """How many of a search's ``total`` trials its study still lacks: all in a new study; a trial
-    killed mid-run never completed, so the resumed search runs it again."""
-    database = Path(sweep_dir) / STUDY_FILE
-    states = trial_states(database) if database.is_file() else None
-    if states is None:
-        return int(total)  # no study yet (or a foreign file: Optuna will say what is wrong with it)
-    return max(int(total) - states.get("COMPLETE", 0), 0)
+def _sqlite_file(storage: str) -> Path | None:
+    return Path(storage[len("sqlite:///"):]) if storage.startswith("sqlite:///") else None
+
+
+def load(storage: str, study_name: str = ""):
+    """The study ``study_name`` in ``storage`` (``optuna.load_study``); with no name, the storage's
+    only study. Opening a storage never creates it: a missing SQLite file is a ``FileNotFoundError``
+    (Optuna would make an empty one)."""
+    import optuna
+
+    file = _sqlite_file(storage)
+    if file is not None and not file.is_file():
+        raise FileNotFoundError(f"no study file {file}")
+    if not study_name:
+        names = [summary.study_name for summary in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+        if len(names) != 1:
+            raise KeyError(f"{shown(storage)} holds {len(names)} studies ({', '.join(names)}): name one")
+        study_name = names[0]
+    return optuna.load_study(study_name=study_name, storage=storage)
+
+
+def trial_states(study) -> dict[str, int]:
+    """A study's trials by state: COMPLETE, FAIL, RUNNING (a killed trial stays so), WAITING, PRUNED."""
+    return dict(Counter(trial.state.name for trial in study.get_trials(deepcopy=False)))
+
+
+def completed(study) -> int:
+    """How many trials of a study completed (the ones a search's ``trials`` counts)."""
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+
+def trials_left(study, total: int) -> int:
+    """How many of a search's ``total`` trials its study still lacks: a failed trial, or one killed
+    mid-run (still RUNNING), never completed, so the resumed search runs another in its place."""
+    return max(int(total) - completed(study), 0)
