@@ -4,6 +4,8 @@ line that names the extra which installs it.
 
     plots    matplotlib   report's tradeoff.png and stability.png, certify's certify.png
     nanogpt  tiktoken     sampling a checkpoint that reads GPT-2 tokens (model=nanogpt)
+    search   optuna       +hparams_search=<pair> (commands/search.py), reading its study (and
+                          sqlalchemy, which Optuna brings, to print a storage URL's password hidden)
 
 One module is installed apart, by its own line (README.md's install has it): torchattacks, certify's
 AutoAttack, whose package declares torchvision and pins requests~=2.25, neither of which its code
@@ -20,7 +22,7 @@ from types import ModuleType
 from lipschitz_lightning.errors import ConfigError
 
 # the extra that installs each optional module (the tests check these against pyproject.toml)
-EXTRAS = {"matplotlib": "plots", "tiktoken": "nanogpt"}
+EXTRAS = {"matplotlib": "plots", "tiktoken": "nanogpt", "optuna": "search", "sqlalchemy": "search"}
 # what installs each optional module that no extra can
 APART = {"torchattacks": "pip install --no-deps torchattacks==3.5.1"}
 

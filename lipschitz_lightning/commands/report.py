@@ -27,7 +27,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from lipschitz_lightning.commands import studies
-from lipschitz_lightning.commands.extras import pyplot
+from lipschitz_lightning.commands.extras import available, install_line, pyplot
 from lipschitz_lightning.commands.tradeoff import describe
 from lipschitz_lightning.errors import OneLineParser
 
@@ -125,10 +125,8 @@ def study_counts(roots: list[Path]) -> list[StudyCount]:
     counts = []
     for folder, name in search_names(roots).items():
         record = studies.search_record(folder)
-        try:
-            import optuna  # noqa: F401
-        except ImportError:
-            counts.append(StudyCount(name, {}, "Optuna is not installed (pip install -e '.[search]')"))
+        if not available("optuna"):
+            counts.append(StudyCount(name, {}, f"Optuna is not installed ({install_line('optuna')})"))
             continue
         try:
             counts.append(StudyCount(name, studies.trial_states(studies.load(record.storage, record.study_name))))

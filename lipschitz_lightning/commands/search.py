@@ -44,6 +44,7 @@ from pydantic import ConfigDict, Field
 
 from lipschitz_lightning import CONF_DIR
 from lipschitz_lightning.commands import studies
+from lipschitz_lightning.commands.extras import needs
 from lipschitz_lightning.commands.settings import (
     OBJECTIVES,
     PositiveInt,
@@ -126,11 +127,10 @@ def distribution(override) -> Any:
     and step are integers, float otherwise, with its step (Hydra's range leaves out its stop, as
     Python's does); ``tag(log, ...)`` -> log scale."""
     from hydra.core.override_parser.types import Transformer
-    from optuna.distributions import (
-        CategoricalDistribution,
-        FloatDistribution,
-        IntDistribution,
-    )
+
+    distributions = needs("optuna", "a search needs Optuna").distributions
+    CategoricalDistribution, FloatDistribution, IntDistribution = (
+        distributions.CategoricalDistribution, distributions.FloatDistribution, distributions.IntDistribution)
 
     value = override.value()
     tags = set(getattr(value, "tags", ()) or ())
@@ -267,10 +267,7 @@ def prepare(args: list[str]) -> Plan:
     space = search_space(params)
     folder = Path(settings.dir)
 
-    try:
-        import optuna  # noqa: F401
-    except ImportError:
-        raise ConfigError("a search needs Optuna: pip install -e '.[search]' (or pip install 'optuna>=4')") from None
+    needs("optuna", "a search needs Optuna")
     _sampler(settings.sampler, 0)  # its class and arguments
 
     from hydra.utils import instantiate
@@ -289,7 +286,8 @@ def prepare(args: list[str]) -> Plan:
 def _sampler(settings: SamplerSettings, trial_number: int):
     """The sampler for trial ``trial_number``: seeded with ``seed + trial_number`` (no seed: random)."""
     from hydra.utils import get_class
-    from optuna.samplers import BaseSampler
+
+    BaseSampler = needs("optuna", "a search needs Optuna").samplers.BaseSampler
 
     try:
         cls = get_class(settings.target)
@@ -314,8 +312,8 @@ def open_study(plan: Plan):
     a loaded study's directions whatever it is asked: another direction or objective is refused here."""
     import warnings
 
-    import optuna
-    from optuna.exceptions import ExperimentalWarning
+    optuna = needs("optuna", "a search needs Optuna")
+    ExperimentalWarning = optuna.exceptions.ExperimentalWarning
 
     settings = plan.settings
     made = _make_folder(plan.folder)
@@ -459,7 +457,7 @@ def search(plan: Plan, study=None) -> SearchResult:
     """Run the trials the plan's study lacks; return what ran. Raises ``SearchStopped`` when more
     than ``max_failure_rate`` of them failed, ``Preempted`` or ``KeyboardInterrupt`` as they come
     (the running trial told FAIL first)."""
-    from optuna.trial import TrialState
+    TrialState = needs("optuna", "a search needs Optuna").trial.TrialState
 
     settings = plan.settings
     study = study or open_study(plan)
@@ -524,7 +522,7 @@ def frontier_lines(plan: Plan) -> list[str]:
 def _configure_logging(plan: Plan) -> None:
     """The console and ``<search dir>/search.log``, as Hydra's job logging sets up a run's console
     and ``train.log`` (``conf/hydra/job_logging/``); Optuna's messages through the same handlers."""
-    import optuna
+    optuna = needs("optuna", "a search needs Optuna")
 
     config = dict(plan.logging_config or {})
     for handler in (config.get("handlers") or {}).values():

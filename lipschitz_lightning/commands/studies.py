@@ -16,6 +16,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from lipschitz_lightning.commands.extras import needs
+
 STUDY_FILE = "study.db"  # the default storage, SQLite in the search's folder
 RECORD_FILE = "study.json"  # which study a search's folder holds, and where
 
@@ -27,10 +29,9 @@ def default_storage(folder: Path) -> str:
 
 def shown(storage: str) -> str:
     """A storage URL as it may be written down or printed: its password hidden."""
-    from sqlalchemy.engine import make_url  # Optuna's own dependency
-
     try:
-        return make_url(storage).render_as_string(hide_password=True)
+        sqlalchemy = needs("sqlalchemy", "reading an Optuna study needs Optuna")  # Optuna's own dependency
+        return sqlalchemy.engine.make_url(storage).render_as_string(hide_password=True)
     except Exception:  # not a database URL (Optuna will say so when it opens it)
         return storage
 
@@ -76,7 +77,7 @@ def load(storage: str, study_name: str = ""):
     """The study ``study_name`` in ``storage`` (``optuna.load_study``); with no name, the storage's
     only study. Opening a storage never creates it: a missing SQLite file is a ``FileNotFoundError``
     (Optuna would make an empty one)."""
-    import optuna
+    optuna = needs("optuna", "reading an Optuna study needs Optuna")
 
     file = _sqlite_file(storage)
     if file is not None and not file.is_file():
@@ -96,7 +97,7 @@ def trial_states(study) -> dict[str, int]:
 
 def completed(study) -> int:
     """How many trials of a study completed (the ones a search's ``trials`` counts)."""
-    from optuna.trial import TrialState
+    TrialState = needs("optuna", "reading an Optuna study needs Optuna").trial.TrialState
 
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
