@@ -17,7 +17,9 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from hydra.core.utils import run_job
+from hydra.types import HydraContext, RunMode
+from omegaconf import DictConfig, OmegaConf, read_write
 
 from lipschitz_lightning import CONF_DIR
 from lipschitz_lightning.commands import search
@@ -30,7 +32,7 @@ from lipschitz_lightning.commands.cli import (
     resume_arguments,
     set_cuda_allocator,
 )
-from lipschitz_lightning.commands.settings import check_train_settings
+from lipschitz_lightning.commands.settings import validate_config
 from lipschitz_lightning.errors import (
     ConfigError,
     LipschitzLightningError,
@@ -43,8 +45,11 @@ log = logging.getLogger("lipschitz_lightning")
 
 
 def run(args: list[str]) -> None:
-    """The train command's line: ``resume=`` and the rank's run directory sorted out before Hydra
-    starts, then the Hydra app."""
+    """The train command's line. A single run's config is composed once (Hydra's compose API, an
+    unknown option or key one line) and checked once, before anything is built or written; Hydra's
+    ``run_job`` then runs it (run directory, ``.hydra/`` files, job logging) without composing it
+    again. Hydra's flags (``--cfg``, ``--help``) and multiruns (``-m``, a sweep) go to Hydra's app,
+    which composes each job, checked inside it."""
     set_cuda_allocator()  # before torch is imported
     register_resolvers()
     if search.requested(args):  # +hparams_search=<pair>: an Optuna study, its trials run here (commands/search.py)
@@ -52,15 +57,13 @@ def run(args: list[str]) -> None:
     try:
         args, resumed = resume_arguments(args)
         args = rank_arguments(args)
-        composed = check_composition("train", args)  # an unknown option or key: one line, before torch
+        composed = check_composition("train", args, job_name=job_name(args))
         if composed is not None:
-            check_train_settings(composed)
+            validate_config(composed)  # every setting, before the run directory exists
     except ConfigError as error:
         exit_with(error)
-    sys.argv[1:] = args
 
-    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
-    def main(cfg: DictConfig) -> float | tuple[float, ...] | None:
+    def job(cfg: DictConfig) -> float | None:
         # torch and Lightning load here, not at import: --cfg job, --help and Hydra's errors stay
         # quick, and Lightning's notices find Hydra's logging already set up (so they reach train.log)
         from lipschitz_lightning.commands.allocator import keep_freed_memory
@@ -77,11 +80,12 @@ def run(args: list[str]) -> None:
         quiet_known_warnings()
         built = None
         try:
+            OmegaConf.resolve(cfg)  # once, now that the run's directory is known (${hydra:...})
             if cfg.get("keep_freed_memory"):
                 keep_freed_memory()
-            built = build(cfg)  # config, resume and data checks: nothing trained yet
+            built = build(cfg, checked=composed is not None)  # resume and data checks: nothing trained yet
             summary = train(cfg, built)
-            if cfg.get("optimized_metrics"):  # a search's objectives, in its order
+            if cfg.get("optimized_metrics"):  # a sweeper plugin's objectives, in its order
                 return tuple(summary.get(key) for key in cfg.optimized_metrics)  # a missing one: a failed trial
             return summary.get("val/acc")
         except Exception as error:
@@ -103,7 +107,32 @@ def run(args: list[str]) -> None:
             log.error(one_line(error))
             sys.exit(getattr(error, "exit_status", 1))
 
-    main()
+    if composed is not None and not composed.hydra.callbacks:  # a user's Hydra callbacks: Hydra's app calls them
+        with read_write(composed.hydra):
+            composed.hydra.mode = RunMode.RUN
+        result = run_job(task_function=job, config=composed, job_dir_key="hydra.run.dir", job_subdir_key=None,
+                         hydra_context=HydraContext(config_loader=None, callbacks=_NoCallbacks()))
+        result.return_value  # noqa: B018  (raises what the job raised, as Hydra's own run does)
+        return
+    sys.argv[1:] = args
+    hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")(job)()
+
+
+def job_name(args: list[str]) -> str:
+    """Hydra's job name: ``train``, or what the command line says (Lightning's DDP launcher names
+    its processes ``train_ddp_process_<k>``)."""
+    given = [a.split("=", 1)[1] for a in args if a.startswith("hydra.job.name=")]
+    return given[-1] if given else "train"
+
+
+class _NoCallbacks:
+    """``run_job``'s callbacks where ``hydra.callbacks`` is empty (this project registers none)."""
+
+    def on_job_start(self, **kwargs) -> None:
+        pass
+
+    def on_job_end(self, **kwargs) -> None:
+        pass
 
 
 def _leave_nothing_behind(log_dir: Path) -> None:

@@ -141,7 +141,8 @@ def make_config(tiny_cifar, tmp_path):
 @pytest.fixture(scope="session")
 def shared_data_dir() -> Path:
     """The real data: ``$LIPSCHITZ_DATA_DIR`` or ``../shared/data`` beside the checkout."""
-    directory = Path(os.environ.get("LIPSCHITZ_DATA_DIR") or shared_dir() / "data")
+    # absolute: a test may run a command from another folder (CI gives a relative $LIPSCHITZ_DATA_DIR)
+    directory = Path(os.environ.get("LIPSCHITZ_DATA_DIR") or shared_dir() / "data").resolve()
     if not (directory / "cifar10" / "train.parquet").is_file():
         raise FileNotFoundError(f"CIFAR-10 parquet files not found under {directory}; set LIPSCHITZ_DATA_DIR")
     return directory

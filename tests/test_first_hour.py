@@ -63,9 +63,12 @@ def checkpoint_step(path: Path) -> int:
 
 @pytest.fixture(scope="module")
 def stopped_run(tiny_cifar, tmp_path_factory) -> Path:
+    return stop_a_run(tiny_cifar, tmp_path_factory.mktemp("stopped") / "run")
+
+
+def stop_a_run(tiny_cifar: Path, run_dir: Path) -> Path:
     """A run of 8 steps (linear decay to 0 at step 8) stopped at step 4, as a killed job would be,
     in a run directory as train.py leaves it (its overrides in .hydra/overrides.yaml)."""
-    run_dir = tmp_path_factory.mktemp("stopped") / "run"
     overrides = [*tiny_overrides(tiny_cifar), "trainer.max_steps=8", "trainer.val_check_interval=4"]
     (run_dir / ".hydra").mkdir(parents=True)
     (run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
@@ -107,6 +110,21 @@ def test_resume_with_another_schedule_is_one_line_not_a_frozen_run(stopped_run, 
     with pytest.raises(ConfigError, match=r"^optimizer\.lr is 0\.1 here but 0\.2"):
         train(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_following_the_resume_advice_resumes(tiny_cifar, tmp_path):
+    """Each refusal's advice, taken as written, leads to the next and then to a resumed run: no advice
+    ends in another refusal of the same run."""
+    checkpoint = stop_a_run(tiny_cifar, tmp_path / "stopped") / "checkpoints" / "last.ckpt"
+    args = [*tiny_overrides(tiny_cifar), "optimizer.lr=0.1", f"ckpt_path={checkpoint}", f"paths.output_dir={tmp_path / 'run'}"]
+    with pytest.raises(ConfigError, match=r"^optimizer\.lr is 0\.1 here but .*: .*drop the override"):
+        train(compose_train(*args))
+    args.remove("optimizer.lr=0.1")
+    with pytest.raises(ConfigError, match=r"give trainer\.max_steps=8,") as schedule:
+        train(compose_train(*args))
+    args.append(re.search(r"give (trainer\.max_steps=\d+)", str(schedule.value)).group(1))
+    summary = train(compose_train(*args))
+    assert summary["step"] == 8
 
 
 # ----------------------------------------------------------------------------- 2. short runs
@@ -164,6 +182,38 @@ def test_a_run_that_fails_on_missing_data_leaves_no_run_directory(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: CIFAR-10 parquet files not found") and "HF_HUB_OFFLINE" in last
     assert not (tmp_path / "nodata").exists() and not (tmp_path / "logs").exists()
+
+
+def test_wandb_without_a_key_is_one_line_before_anything_is_built(tmp_path, monkeypatch):
+    """A new user's logger=wandb, with no key anywhere W&B looks (a fresh HOME, no WANDB_* variables):
+    one line naming both ways on, and no run directory. Each way it names then passes the check."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and k != "NETRC"}
+    home = tmp_path / "home"
+    result = subprocess.run(
+        [sys.executable, "train.py", "logger=wandb", f"paths.log_dir={tmp_path / 'logs'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, env={**env, "HOME": str(home)},
+    )
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: logger=wandb has no W&B key"), result.stderr
+    assert "wandb login" in result.stderr and "WANDB_MODE=offline" in result.stderr
+    assert not (tmp_path / "logs").exists()
+
+    from lipschitz_lightning.commands.settings import check_wandb_can_log
+
+    cfg = compose_train("logger=wandb")
+    for name in [k for k in os.environ if k.startswith("WANDB_") or k == "NETRC"]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)  # no ./wandb/settings of the checkout's
+    with pytest.raises(ConfigError, match="no W&B key"):
+        check_wandb_can_log(cfg)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    check_wandb_can_log(cfg)
+    monkeypatch.delenv("WANDB_MODE")
+    home.mkdir(exist_ok=True)
+    (home / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "0" * 40 + "\n")
+    (home / ".netrc").chmod(0o600)
+    check_wandb_can_log(cfg)  # what `wandb login` writes
 
 
 # ----------------------------------------------------------------------------- 5. the README's commands

@@ -120,6 +120,19 @@ def test_a_missing_extra_is_one_line_naming_it(monkeypatch):
         "error: ckpt_path's model reads gpt2 tokens: sampling it needs tiktoken: pip install \"lipschitz-lightning[nanogpt]\"")
 
 
+def test_torchattacks_without_what_it_imports_names_the_extra_that_brings_it(monkeypatch):
+    """torchattacks installed with --no-deps but scipy missing: the line names the attacks extra, not a
+    reinstall of torchattacks."""
+    from lipschitz_lightning.commands.extras import needs
+
+    for name in [name for name in sys.modules if name.split(".")[0] in ("torchattacks", "scipy")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "scipy", None)
+    with pytest.raises(ConfigError) as missing:
+        needs("torchattacks", "AutoAttack needs torchattacks")
+    assert one_line(missing.value) == 'error: AutoAttack needs torchattacks: pip install "lipschitz-lightning[attacks]"'
+
+
 def test_the_report_without_matplotlib_exits_with_the_one_line(tmp_path, monkeypatch, capsys):
     from lipschitz_lightning import report
 

@@ -197,20 +197,21 @@ def quiet_known_warnings() -> None:
         warnings.filterwarnings("ignore", message=pattern)
 
 
-def compose_checked(config_name: str, overrides: list[str]) -> DictConfig:
+def compose_checked(config_name: str, overrides: list[str], job_name: str | None = None) -> DictConfig:
     """``conf/<config_name>.yaml`` composed with ``overrides`` as Hydra composes it; an unknown option
-    or key, or a group given a number, is one ``ConfigError`` line (``composition_error``)."""
+    or key, or a group given a number, is one ``ConfigError`` line (``composition_error``). With a
+    ``job_name``, with Hydra's own node too, ready for ``hydra.core.utils.run_job``."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
 
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose(config_name, overrides=overrides)
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name=job_name or "app"):
+            return compose(config_name, overrides=overrides, return_hydra_config=job_name is not None)
     except (HydraException, ValueError) as error:  # ValueError: Hydra's own, for model=5
         raise ConfigError(composition_error(config_name, overrides, error)) from None
 
 
-def check_composition(config_name: str, args: list[str]) -> DictConfig | None:
+def check_composition(config_name: str, args: list[str], job_name: str | None = None) -> DictConfig | None:
     """Compose ``conf/<config_name>.yaml`` with the command line's overrides as Hydra will, so that an
     unknown option or key is one ``ConfigError`` line now, before torch is imported, rather than
     Hydra's message later; returns the composed config. Hydra's flags (``--cfg``, ``--help``, ``-m``)
@@ -220,18 +221,26 @@ def check_composition(config_name: str, args: list[str]) -> DictConfig | None:
 
     if any(a.startswith("-") for a in args):
         return None
-    overrides = [a for a in args if "=" in a]
+    overrides = list(args)  # deletions (~key) too: this composition is the run's
+    bare = [a for a in overrides if "=" not in a and not a.startswith("~")]
+    if bare:
+        raise ConfigError(f"{bare[0]!r} is not a setting: give key=value (see --help)")
     try:
         # a sweep's overrides (a=1,2 under +sweep=...) make a multirun: each job is composed by Hydra
         if any(o.is_sweep_override() for o in OverridesParser.create().parse_overrides(overrides)):
             return None
     except HydraException as error:
         raise ConfigError(composition_error(config_name, overrides, error)) from None
-    return compose_checked(config_name, overrides)
+    return compose_checked(config_name, overrides, job_name)
 
 
 def composition_error(config_name: str, overrides: list[str], error: Exception) -> str:
+    """Hydra's composition error as one line, from the structured exception Hydra raises: a missing
+    option (``MissingConfigException``: the group and its options), a key no config has (the
+    ``ConfigCompositionException``'s cause: an OmegaConf error with the ``full_key``), a group given
+    a value that is no option (Hydra's ``ValueError``, for ``model=5``)."""
     from hydra import compose, initialize_config_dir
+    from hydra.errors import MissingConfigException
 
     from lipschitz_lightning.commands.settings import (
         accepted_keys,
@@ -239,22 +248,17 @@ def composition_error(config_name: str, overrides: list[str], error: Exception) 
         owner,
     )
 
-    message = str(error)
+    if isinstance(error, MissingConfigException) and error.missing_cfg_file and error.options is not None:
+        group, _, option = str(error.missing_cfg_file).rpartition("/")
+        return _not_an_option(group, option, list(error.options))
     if isinstance(error, ValueError):  # Hydra's own, for a group given a number: model=5
         for override in overrides:
             group, value = _key(override), override.split("=", 1)[1]
             options = sorted(path.stem for path in (CONF_DIR / group).glob("*.yaml")) if (CONF_DIR / group).is_dir() else []
             if options and value not in options:
                 return _not_an_option(group, value, options)
-        return message
-    missing = re.search(r"Could not find '(\w+)/([^']*)'.*?Available options in '\w+':\n((?:\t.*\n?)*)", message, flags=re.S)
-    if missing:
-        group, option, listed = missing.groups()
-        options = [line.strip() for line in listed.split("Config search path")[0].splitlines() if line.strip() and line.startswith("\t")]
-        return _not_an_option(group, option, options)
-    unknown = re.search(r"Could not override '([\w.]+)'", message)
-    if unknown:
-        key = unknown.group(1)
+    key = getattr(error.__cause__, "full_key", None) or _not_a_group(config_name, overrides)
+    if key:
         section = key.rsplit(".", 1)[0] if "." in key else None
         rest = [o for o in overrides if _key(o) != key]
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -268,7 +272,28 @@ def composition_error(config_name: str, overrides: list[str], error: Exception) 
         if OmegaConf.is_dict(node):
             allowed = (accepted_keys(node) if "_target_" in node else None) or [k for k in node if not str(k).startswith("_")]
             return f"{key} is not a setting of {owner(cfg, section)}; allowed: {', '.join(map(str, allowed))}"
-    return " ".join(line.strip() for line in message.splitlines() if line.strip() and not line.startswith(("\tprovider", "Config search path")))
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip() and not line.startswith(("\tprovider", "Config search path")))
+
+
+def _not_a_group(config_name: str, overrides: list[str]) -> str | None:
+    """The override that names a config group which ``config_name``'s defaults list does not have
+    (``data=x`` of evaluate, where data is a section): Hydra refuses it while reading the defaults
+    list, with no key attached."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            groups = compose(config_name, return_hydra_config=True).hydra.runtime.choices
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:  # an override Hydra cannot parse, or a config that does not compose: Hydra's message stands
+        return None
+    for override in parsed:
+        key = override.key_or_group
+        is_group_somewhere = any((folder / key).is_dir() for folder in (CONF_DIR, SWEEPS_DIR))
+        if not (override.is_add() or override.is_delete() or override.is_force_add()) and is_group_somewhere and key not in groups:
+            return key
+    return None
 
 
 def _not_an_option(group: str, option: str, options: list[str]) -> str:

@@ -10,7 +10,7 @@ line that names the extra which installs it.
 One module is installed apart, by its own line (README.md's install has it): torchattacks, certify's
 AutoAttack, whose package declares torchvision and pins requests~=2.25, neither of which its code
 imports, and either of which would break this environment; no extra can say "without its
-dependencies".
+dependencies". What its code does import besides torch and numpy (scipy, tqdm) is the extra attacks.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from types import ModuleType
 from lipschitz_lightning.errors import ConfigError
 
 # the extra that installs each optional module (the tests check these against pyproject.toml)
-EXTRAS = {"matplotlib": "plots", "tiktoken": "nanogpt", "optuna": "search", "sqlalchemy": "search"}
+EXTRAS = {"matplotlib": "plots", "tiktoken": "nanogpt", "optuna": "search", "sqlalchemy": "search", "scipy": "attacks"}
 # what installs each optional module that no extra can
-APART = {"torchattacks": "pip install --no-deps torchattacks==3.5.1"}
+APART = {"torchattacks": 'pip install "lipschitz-lightning[attacks]" && pip install --no-deps torchattacks==3.5.1'}
 
 
 def install_line(module: str) -> str:
@@ -39,8 +39,11 @@ def needs(module: str, purpose: str) -> ModuleType:
     """``module`` imported; if it is missing, ``ConfigError``: ``<purpose>: <the line that installs it>``."""
     try:
         return importlib.import_module(module)
-    except ImportError:
-        raise ConfigError(f"{purpose}: {install_line(module)}") from None
+    except ImportError as error:
+        # the module may be there and one of its own imports missing (torchattacks without scipy)
+        missing = (error.name or module).partition(".")[0]
+        line = install_line(missing) if missing in EXTRAS or missing in APART else f"pip install {missing}"
+        raise ConfigError(f"{purpose}: {line}") from None
 
 
 def pyplot() -> ModuleType:

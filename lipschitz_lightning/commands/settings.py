@@ -273,6 +273,8 @@ def _resolvable(node) -> dict:
     the others are checked inside the app, by ``validate_config``."""
     values = {}
     for key in node:
+        if key == "hydra":  # Hydra's own node, when the config was composed for a run
+            continue
         try:
             value = node[key]
         except Exception:  # an interpolation only the running app resolves
@@ -298,6 +300,47 @@ def check_train_settings(cfg: DictConfig) -> None:
             except Exception:  # a type pydantic cannot read (a Logger, a Profiler): Lightning checks it
                 continue
             _raise_unless(f"trainer.{key}", ok, allowed, value)
+
+
+def check_wandb_can_log(cfg: DictConfig) -> None:
+    """``logger=wandb`` online needs a W&B key, or wandb.init prompts (a terminal) or fails (a job), once
+    the run directory and the model exist. Where W&B finds a key (``WANDB_API_KEY``, an identity token
+    file, the netrc entry ``wandb login`` writes) or will not go online (``WANDB_MODE``,
+    ``logger.wandb.offline``, ``wandb offline``'s settings file), this says nothing."""
+    import configparser
+    import netrc
+    import os
+    from pathlib import Path
+    from urllib.parse import urlparse
+
+    wandb = [item for item in (cfg.get("logger") or {}).values()
+             if item is not None and str(item.get("_target_", "")).endswith("WandbLogger")]
+    if not wandb or any(item.get("offline") for item in wandb):
+        return
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun", "disabled"):
+        return
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return
+    for settings_file in (Path(os.environ.get("WANDB_CONFIG_DIR") or "~/.config/wandb").expanduser() / "settings",
+                          Path("wandb") / "settings"):
+        parser = configparser.ConfigParser()
+        try:
+            parser.read(settings_file)
+        except configparser.Error:
+            continue
+        if parser.get("default", "mode", fallback="").lower() in ("offline", "dryrun", "disabled"):
+            return
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    netrc_file = Path(os.environ.get("NETRC") or "~/.netrc").expanduser()
+    try:
+        if netrc_file.is_file() and netrc.netrc(netrc_file).authenticators(host):
+            return
+    except (netrc.NetrcParseError, OSError):
+        pass
+    raise ConfigError(
+        f"logger=wandb has no W&B key for {host}: run `wandb login` once, or set WANDB_API_KEY, "
+        "or log locally with WANDB_MODE=offline (`wandb sync` uploads later)"
+    )
 
 
 COMMAND_SETTINGS: dict[str, type[Settings]] = {"sample": SampleSettings, "evaluate": EvaluateSettings, "certify": CertifySettings}
@@ -489,6 +532,7 @@ def validate_config(cfg: DictConfig) -> None:
         check_model_fits_data(cfg)  # first: a model on the wrong data fails every later interpolation
     if "task_name" in cfg:
         check_train_settings(cfg)
+        check_wandb_can_log(cfg)
     for section in TARGET_SECTIONS:
         _check_keys_accepted(cfg, section)
     for section in TARGET_SECTIONS:

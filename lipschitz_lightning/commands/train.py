@@ -127,22 +127,27 @@ def check_resume(cfg: DictConfig) -> int | None:
 
     schedulers = checkpoint.get("lr_schedulers") or [{}]
     schedule_end = schedulers[0].get("total_iters")
-    if schedule_end and OmegaConf.select(cfg, "scheduler.total_iters", default=None) == max_steps and schedule_end != max_steps:
-        raise ConfigError(
-            f"trainer.max_steps is {max_steps}, but the checkpoint's learning rate decays to 0 at step {schedule_end} "
-            f"(scheduler.total_iters) and a resumed run keeps its schedule: give trainer.max_steps={schedule_end}, {hint}"
-        )
+    # the schedule's end follows trainer.max_steps (scheduler.total_iters: ${trainer.max_steps}): that
+    # difference is the schedule's message below, checked last, so that its advice is the last step
+    follows_max_steps = OmegaConf.select(cfg, "scheduler.total_iters", default=None) == max_steps
     check_record(checkpoint.get("network") or {}, f"ckpt_path {str(path)!r}")
     run_config = checkpoint.get("run_config")
     if run_config:
         check_targets(run_config, f"the run config of ckpt_path {str(path)!r}")
         then, now = _kept_settings(run_config), _kept_settings(OmegaConf.to_container(cfg, resolve=True))
         for key in sorted(then.keys() | now.keys()):
+            if key == "scheduler.total_iters" and follows_max_steps:
+                continue
             if then.get(key, _ABSENT) != now.get(key, _ABSENT):
                 raise ConfigError(
                     f"{key} is {now.get(key, _ABSENT)!r} here but {then.get(key, _ABSENT)!r} in the run of {str(path)!r}: "
                     f"a resumed run keeps its seed, model, data, optimizer, scheduler and constraint; drop the override, {hint}"
                 )
+    if schedule_end and follows_max_steps and schedule_end != max_steps:
+        raise ConfigError(
+            f"trainer.max_steps is {max_steps}, but the checkpoint's learning rate decays to 0 at step {schedule_end} "
+            f"(scheduler.total_iters) and a resumed run keeps its schedule: give trainer.max_steps={schedule_end}, {hint}"
+        )
     if step >= max_steps:
         raise ConfigError(
             f"trainer.max_steps must be above the checkpoint's step {step} to resume from it, got {max_steps}: the run is complete"
@@ -162,9 +167,11 @@ class Run:
     trainer: L.Trainer
 
 
-def build(cfg: DictConfig) -> Run:
-    """Check the config, then build data, module, callbacks, loggers and trainer."""
-    validate_config(cfg)
+def build(cfg: DictConfig, checked: bool = False) -> Run:
+    """Check the config (unless the command line already did: ``checked``), then build data, module,
+    callbacks, loggers and trainer."""
+    if not checked:
+        validate_config(cfg)
     resumed_step = check_resume(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
