@@ -18,7 +18,7 @@ LAYERS = {
     "commands": 4,
     # the documented entry points kept at the top: `python -m lipschitz_lightning.<command>` and the
     # Python API (lipschitz_lightning.constraints, lipschitz_lightning.lipschitz)
-    "constraints": 5, "lipschitz": 5, "train": 5, "evaluate": 5, "certify": 5, "sample": 5, "benchmark": 5, "report": 5,
+    "constraints": 5, "lipschitz": 5, "train": 5, "evaluate": 5, "certify": 5, "sample": 5, "benchmark": 5, "report": 5, "quantize": 5,
 }
 PURE = ("core", "robustness", "step.py")  # torch only
 

@@ -58,7 +58,7 @@ def test_the_wheel_lists_every_package_and_carries_every_config():
 
 def test_the_console_scripts_name_the_commands():
     scripts = PYPROJECT["project"]["scripts"]
-    assert set(scripts) == {f"lipschitz-{name}" for name in ("train", "evaluate", "certify", "sample", "report", "benchmark")}
+    assert set(scripts) == {f"lipschitz-{name}" for name in ("train", "evaluate", "certify", "sample", "report", "benchmark", "quantize")}
     for script, target in scripts.items():
         module, function = target.split(":")
         assert module == f"lipschitz_lightning.{script.removeprefix('lipschitz-')}"

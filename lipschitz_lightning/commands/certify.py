@@ -88,12 +88,12 @@ def check_blocks(rows: list[dict], where: str) -> None:
 
 def checkpoint_paths(cfg) -> list[str]:
     """What the settings' types cannot say, checked before anything is loaded (the types are
-    ``settings.CertifySettings``'s); returns the checkpoint paths."""
+    ``settings.CertifySettings``'s, or ``QuantizeSettings``' for quantize); returns the checkpoint paths."""
     paths = [cfg.ckpt_path] if isinstance(cfg.ckpt_path, str) else list(cfg.ckpt_path)
     for path in paths:  # all of them before any work (load_network says the same of a file it cannot read)
         if not Path(path).is_file():
             raise ConfigError(f"ckpt_path must be an existing checkpoint file, got {path!r}")
-    if cfg.autoattack.examples > 0 and not available("torchattacks"):
+    if "autoattack" in cfg and cfg.autoattack.examples > 0 and not available("torchattacks"):  # certify's, not quantize's
         raise ConfigError(f"autoattack.examples={cfg.autoattack.examples}: AutoAttack needs torchattacks: {install_line('torchattacks')} "
                           f"(README.md says why without its dependencies); or give autoattack.examples=0")
     out = output_dir(cfg)

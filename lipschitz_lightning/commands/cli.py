@@ -324,7 +324,7 @@ def compose_command(config_name: str, args: list[str], usage: str) -> DictConfig
 
 def command_main(name: str, argv: list[str] | None = None) -> None:
     """``python -m lipschitz_lightning.<name>`` for the commands configured by ``conf/<name>.yaml``
-    (sample, evaluate, certify): the settings composed and checked (``settings.COMMAND_SETTINGS``)
+    (sample, evaluate, certify, quantize): the settings composed and checked (``settings.COMMAND_SETTINGS``)
     before torch is imported, then ``lipschitz_lightning.commands.<name>.run``."""
     import importlib
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from lipschitz_lightning.commands import studies
+from lipschitz_lightning.commands import stability, studies
 from lipschitz_lightning.commands.extras import available, install_line, pyplot
 from lipschitz_lightning.commands.tradeoff import describe
 from lipschitz_lightning.errors import OneLineParser
@@ -358,6 +358,10 @@ def main(argv: list[str] | None = None) -> int:
     plot(rows, out / "tradeoff.png", args.title)
     print(table)
     print(f"\nwrote {out / 'tradeoff.csv'}, {out / 'tradeoff.md'}, {out / 'tradeoff.png'}")
+    stability_runs = [run for run in stability.collect(args.dirs) if run.max_logit is not None]
+    if stability_runs:  # a stability sweep's runs (stability/* metrics): its table and figure too
+        print("\n" + stability.write(stability_runs, out))
+        print(f"\nwrote {out / 'stability.csv'}, {out / 'stability.md'}, {out / 'stability.png'}")
     return 0
 
 

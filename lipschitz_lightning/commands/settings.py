@@ -343,7 +343,21 @@ def check_wandb_can_log(cfg: DictConfig) -> None:
     )
 
 
-COMMAND_SETTINGS: dict[str, type[Settings]] = {"sample": SampleSettings, "evaluate": EvaluateSettings, "certify": CertifySettings}
+class QuantizeSettings(Settings):
+    ckpt_path: Annotated[str, at.MinLen(1)] | Annotated[list[Annotated[str, at.MinLen(1)]], at.MinLen(1)]
+    out_dir: str | None
+    paths: DataPaths
+    data: dict[str, Any]
+    # robustness.quantize.SCHEME_NAMES
+    schemes: Annotated[list[Literal["int8", "fp8", "int4", "fp8_act"]], at.MinLen(1)]
+    int4_group: PositiveInt
+    examples: PositiveInt | None  # null: the whole validation split
+    batch: PositiveInt
+    max_batches: PositiveInt
+
+
+COMMAND_SETTINGS: dict[str, type[Settings]] = {"sample": SampleSettings, "evaluate": EvaluateSettings, "certify": CertifySettings,
+                                               "quantize": QuantizeSettings}
 
 
 def command_settings(model: type[Settings], cfg: DictConfig, command: str) -> Settings:

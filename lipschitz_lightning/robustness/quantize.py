@@ -1,0 +1,427 @@
+"""Post-training weight quantization, and certified bounds on how far rounding can move the logits.
+Pure torch; derived step by step in docs/quantization.md.
+
+The quantizers round and dequantize ("fake quantization"): the network keeps float32 weights that
+hold exactly the values a low-precision kernel would use, and a bound speaks of exactly those:
+
+- ``int8``: symmetric, one scale per output channel (row of ``W``): ``amax(row) / 127``, codes -127..127;
+- ``fp8``: float8 e4m3 with one per-tensor scale ``amax / 448`` (``robustness.precision.cast_tensor``,
+  what ``certify`` reports);
+- ``int4``: symmetric, one scale per group of ``group`` (128) consecutive inputs of a row:
+  ``amax(group) / 7``, codes -7..7;
+- ``fp8_act``: the fp8 weights, and the input of every linear layer rounded to e4m3 with a per-tensor
+  dynamic scale (``Fp8Linear``: ``torch._scaled_mm`` where it runs, else the same products simulated
+  in float32).
+
+An embedding table is rounded like a matrix whose rows are its token vectors.
+
+The bounds telescope over the layers (blocks): the network as deployed up to a layer, the float
+network after it. With ``E_i = W~_i - W_i`` and all norms RMS->RMS (SPEC §2):
+
+- MLP (``mlp_rounding_bound``): ``rms(f~(x) - f(x)) <= |c| sum_i (prod_{j>i} ||W_j||) (||E_i|| A_{i-1} + ||W~_i|| alpha_{i-1})``
+  with ``A_0 = rms(x)``, ``A_i = ||W~_i|| (A_{i-1} + alpha_{i-1})`` and ``alpha`` the fp8 rounding of a
+  layer's input (0 without activation rounding);
+- GPT (``gpt_rounding_bound``): the embedding's rounding through the float network's certificate,
+  each block's error (the mean-value inequality in weight space, docs/quantization.md §4) through the
+  certificate of the blocks after it, and the head's error.
+
+``*_per_input`` replace every worst case of a layer's error by the difference the deployed network
+actually made on an input (computed in float64 beside the float network): a certificate for that
+input, which covers everything the deployed network computes (activation rounding, float32
+arithmetic) since it measures it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lipschitz_lightning.core.bounds import (
+    GELU_DIVISOR,
+    GELU_MAX_SLOPE,
+    UNCERTIFIABLE_SUBSTITUTES,
+    embedding_norm,
+    gpt_certificate,
+    rms_norm,
+)
+from lipschitz_lightning.robustness.precision import FLOAT8_MAX, cast_tensor
+
+FP8 = torch.float8_e4m3fn
+TINY = torch.finfo(torch.float32).tiny
+
+# Rounding to e4m3 with the per-tensor scale s = amax / 448, as Fp8Linear does it in float32
+# (docs/quantization.md §1): |Q(z) - z| <= FP8_RELATIVE |z| + FP8_ABSOLUTE * amax / 448 per entry.
+# e4m3 keeps 3 mantissa bits (relative rounding 2^-4 among normal numbers); below its smallest normal
+# 2^-6 the spacing is 2^-9 (absolute rounding 2^-10 in units of s). The float32 division by s, the
+# float32 product with s and s's own rounding add the 2^-22 terms.
+FP8_RELATIVE = 2**-4 + 2**-22
+FP8_ABSOLUTE = 2**-10 * (1 + 2**-22)
+
+
+# --------------------------------------------------------------------------------------------
+# The quantizers: round, dequantize
+# --------------------------------------------------------------------------------------------
+
+
+def int8_per_row(W: Tensor) -> Tensor:
+    """Symmetric int8, one scale per row (output channel): ``round(W / s) * s``, ``s = amax(row) / 127``."""
+    scale = W.abs().amax(dim=-1, keepdim=True) / 127
+    return (W / scale.clamp(min=TINY)).round().clamp(-127, 127) * scale
+
+
+def int4_groups(W: Tensor, group: int = 128) -> Tensor:
+    """Symmetric int4 in groups of ``group`` consecutive inputs of each row (the last group of a row
+    may be shorter): ``round(W / s) * s``, ``s = amax(group) / 7``, codes -7..7."""
+    rows, fan_in = W.shape
+    padded = F.pad(W, (0, (-fan_in) % group)).view(rows, -1, group)
+    scale = padded.abs().amax(dim=-1, keepdim=True) / 7
+    rounded = (padded / scale.clamp(min=TINY)).round().clamp(-7, 7) * scale
+    return rounded.view(rows, -1)[:, :fan_in]
+
+
+def fp8_per_tensor(W: Tensor) -> Tensor:
+    """float8 e4m3 with the per-tensor scale ``amax / 448`` (the same rounding as ``certify``'s)."""
+    return cast_tensor(W, FP8)
+
+
+def fp8_round(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``x`` (float32) as e4m3 codes and the per-tensor scale ``amax / 448``: ``codes * scale`` is the
+    rounded tensor."""
+    scale = x.abs().amax().clamp(min=TINY) / FLOAT8_MAX
+    return (x / scale).to(FP8), scale
+
+
+def fp8_activation_rounding(width: int) -> float:
+    """``kappa`` with ``rms(Q(z_t) - z_t) <= kappa * max_t' rms(z_t')`` for every row of a tensor of rows
+    of ``width`` entries rounded to e4m3 with one per-tensor scale (docs/quantization.md §1): the amax
+    is at most ``sqrt(width)`` times the largest row RMS."""
+    return FP8_RELATIVE + FP8_ABSOLUTE * math.sqrt(width) / FLOAT8_MAX
+
+
+class Fp8Linear(nn.Module):
+    """A bias-free linear layer with e4m3 weights (per-tensor scale) that rounds its input to e4m3
+    (per-tensor dynamic scale over the whole input) and multiplies the codes with ``torch._scaled_mm``
+    (exact products, float32 accumulation). Where ``_scaled_mm`` refuses (a device without fp8
+    matrix units, CUDA's multiple-of-16 shapes), the same rounded operands are multiplied in float32:
+    ``kernel`` says which ran. ``weight`` is the dequantized weight, for the bounds."""
+
+    def __init__(self, weight: Tensor):
+        super().__init__()
+        codes, scale = fp8_round(weight.detach().float())
+        self.register_buffer("codes", codes)
+        self.register_buffer("scale", scale)
+        self.register_buffer("weight", codes.float() * scale)
+        self.kernel = "torch._scaled_mm"  # until it refuses once; then "simulated"
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = x.reshape(-1, x.shape[-1]).float()
+        codes, scale = fp8_round(flat)
+        if self.kernel == "torch._scaled_mm":
+            try:
+                y = torch._scaled_mm(codes, self.codes.t(), scale_a=scale, scale_b=self.scale, out_dtype=torch.float32)
+            except (RuntimeError, NotImplementedError):
+                self.kernel = "simulated"
+        if self.kernel == "simulated":
+            y = (codes.float() * scale) @ self.weight.t()
+        return y.reshape(*x.shape[:-1], -1)
+
+
+@dataclass(frozen=True)
+class Scheme:
+    name: str
+    description: str
+    weights: Callable[[Tensor], Tensor]  # W -> the dequantized rounded W (same shape and dtype)
+    activations: bool = False  # the input of every linear layer rounded to fp8 e4m3 (Fp8Linear)
+
+
+def schemes(int4_group: int = 128) -> dict[str, Scheme]:
+    return {s.name: s for s in (
+        Scheme("int8", "int8 weights, symmetric, per output channel", int8_per_row),
+        Scheme("fp8", "fp8 e4m3 weights, per-tensor amax scale", fp8_per_tensor),
+        Scheme("int4", f"int4 weights, symmetric, groups of {int4_group} inputs", partial(int4_groups, group=int4_group)),
+        Scheme("fp8_act", "fp8 e4m3 weights and fp8 e4m3 inputs to every linear layer (per-tensor dynamic scale)",
+               fp8_per_tensor, activations=True),
+    )}
+
+
+SCHEME_NAMES = ("int8", "fp8", "int4", "fp8_act")
+
+
+@torch.no_grad()
+def quantized(net: nn.Module, scheme: Scheme) -> nn.Module:
+    """A copy of ``net`` (float32) with every linear layer's and embedding's weight rounded by
+    ``scheme``; with activation rounding, every ``nn.Linear`` replaced by an ``Fp8Linear``."""
+    deployed = copy.deepcopy(net).float().eval()
+    for module in list(deployed.modules()):
+        if isinstance(module, nn.Embedding):
+            module.weight.copy_(scheme.weights(module.weight))
+        for name, child in list(module.named_children()):
+            if not isinstance(child, nn.Linear):
+                continue
+            if child.bias is not None:
+                raise ValueError(f"{name}: a linear layer with a bias; the networks here have none and the bounds assume none")
+            if scheme.activations:
+                setattr(module, name, Fp8Linear(child.weight))
+            else:
+                child.weight.copy_(scheme.weights(child.weight))
+    return deployed
+
+
+def kernels(deployed: nn.Module) -> list[str]:
+    """Which matrix product the ``Fp8Linear`` layers of ``deployed`` ran (empty without any)."""
+    return sorted({m.kernel for m in deployed.modules() if isinstance(m, Fp8Linear)})
+
+
+def error_norm(W: Tensor, rounded: Tensor) -> float:
+    """``||W~ - W||`` in RMS->RMS units, the difference formed in float64 (exact for float32 weights)."""
+    return rms_norm(rounded.detach().double() - W.detach().double())
+
+
+def token_rms_max(x: Tensor) -> Tensor:
+    """A sequence's norm (docs/certificate.md §0): its largest token RMS, per sequence."""
+    return x.pow(2).mean(dim=-1).sqrt().amax(dim=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# The MLP (docs/quantization.md §2)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RoundingBound:
+    """``bound`` on ``rms(f~(x) - f(x))`` (RMS over the logits) for every input of RMS at most
+    ``input_rms`` (the MLP) or every token sequence (the GPT), and its terms, one per layer or block."""
+
+    bound: float
+    terms: dict[str, float]
+    input_rms: float
+    covers: str  # "weights" or "weights and activations"
+
+
+def mlp_rounding_bound(norms: Sequence[float], rounded_norms: Sequence[float], error_norms: Sequence[float], *,
+                       final_scale: float = 1.0, input_rms: float = 1.0,
+                       activation_rounding: Sequence[float] | None = None) -> RoundingBound:
+    """The bias-free ReLU MLP ``c W_n relu(... relu(W_1 x))`` against its rounded copy, input first.
+
+    Layer ``i``'s term is ``|c| (prod_{j>i} ||W_j||) (||E_i|| A_{i-1} + ||W~_i|| alpha_{i-1})``: the
+    deployed network up to layer ``i``, the float network after it (Lipschitz ``|c| prod_{j>i} ||W_j||``,
+    ReLU being 1-Lipschitz). ``A`` bounds the RMS of the deployed network's activations
+    (``|relu(z)| <= |z|``) and ``alpha_{i-1} = kappa_i A_{i-1}`` their fp8 rounding, with
+    ``activation_rounding[i] = kappa_i`` (``fp8_activation_rounding`` of layer ``i``'s input width).
+    """
+    A, terms = input_rms, {}
+    for i, (error, rounded) in enumerate(zip(error_norms, rounded_norms)):
+        downstream = abs(final_scale) * math.prod(norms[i + 1:])
+        alpha = activation_rounding[i] * A if activation_rounding is not None else 0.0
+        terms[f"layers.{i}"] = downstream * (error * A + rounded * alpha)
+        A = rounded * (A + alpha)
+    covers = "weights" if activation_rounding is None else "weights and activations"
+    return RoundingBound(sum(terms.values()), terms, input_rms, covers)
+
+
+def mlp_rounding_bound_of(net: nn.Module, deployed: nn.Module, scheme: Scheme, input_rms: float = 1.0) -> RoundingBound:
+    """``mlp_rounding_bound`` for a ``models.MLP`` and its ``quantized`` copy."""
+    weights = [layer.weight for layer in net.layers]
+    rounded = [layer.weight for layer in deployed.layers]
+    kappa = [fp8_activation_rounding(W.shape[1]) for W in weights] if scheme.activations else None
+    return mlp_rounding_bound([rms_norm(W) for W in weights], [rms_norm(W) for W in rounded],
+                              [error_norm(W, R) for W, R in zip(weights, rounded)],
+                              final_scale=net.final_scale, input_rms=input_rms, activation_rounding=kappa)
+
+
+@torch.no_grad()
+def mlp_per_input(net64: nn.Module, deployed: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """For a batch of inputs: the deployed network's logits (float32, as deployed) and the per-input
+    certified bound on ``rms(f~(x) - f(x))`` against the float network ``net64`` (float64).
+
+    Layer ``i``'s term is the float tail's Lipschitz bound times ``rms(z~_i - W_i h~_{i-1})``: what the
+    deployed layer computed on the input it received minus what the float layer computes on it (in
+    float64), so activation rounding and float32 arithmetic are inside the measured differences.
+    """
+    seen: list[tuple[Tensor, Tensor]] = []
+    hooks = [layer.register_forward_hook(lambda m, args, out: seen.append((args[0], out))) for layer in deployed.layers]
+    try:
+        logits = deployed(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    weights = [layer.weight.double() for layer in net64.layers]
+    norms = [rms_norm(W) for W in weights]
+    c = net64.final_scale
+    bound = torch.zeros(len(x), dtype=torch.float64)
+    for i, ((h, z), W) in enumerate(zip(seen, weights)):
+        exact = h.double() @ W.T
+        if i < len(weights) - 1:
+            bound += abs(c) * math.prod(norms[i + 1:]) * rms(z.double() - exact)
+        else:  # the last layer: the deployed logits against c W_n h~
+            bound += rms(logits.double() - c * exact)
+    return logits, bound
+
+
+def rms(x: Tensor) -> Tensor:
+    return x.pow(2).mean(dim=-1).sqrt()
+
+
+# --------------------------------------------------------------------------------------------
+# The GPT (docs/quantization.md §3-§5)
+# --------------------------------------------------------------------------------------------
+
+BLOCK_MATRICES = ("q", "k", "v", "w", "mlp_in", "mlp_out")
+
+
+@dataclass(frozen=True)
+class GPTShape:
+    """What the bounds need of a ``GPTConfig``."""
+
+    num_blocks: int
+    num_heads: int
+    softmax_scale: float = 1.0
+    residual_scale: float = 1.0
+    final_scale: float = 1.0
+    layernorm_substitute: str = "none"
+    gelu: str = "tanh"
+    embed_max_rms: float | None = None
+
+    @classmethod
+    def of(cls, config) -> GPTShape:
+        return cls(**{name: getattr(config, name) for name in cls.__dataclass_fields__})
+
+
+def downstream_lipschitz(norms: Mapping[str, float], shape: GPTShape, first: int, radius: float) -> float:
+    """The certificate (docs/certificate.md) of blocks ``first..L-1`` and the head, on inputs of token
+    RMS at most ``radius``: ``gpt_certificate`` of that sub-network. Its residual mix must stay
+    ``a = residual_scale / (2 L)`` of the whole network, so it gets ``residual_scale * rest / L``."""
+    L, rest = shape.num_blocks, shape.num_blocks - first
+    if rest == 0:
+        return norms["out"] * abs(shape.final_scale)
+    sub = {f"{name}{l - first}": norms[f"{name}{l}"] for l in range(first, L) for name in BLOCK_MATRICES}
+    return gpt_certificate(
+        {**sub, "out": norms["out"]}, num_blocks=rest, num_heads=shape.num_heads, softmax_scale=shape.softmax_scale,
+        residual_scale=shape.residual_scale * rest / L, final_scale=shape.final_scale,
+        layernorm_substitute=shape.layernorm_substitute, gelu=shape.gelu, input_radius=radius,
+    ).bound
+
+
+def embedding_radius(embed_norms: Sequence[float], shape: GPTShape) -> float:
+    """``R``: the largest token RMS the float and the rounded embedding can produce, at least 1 (the
+    lookup caps it at ``embed_max_rms`` when set)."""
+    largest = max(embed_norms)
+    if shape.embed_max_rms is not None:
+        largest = min(largest, shape.embed_max_rms)
+    return max(1.0, largest)
+
+
+def block_rounding_error(norms: Mapping[str, float], rounded: Mapping[str, float], errors: Mapping[str, float],
+                         shape: GPTShape, l: int, radius: float) -> float:
+    """Bound on ``||B~_l(X) - B_l(X)||`` (largest token RMS) for every input ``X`` of token RMS at most
+    ``radius``: block ``l`` with rounded against float weights (docs/quantization.md §4)."""
+    squash = shape.layernorm_substitute == "tanh"
+    a = shape.residual_scale / (2 * shape.num_blocks)
+    keep, s, H = abs(1 - a), abs(shape.softmax_scale), shape.num_heads
+    q, k, v, w, i, o = (norms[f"{name}{l}"] for name in BLOCK_MATRICES)
+    Eq, Ek, Ev, Ew, Ei, Eo = (errors[f"{name}{l}"] for name in BLOCK_MATRICES)
+    q_, k_, v_, w_, i_, o_ = (max(norms[f"{n}{l}"], rounded[f"{n}{l}"]) for n in BLOCK_MATRICES)  # along W + tE
+
+    r_in = min(radius, 1.0) if squash else radius
+    attention = (r_in / 3) * (Ew * math.sqrt(H) * rounded[f"v{l}"]
+                              + w * (math.sqrt(H) * Ev + s * H * v_ * r_in**2 * (k_ * Eq + q_ * Ek)))
+    r_mid = keep * radius + a * (w_ / 3) * math.sqrt(H) * v_ * r_in  # the attention mix's output, float or rounded
+    m_in = min(r_mid, 1.0) if squash else r_mid
+    slope = GELU_MAX_SLOPE[shape.gelu] / GELU_DIVISOR
+    mlp = (Eo * rounded[f"mlp_in{l}"] / GELU_DIVISOR + o * slope * Ei) * m_in
+    return (keep + a * o * i * slope) * a * attention + a * mlp
+
+
+@dataclass(frozen=True)
+class GPTRoundingBound:
+    """``bound`` on the largest token RMS of ``f~(tokens) - f(tokens)`` (RMS over the vocabulary) for
+    every token sequence: the embedding's term, each block's, the head's (docs/quantization.md §5).
+    ``weights_part`` (blocks and head) bounds ``||f~(X) - f(X)||`` for every input ``X`` after the
+    embedding of token RMS at most ``input_radius``."""
+
+    bound: float
+    embedding: float
+    blocks: tuple[float, ...]
+    head: float
+    input_radius: float
+    activation_rms: tuple[float, ...]  # the radii the terms use: block outputs, float or rounded
+
+    @property
+    def weights_part(self) -> float:
+        return sum(self.blocks) + self.head
+
+
+def gpt_rounding_bound(norms: Mapping[str, float], rounded: Mapping[str, float], errors: Mapping[str, float],
+                       shape: GPTShape) -> GPTRoundingBound:
+    """Weight rounding in the Modula GPT, from RMS->RMS norms (``embed``: the largest token RMS) of the
+    float weights, the rounded ones and their differences (``errors["embed"]``: the largest token RMS
+    of the embedding's difference)."""
+    if shape.layernorm_substitute in UNCERTIFIABLE_SUBSTITUTES:
+        inf = (math.inf,) * shape.num_blocks
+        return GPTRoundingBound(math.inf, math.inf, inf, math.inf, math.inf, inf)
+    R = embedding_radius([norms["embed"], rounded["embed"]], shape)
+    largest = {name: max(norms[name], rounded[name]) for name in norms}
+    radii = gpt_certificate(largest, num_blocks=shape.num_blocks, num_heads=shape.num_heads,
+                            softmax_scale=shape.softmax_scale, residual_scale=shape.residual_scale,
+                            layernorm_substitute=shape.layernorm_substitute, gelu=shape.gelu,
+                            input_radius=R).activation_rms
+    embedding = downstream_lipschitz(norms, shape, 0, R) * errors["embed"]
+    blocks = tuple(
+        downstream_lipschitz(norms, shape, l + 1, radii[l]) * block_rounding_error(norms, rounded, errors, shape, l, r)
+        for l, r in enumerate((R, *radii[:-1]))
+    )
+    head = abs(shape.final_scale) * errors["out"] * radii[-1]
+    return GPTRoundingBound(embedding + sum(blocks) + head, embedding, blocks, head, R, tuple(radii))
+
+
+def gpt_norms(net: nn.Module, deployed: nn.Module) -> tuple[dict, dict, dict]:
+    """The float norms, the rounded ones and the errors' of a GPT and its ``quantized`` copy."""
+    float_weights, rounded_weights = net.named_matrices(), deployed.named_matrices()
+    errors = {name: error_norm(W, rounded_weights[name]) for name, W in float_weights.items()}
+    errors["embed"] = embedding_norm(deployed.embedding.weight.double() - net.embedding.weight.double())
+    return net.layer_norms(), deployed.layer_norms(), errors
+
+
+def gpt_rounding_bound_of(net: nn.Module, deployed: nn.Module) -> GPTRoundingBound:
+    return gpt_rounding_bound(*gpt_norms(net, deployed), GPTShape.of(net.config))
+
+
+@torch.no_grad()
+def gpt_per_input(net64: nn.Module, deployed: nn.Module, tokens: Tensor, window=None) -> tuple[Tensor, Tensor]:
+    """For a batch of token sequences: the deployed logits ``(batch, seq, vocab)`` (float32, as
+    deployed) and per sequence the certified bound on the largest token RMS of their difference from
+    the float network ``net64``'s (float64). The bound of ``gpt_rounding_bound`` on these sequences, each worst case replaced by what the
+    deployed network did (docs/quantization.md §6): its embedding against the float one, each of its
+    blocks against the float block on the same (deployed) input, its head against the float head, each
+    difference times the float network's certificate downstream on the ball both sides lie in."""
+    seen: list[tuple[tuple, Tensor]] = []
+    hooks = [block.register_forward_hook(lambda m, args, out: seen.append((args, out))) for block in deployed.blocks]
+    try:
+        features = deployed.features(tokens, window=window)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    logits = deployed.logits(features)
+    shape = GPTShape.of(net64.config)
+    norms = net64.layer_norms()
+
+    def lipschitz(first: int, a: Tensor, b: Tensor) -> Tensor:
+        radius = torch.maximum(token_rms_max(a), token_rms_max(b))
+        return torch.tensor([downstream_lipschitz(norms, shape, first, float(r)) for r in radius], dtype=torch.float64)
+
+    exact_input = net64.embed(tokens)
+    deployed_input = seen[0][0][0].double()
+    bound = lipschitz(0, deployed_input, exact_input) * token_rms_max(deployed_input - exact_input)
+    rotary = (net64.rotary_cos, net64.rotary_sin)
+    for l, ((x, _, mask, _, name), out) in enumerate(seen):
+        float_block = net64.blocks[l](x.double(), rotary, mask, None, name)
+        bound += lipschitz(l + 1, out.double(), float_block) * token_rms_max(out.double() - float_block)
+    bound += token_rms_max(logits.double() - net64.logits(features.double()))
+    return logits, bound
