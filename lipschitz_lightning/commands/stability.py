@@ -7,7 +7,8 @@ bound on it. ``report`` writes it beside the tradeoff table when a sweep's runs 
     python -m lipschitz_lightning.report logs/shakespeare_stability/multiruns/<date>
 
 Writes ``stability.csv``, ``stability.md`` and ``stability.png``: validation loss against learning
-rate per pair (a diverged run is a cross at the top), and the largest |logit| over steps per run.
+rate per pair (a run with no finite loss is a cross at the top, one far above the rest a
+triangle there labelled with its loss), and the largest |logit| over steps per run.
 """
 
 from __future__ import annotations
@@ -126,12 +127,18 @@ def plot(runs: list[StabilityRun], path: Path) -> None:
     pairs = sorted({r.pair for r in runs})
     colors = {pair: plt.get_cmap("tab10")(i % 10) for i, pair in enumerate(pairs)}
     figure, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
-    trained_losses = [r.val_loss for r in runs if r.trained]
-    ceiling = max(trained_losses) * 1.05 if trained_losses else 1.0
-    for pair in pairs:
+    trained_losses = sorted(r.val_loss for r in runs if r.trained)
+    # the axis ends at 2x the median run's loss: a run far above it (a blown-up loss of 229 nats)
+    # would flatten every other curve; it is drawn at the top as a triangle labelled with its loss
+    ceiling = min(trained_losses[-1], 2 * trained_losses[len(trained_losses) // 2]) * 1.05 if trained_losses else 1.0
+    for index, pair in enumerate(pairs):
         mine = [r for r in runs if r.pair == pair]
         trained = [r for r in mine if r.trained]
-        left.plot([r.lr for r in trained], [r.val_loss for r in trained], "o-", color=colors[pair], label=pair)
+        left.plot([r.lr for r in trained], [min(r.val_loss, ceiling) for r in trained], "o-", color=colors[pair], label=pair)
+        for r in trained:
+            if r.val_loss > ceiling:
+                left.plot([r.lr], [ceiling], "^", color=colors[pair], markersize=10)
+                left.annotate(f"{r.val_loss:.3g}", (r.lr, ceiling), textcoords="offset points", xytext=(-30, -12 - 10 * index), fontsize=8, color=colors[pair])
         failed = [r for r in mine if not r.trained]
         left.plot([r.lr for r in failed], [ceiling] * len(failed), "x", color=colors[pair], markersize=10)
         for r in mine:
@@ -140,7 +147,7 @@ def plot(runs: list[StabilityRun], path: Path) -> None:
                 right.plot(steps, values, color=colors[pair], alpha=0.35 + 0.65 * (r.lr == max(x.lr for x in mine)),
                            linewidth=1 + (r.lr == max(x.lr for x in mine)))
     left.set(xscale="log", xlabel="learning rate", ylabel="final validation loss",
-             title="validation loss against learning rate (x: diverged)")
+             title="validation loss against learning rate (^: above the axis, x: not finite)")
     left.legend(fontsize=8)
     right.set(yscale="log", xlabel="step", ylabel="largest |attention logit| over blocks",
               title="largest attention logit over training (bold: each pair's largest lr)")

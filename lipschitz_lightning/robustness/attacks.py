@@ -77,10 +77,14 @@ def autoattack_l2(auto_attack: type, net: nn.Module, x: Tensor, labels: Tensor, 
     channels_last = (lambda t: t.permute(0, 2, 3, 1)) if image else (lambda t: t)
 
     class ChannelsFirst(nn.Module):
-        def forward(self, t: Tensor) -> Tensor:
-            return net(channels_last(t))
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net  # a submodule: torchattacks reads the device from the parameters (else it prints, per batch)
 
-    attack = auto_attack(ChannelsFirst().eval(), norm="L2", eps=eps, version=version, n_classes=_classes(net, x), seed=seed)
+        def forward(self, t: Tensor) -> Tensor:
+            return self.net(channels_last(t))
+
+    attack = auto_attack(ChannelsFirst(), norm="L2", eps=eps, version=version, n_classes=_classes(net, x), seed=seed)
     broken = torch.zeros(len(x), dtype=torch.bool)
     delta = torch.zeros_like(x)
     for part in torch.arange(len(x)).split(batch):
