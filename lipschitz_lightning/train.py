@@ -93,9 +93,14 @@ def run(args: list[str]) -> None:
                 if built is None:
                     record_failure(cfg, error)  # train() records the failures of a built run itself
                 # one diverged or misconfigured grid point is a result, not a reason to stop the sweep:
-                # its summary.json says failed and the report lists it; a SIGTERM stops the whole sweep
+                # its summary.json says failed and the report lists it
                 if isinstance(error, LipschitzLightningError) and not isinstance(error, Preempted):
                     return None
+                if isinstance(error, Preempted):
+                    # a SIGTERM stops the whole sweep: an exception would only fail this job (Hydra's
+                    # launcher runs the rest and raises at the end), SystemExit ends the process now
+                    log.error(one_line(error))
+                    sys.exit(error.exit_status)
                 raise
             if built is None:
                 if resumed is not None:
