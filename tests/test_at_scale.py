@@ -72,13 +72,16 @@ def test_a_sigterm_stops_the_whole_multirun(tmp_path, counting_shards):
     overrides = [*tiny_nanogpt(counting_shards), "scheduler=constant", "trainer.max_steps=100000", "trainer.val_check_interval=100000",
                  "+logger.csv.flush_logs_every_n_steps=1", f"hydra.sweep.dir={sweep}", "seed=0,1", *QUIET_TRAINER]
     process = subprocess.Popen([sys.executable, "train.py", "-m", *overrides], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = sweep / "0" / "csv" / "metrics.csv"
-    deadline = time.monotonic() + 300
-    while not (metrics.is_file() and len(metrics.read_text().splitlines()) > 3):
-        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
-        time.sleep(0.5)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=300)
+    try:
+        metrics = sweep / "0" / "csv" / "metrics.csv"
+        deadline = time.monotonic() + 300
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) > 3):
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
+            time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)  # the second job would run for 100,000 steps
+    finally:
+        process.kill()  # a sweep that went on must not outlive the test
     assert process.returncode == 143, stderr[-3000:]
     assert json.loads((sweep / "0" / "summary.json").read_text())["status"] == "preempted"
     assert not (sweep / "1").exists(), "the second job started after the SIGTERM"
