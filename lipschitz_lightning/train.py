@@ -112,6 +112,9 @@ def run(args: list[str]) -> None:
             log.error(one_line(error))
             sys.exit(getattr(error, "exit_status", 1))
 
+    # the arguments as resolved (resume=, the rank's directory): what Lightning's DDP launcher
+    # re-runs for the other processes, and what Hydra's app reads
+    sys.argv[1:] = args
     if composed is not None and not composed.hydra.callbacks:  # a user's Hydra callbacks: Hydra's app calls them
         with read_write(composed.hydra):
             composed.hydra.mode = RunMode.RUN
@@ -119,7 +122,6 @@ def run(args: list[str]) -> None:
                          hydra_context=HydraContext(config_loader=None, callbacks=_NoCallbacks()))
         result.return_value  # noqa: B018  (raises what the job raised, as Hydra's own run does)
         return
-    sys.argv[1:] = args
     hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")(job)()
 
 
