@@ -9,6 +9,7 @@ import copy
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -168,7 +169,11 @@ def accuracy_on_first(result: dict, count: int) -> float:
 
 def test_autoattack_without_torchattacks_is_one_line_before_any_work(tiny_classifier, tmp_path, monkeypatch):
     monkeypatch.setattr(C, "available", lambda module: module != "torchattacks")
-    with pytest.raises(C.ConfigError, match=r"^autoattack.examples=64: AutoAttack needs torchattacks: pip install --no-deps"):
+    from lipschitz_lightning.commands.extras import install_line
+
+    expected = f"autoattack.examples=64: AutoAttack needs torchattacks: {install_line('torchattacks')} "
+    assert "pip install --no-deps torchattacks" in expected
+    with pytest.raises(C.ConfigError, match="^" + re.escape(expected)):
         C.certify(settings(tiny_classifier, tmp_path, autoattack={"examples": 64}))
     assert not (tmp_path / "certify.json").exists()
 
