@@ -220,7 +220,7 @@ def test_wandb_without_a_key_is_one_line_before_anything_is_built(tmp_path, monk
 
 
 # the pages whose commands must run as written (docs/paper_code_timing.md runs the paper's code)
-DOCUMENTED = ("README.md", *(f"docs/{page}.md" for page in ("configuration", "shakespeare", "nanogpt", "sweeps", "certify", "constraints", "speed", "api")))
+DOCUMENTED = ("README.md", *(f"docs/{page}.md" for page in ("configuration", "shakespeare", "nanogpt", "sweeps", "certify", "constraints", "speed", "api", "claims", "quantization")))
 
 
 def readme_commands() -> list[tuple[dict, list[str]]]:
