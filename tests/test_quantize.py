@@ -13,6 +13,7 @@ import subprocess
 import sys
 import typing
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from conftest import ascend_ratio
 from omegaconf import OmegaConf
 
 from lipschitz_lightning.commands import quantize as C
-from lipschitz_lightning.commands.runs import load_run
+from lipschitz_lightning.commands.runs import Loaded, load_run
 from lipschitz_lightning.commands.settings import QuantizeSettings
 from lipschitz_lightning.core.bounds import rms_norm
 from lipschitz_lightning.models import GPT, MLP
@@ -81,17 +82,20 @@ def test_fp8_per_tensor_rounds_to_the_nearest_e4m3_value_after_the_amax_scale():
 
 
 def test_fp8_input_rounding_stays_within_its_bound_which_a_midpoint_construction_nearly_reaches():
-    # rows of every size, down to e4m3's subnormals: rms(Q(z_t) - z_t) <= kappa * max_t rms(z_t)
+    # rows of every size, down to e4m3's subnormals, each with its own scale: rms(Q(z) - z) <= kappa * rms(z)
     generator = torch.Generator().manual_seed(0)
-    z = torch.randn(64, 32, generator=generator) * torch.logspace(-6, 1, 64)[:, None]
-    codes, scale = Q.fp8_round(z)
+    z = torch.randn(64, 32, generator=generator) * torch.logspace(-30, 10, 64)[:, None]
+    z[5, 3:] = 0  # a row with one large entry: its other entries would be flushed, were they not zero
+    z[6] = torch.logspace(-8, 0, 32)  # entries down to e4m3's subnormals after the row's scale
+    codes, scale = Q.fp8_round_rows(z)
+    assert scale.shape == (64, 1)
     rounded = codes.float() * scale
-    assert float(Q.rms(rounded - z).max()) <= Q.fp8_activation_rounding(32) * float(Q.rms(z).max())
+    assert (Q.rms(rounded - z) <= Q.fp8_activation_rounding(32) * Q.rms(z)).all()
     # every entry at a midpoint between two e4m3 values (1.0625 * 256 -> 256), the amax 448 exact: the
     # relative error u / (1 + u) with u = 2^-4 in every entry but one
     z = torch.full((1, 16), 272.0)
     z[0, 0] = 448.0
-    codes, scale = Q.fp8_round(z)
+    codes, scale = Q.fp8_round_rows(z)
     error = float(Q.rms(codes.float() * scale - z)) / float(Q.rms(z))
     assert 0.85 * Q.fp8_activation_rounding(16) < error <= Q.fp8_activation_rounding(16)
 
@@ -106,9 +110,12 @@ def test_fp8_linear_runs_scaled_mm_and_agrees_with_the_simulated_products():
     simulated.kernel = "simulated"
     torch.testing.assert_close(y, simulated(x), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(layer.weight, Q.fp8_per_tensor(weight))  # the same weights as the fp8 scheme
-    codes, scale = Q.fp8_round(x.reshape(-1, 48))
+    codes, scale = Q.fp8_round_rows(x.reshape(-1, 48))
     by_hand = (codes.double() * scale.double()) @ layer.weight.double().T  # the rounded operands, exactly
     torch.testing.assert_close(y.reshape(-1, 10).double(), by_hand, rtol=1e-5, atol=1e-6)
+    # in float64 the same rounding with float64 products: the rounded network the every-input bounds speak of
+    y64 = copy.deepcopy(layer).double()(x.double())
+    torch.testing.assert_close(y64.reshape(-1, 10), by_hand, rtol=1e-5, atol=1e-6)
 
 
 def test_the_scheme_names_agree_everywhere():
@@ -329,7 +336,7 @@ def test_no_input_moves_a_rounded_gpt_past_its_bound(config):
     net = random_gpt(5, **config)
     for scheme in ("int8", "int4"):
         deployed = Q.quantized(net, Q.schemes(int4_group=8)[scheme])
-        bound = Q.gpt_rounding_bound_of(net, deployed)
+        bound = Q.gpt_rounding_bound_of(net, deployed, scheme == "fp8_act")
         found = search_change(frozen64(net), frozen64(deployed), bound.input_radius, steps=150, seed=6)
         print(f"\n{config} {scheme}: found {found:.4g}, bound (weights) {bound.weights_part:.4g}")
         assert 0 < found <= bound.weights_part * (1 + SLACK)
@@ -339,15 +346,15 @@ def test_no_input_moves_a_rounded_gpt_past_its_bound(config):
 def test_the_gpt_per_input_bound_holds_on_token_sequences_and_sits_under_the_every_input_bound(scheme):
     net = random_gpt(7, num_blocks=2)
     deployed = Q.quantized(net, Q.schemes(int4_group=8)[scheme])
-    bound = Q.gpt_rounding_bound_of(net, deployed)
+    bound = Q.gpt_rounding_bound_of(net, deployed, scheme == "fp8_act")
     tokens = torch.randint(0, 11, (32, 8), generator=torch.Generator().manual_seed(8))
     net64 = frozen64(net)
     logits, per_input = Q.gpt_per_input(net64, deployed, tokens)
     torch.testing.assert_close(logits, deployed(tokens))
     observed = Q.token_rms_max(logits.double() - net64(tokens))
     assert (observed <= per_input * (1 + SLACK)).all()
-    if scheme != "fp8_act":  # the every-input bound speaks of weight rounding only
-        assert (per_input <= bound.bound * (1 + 1e-6)).all()
+    assert bound.covers == ("weights and activations" if scheme == "fp8_act" else "weights")
+    assert (per_input <= bound.bound * (1 + 1e-6)).all()
     # a bound term by term: the embedding's alone, with float weights everywhere else
     embedding_only = copy.deepcopy(net)
     with torch.no_grad():
@@ -426,11 +433,9 @@ def test_language_models_in_every_scheme_and_the_default_folder(tiny_checkpoints
             assert 0 < row["observed_max"] <= row["per_input_max"]
             assert row["certified_unchanged"] <= 1 - row["changed"] + 1e-9
             assert row["certified_unchanged_by_bound"] <= row["certified_unchanged"]
-            if name != "fp8_act":
-                assert row["per_input_max"] <= row["bound"] * (1 + 1e-6)
-                assert row["bound_covers"] == "weights"
+            assert row["per_input_max"] <= row["bound"] * (1 + 1e-6)
+            assert row["bound_covers"] == ("weights and activations" if name == "fp8_act" else "weights")
             assert set(row["bound_terms"]) == {"embedding", "block0", "block1", "head"}
-    assert "(weights only)" in (run / "quantize.md").read_text()
 
 
 def run_command(capsys, *overrides) -> tuple[int, str]:
@@ -484,3 +489,134 @@ def test_the_command_line_end_to_end(tiny_classifier, tmp_path):  # noqa: F811
     assert "| checkpoint | run | scheme |" in result.stdout and f"written: {run / 'quantize.json'}" in result.stdout
     assert json.loads((run / "quantize.json").read_text())[run.name]["examples"] == 64
     assert list(cwd.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- where each printed bound holds
+# Each test below is built like a reproduction of issue 29: a construction where an every-input bound
+# printed as certified did not cover what the deployed network computes.
+
+
+class ValidationBatches:
+    """A datamodule's validation side, as the command reads it: the given batches."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def val_dataloader(self):
+        return self.batches
+
+    def on_after_batch_transfer(self, batch, index):
+        return batch
+
+
+def constructed(net, batches) -> Loaded:
+    """What ``load_run`` gives the command, for a network built in the test."""
+    return Loaded(Path("constructed"), SimpleNamespace(net=net, checkpoint={"global_step": 0}), {}, ValidationBatches(batches))
+
+
+COMMAND = OmegaConf.create({"examples": None, "batch": 2000, "max_batches": 8})
+
+
+def e4m3_exact(weight: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A matrix of ``weight``'s shape and roughly its size whose fp8 rounding (per-tensor scale ``amax / 448``)
+    changes nothing: e4m3 values times a power of two, the largest entry 448 times it."""
+    table = e4m3_values()
+    table = table[table.abs() <= 448]
+    step = 2.0 ** math.floor(math.log2(float(weight.abs().max()) / 448))
+    codes = table[(table[:, None] - (weight.double().flatten() / step).clamp(-448, 448)).abs().argmin(0)].view(weight.shape)
+    codes[0, 0] = 448.0
+    return (codes * step).to(weight.dtype)
+
+
+def test_fp8_activations_are_inside_the_language_models_every_input_bound():
+    # A GPT whose weights survive e4m3 rounding exactly: a bound for the weights alone is 0, so every
+    # position would count as certified unchanged, and fp8 activations change some of them.
+    net = random_gpt(11, gain=0.3, num_blocks=1)
+    generator = torch.Generator().manual_seed(12)
+    with torch.no_grad():
+        net.embedding.weight.copy_(e4m3_exact(net.embedding.weight, generator))
+        for weight in net.named_matrices().values():
+            weight.copy_(e4m3_exact(weight, generator))
+    scheme = Q.schemes()["fp8_act"]
+    deployed = Q.quantized(net, scheme)
+    assert all(error == 0 for error in Q.gpt_norms(net, deployed)[2].values())
+    tokens = torch.randint(0, 11, (128, 8), generator=generator)
+    result = C.quantize_language_model(COMMAND, constructed(net, [(tokens, tokens)]), {"fp8_act": scheme})
+    row = result["schemes"]["fp8_act"]
+    assert row["bound_covers"] == "weights and activations" and row["bound"] > 0
+    # by hand, the rounded network in exact arithmetic (float64): no position the bound certifies changed
+    net64, deployed64 = frozen64(net), frozen64(deployed)
+    exact, rounded = net64(tokens), deployed64(tokens)
+    prediction, margin = C.top_two_margin(exact)
+    changed = rounded.argmax(dim=-1) != prediction
+    certified = margin > math.sqrt(2 * 11) * row["bound"]
+    print(f"\nbound {row['bound']:.4g}: {int(changed.sum())} of {changed.numel()} predictions changed, "
+          f"{int(certified.sum())} certified unchanged for every input")
+    assert changed.any() and certified.any()  # the check has teeth both ways
+    assert not (certified & changed).any()
+    assert float(Q.token_rms_max(rounded - exact).max()) <= row["bound"] * (1 + SLACK)
+    # and no input after the embedding, searched in float64, moves the logits past it
+    bound = Q.gpt_rounding_bound_of(net, deployed, activations=True)
+    found = search_change(net64, deployed64, bound.input_radius, steps=100, seed=13)
+    print(f"searched: {found:.4g} against {bound.weights_part:.4g}")
+    assert 0 < found <= bound.weights_part * (1 + SLACK)
+
+
+def test_an_input_shift_is_inside_the_mlps_every_input_bound():
+    # The first layer sees x - shift: a black image is not at the bound's zero, and its float32
+    # subtraction is part of what the deployed network computes (the per-input bound measures it).
+    torch.manual_seed(40)  # a network whose black image int4 flips
+    net = MLP(input_dim=48, width=32, num_layers=3, num_classes=10, zero_init=False, final_scale=2.0, input_shift=0.5)
+    with torch.no_grad():
+        for layer in net.layers:
+            layer.weight.mul_(3.0)
+    generator = torch.Generator().manual_seed(15)
+    x = torch.rand(512, 48, generator=generator) ** 4  # many small pixel values: x - 0.5 rounds in float32
+    x[0] = 0  # black
+    scheme = Q.schemes(int4_group=16)["int4"]
+    result = C.quantize_classifier(COMMAND, constructed(net.eval(), [(x, torch.zeros(512, dtype=torch.int64))]), {"int4": scheme})
+    row = result["schemes"]["int4"]
+    net64, deployed64 = frozen64(net), frozen64(Q.quantized(net, scheme))
+    exact, rounded = net64(x.double()), deployed64(x.double())
+    shifted_rms = Q.rms(x.double() - 0.5)
+    assert (Q.rms(rounded - exact) <= row["bound"] * shifted_rms * (1 + SLACK)).all()
+    prediction, margin = C.top_two_margin(exact)
+    certified = margin > math.sqrt(2 * 10) * row["bound"] * shifted_rms
+    changed = rounded.argmax(dim=-1) != prediction
+    assert changed[0]  # int4 flips the black image, which a bound scaled by rms(x) = 0 counted certified
+    assert not (certified & changed).any()
+    # (a bound scaled by rms(x) counted the black image: 1 of 512 where none is certified)
+    assert row["certified_unchanged_by_bound"] == pytest.approx(float(certified.double().mean()))
+    assert "x - 0.5" in result["domain"]
+
+
+def test_the_per_input_bound_measures_the_float32_subtraction_of_an_input_shift():
+    # Identity layers (exact in int8, exact products): the only difference from the float64 network is
+    # x - 0.5 rounded in float32 before the first layer, which the per-input bound must cover (it
+    # measured the layers only, and called a 1e-8 change a broken certificate).
+    net = MLP(input_dim=16, width=16, num_layers=3, num_classes=16, zero_init=False, input_shift=0.5)
+    with torch.no_grad():
+        for layer in net.layers:
+            layer.weight.copy_(torch.eye(16))
+        net.layers[0].weight.neg_()  # 0.5 - x > 0 passes the ReLU where the subtraction rounds
+    x = torch.rand(64, 16, generator=torch.Generator().manual_seed(15)) ** 4
+    result = C.quantize_classifier(COMMAND, constructed(net.eval(), [(x, torch.zeros(64, dtype=torch.int64))]),
+                                   {"int8": Q.schemes()["int8"]})
+    row = result["schemes"]["int8"]
+    assert row["bound"] == 0 and 0 < row["observed_max"] <= row["per_input_max"] * (1 + SLACK)
+
+
+def test_fp8_activations_bound_each_input_whatever_its_batch_holds():
+    # A small input beside one 1e6 times larger: a scale for the whole batch flushed the small one's
+    # activations; a scale per row rounds each input as if it were alone.
+    net = random_mlp(16)
+    x = torch.rand(2, 48, generator=torch.Generator().manual_seed(17))
+    x[1] *= 1e6
+    scheme = Q.schemes()["fp8_act"]
+    deployed = Q.quantized(net, scheme)
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(x)[:1], deployed(x[:1]), rtol=0, atol=0)
+    result = C.quantize_classifier(COMMAND, constructed(net, [(x, torch.zeros(2, dtype=torch.int64))]), {"fp8_act": scheme})
+    row = result["schemes"]["fp8_act"]
+    print(f"\nlargest change over its every-input bound: {row['observed_over_bound_max']:.3g}")
+    assert 0 < row["observed_over_bound_max"] <= 1

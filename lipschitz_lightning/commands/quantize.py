@@ -16,7 +16,9 @@ most ``max_batches`` batches):
   network > ``sqrt(2)`` times the bound in l2 units), also from the every-input bound.
 
 A logit change above its per-input bound, or a prediction certified unchanged that changed, is a
-broken certificate: the command stops with exit status 2 (as ``certify``). It writes
+broken certificate: the command stops with exit status 2 (as ``certify``). The every-input bound is
+checked the same way against the rounded network evaluated in float64 (it speaks of exact
+arithmetic, docs/quantization.md §0). It writes
 ``quantize.json`` and ``quantize.md`` (the table, also printed) into ``out_dir``, by default the first
 checkpoint's run directory, and nothing else. Settings: ``conf/quantize.yaml``.
 """
@@ -92,6 +94,22 @@ def check_per_input(where: str, scheme: str, observed: Tensor, bound: Tensor, ce
                                 f"unchanged by rounding changed")
 
 
+def check_every_input(where: str, scheme: str, observed: Tensor, bound: Tensor, certified: Tensor, prediction: Tensor,
+                      exact_prediction: Tensor) -> None:
+    """The every-input bound's promises on this batch, for the rounded network in exact arithmetic (its
+    float64 evaluation, which is what the bound speaks of): no change above it, no prediction it
+    certifies unchanged changed."""
+    over = observed > bound * (1 + SLACK)
+    if over.any():
+        i = int(over.nonzero()[0, 0])
+        raise CertificateBroken(f"certificate broken: {where}: {scheme}: input {i} moved the logits by {float(observed[i]):.6g} "
+                                f"(RMS, rounded network in float64), above the every-input bound {float(bound[i]):.6g} there")
+    flipped = certified & (prediction != exact_prediction)
+    if flipped.any():
+        raise CertificateBroken(f"certificate broken: {where}: {scheme}: {int(flipped.sum())} predictions certified "
+                                f"unchanged for every input changed (rounded network in float64)")
+
+
 # ----------------------------------------------------------------------------- classifiers
 
 
@@ -103,6 +121,8 @@ def quantize_classifier(cfg, loaded: Loaded, chosen: dict[str, Q.Scheme]) -> dic
     classes = net.config["num_classes"]
     to_l2 = math.sqrt(2 * classes)  # a margin moves by at most sqrt(2) ||dz||_2 = sqrt(2 classes) rms(dz)
     deployed = {name: Q.quantized(net, scheme) for name, scheme in chosen.items()}
+    deployed64 = {name: frozen(rounded, torch.float64) for name, rounded in deployed.items()}
+    # per unit RMS of what the first layer sees (the bound is linear in it: docs/quantization.md §2)
     bounds = {name: Q.mlp_rounding_bound_of(net, deployed[name], scheme) for name, scheme in chosen.items()}
     reference, tallies, seconds = Tally(), {name: Tally() for name in chosen}, dict.fromkeys(chosen, 0.0)
     for xs, ys in zip(x.split(cfg.batch), y.split(cfg.batch)):
@@ -112,7 +132,7 @@ def quantize_classifier(cfg, loaded: Loaded, chosen: dict[str, Q.Scheme]) -> dic
         exact_prediction, margin = top_two_margin(exact)
         prediction = logits.argmax(dim=-1)
         reference.add(logits, ys, prediction)
-        input_rms = Q.rms(xs.flatten(1).double())
+        input_rms = Q.rms(Q.first_layer_input(net64, xs))
         for name in chosen:
             started = time.perf_counter()
             rounded, per_input = Q.mlp_per_input(net64, deployed[name], xs)
@@ -120,18 +140,27 @@ def quantize_classifier(cfg, loaded: Loaded, chosen: dict[str, Q.Scheme]) -> dic
             observed = Q.rms(rounded.double() - exact)
             certified = margin > to_l2 * per_input
             check_per_input(where, name, observed, per_input, certified, rounded.argmax(dim=-1), exact_prediction)
+            every_input = bounds[name].bound * input_rms
+            certified_by_bound = margin > to_l2 * every_input * (1 + SLACK)
+            with torch.no_grad():
+                rounded64 = deployed64[name](xs.double())
+            check_every_input(where, name, Q.rms(rounded64 - exact), every_input, certified_by_bound, rounded64.argmax(dim=-1),
+                              exact_prediction)
             tally = tallies[name]
             tally.add(rounded, ys, prediction)
             tally.certified += int(certified.sum())
-            # the every-input bound is linear in the input's RMS (docs/quantization.md §2)
-            tally.certified_global += int((margin > to_l2 * bounds[name].bound * input_rms).sum())
+            tally.certified_global += int(certified_by_bound.sum())
             tally.per_input.append(per_input)
             tally.observed_max = max(tally.observed_max, float(observed.max()))
-            tally.observed_over_bound = max(tally.observed_over_bound, float((observed / (bounds[name].bound * input_rms)).max()))
+            tally.observed_over_bound = max(tally.observed_over_bound, float((observed / every_input.clamp(min=1e-300)).max()))
+    shift = net.input_shift
+    domain = (f"every image in [0, 1]^{net.config['input_dim']}: the first layer sees x - {shift:g}, of RMS <= "
+              f"{Q.first_layer_input_rms_max(net):g}; per image, the bound times rms(x - {shift:g})") if shift else \
+             f"every image in [0, 1]^{net.config['input_dim']} (RMS <= 1); per image, the bound times its RMS"
     return {
         "kind": "classifier", "checkpoint": where, "run": run_label(loaded.run_config),
         "step": int(loaded.saved.checkpoint.get("global_step", 0)), "examples": len(x),
-        "domain": "every image of RMS <= 1 (all of [0, 1]^3072); per image, the bound times its RMS",
+        "domain": domain,
         "float32": reference.row() | {"changed": 0.0},
         "schemes": {name: scheme_row(chosen[name], tallies[name], bounds[name].bound, bounds[name].covers, bounds[name].terms,
                                      Q.kernels(deployed[name]), seconds[name],
@@ -164,7 +193,8 @@ def quantize_language_model(cfg, loaded: Loaded, chosen: dict[str, Q.Scheme]) ->
     window = net.window_blocks(1.0)
     to_l2 = math.sqrt(2 * net.config.vocab_size)
     deployed = {name: Q.quantized(net, scheme) for name, scheme in chosen.items()}
-    bounds = {name: Q.gpt_rounding_bound_of(net, deployed[name]) for name in chosen}
+    deployed64 = {name: frozen(rounded, torch.float64) for name, rounded in deployed.items()}
+    bounds = {name: Q.gpt_rounding_bound_of(net, deployed[name], scheme.activations) for name, scheme in chosen.items()}
     reference, tallies, seconds = Tally(), {name: Tally() for name in chosen}, dict.fromkeys(chosen, 0.0)
     batches = 0
     for index, (tokens, targets) in enumerate(loaded.datamodule.val_dataloader()):
@@ -185,10 +215,16 @@ def quantize_language_model(cfg, loaded: Loaded, chosen: dict[str, Q.Scheme]) ->
             observed = change.amax(dim=-1)
             certified = margin > to_l2 * per_input[:, None]
             check_per_input(where, name, observed, per_input, certified, rounded.argmax(dim=-1), exact_prediction)
+            every_input = torch.full_like(per_input, bounds[name].bound)
+            certified_by_bound = margin > to_l2 * bounds[name].bound * (1 + SLACK)
+            with torch.no_grad():
+                rounded64 = deployed64[name](tokens, window=window)
+            check_every_input(where, name, Q.rms(rounded64 - exact).amax(dim=-1), every_input, certified_by_bound,
+                              rounded64.argmax(dim=-1), exact_prediction)
             tally = tallies[name]
             tally.add(rounded, targets, prediction)
             tally.certified += int(certified.sum())
-            tally.certified_global += int((margin > to_l2 * bounds[name].bound).sum())
+            tally.certified_global += int(certified_by_bound.sum())
             tally.per_input.append(per_input)
             tally.observed_max = max(tally.observed_max, float(observed.max()))
             tally.observed_over_bound = max(tally.observed_over_bound, float(observed.max()) / bounds[name].bound)
@@ -197,10 +233,9 @@ def quantize_language_model(cfg, loaded: Loaded, chosen: dict[str, Q.Scheme]) ->
     rows = {}
     for name in chosen:
         b = bounds[name]
-        covers = "weights" if not chosen[name].activations else "weights only: the activations' rounding is in the per-input bound"
         terms = {"embedding": b.embedding, **{f"block{l}": t for l, t in enumerate(b.blocks)}, "head": b.head}
         errors = Q.gpt_norms(net, deployed[name])[2]
-        rows[name] = scheme_row(chosen[name], tallies[name], b.bound, covers, terms, Q.kernels(deployed[name]), seconds[name], errors)
+        rows[name] = scheme_row(chosen[name], tallies[name], b.bound, b.covers, terms, Q.kernels(deployed[name]), seconds[name], errors)
     return {
         "kind": "language_model", "checkpoint": where, "run": run_label(loaded.run_config),
         "step": int(loaded.saved.checkpoint.get("global_step", 0)), "batches": batches, "positions": int(reference.count),
@@ -254,10 +289,9 @@ def markdown(results: dict[str, dict]) -> str:
     for name, r in results.items():
         base = r["float32"]
         for scheme, s in r["schemes"].items():
-            covers = " (weights only)" if s["bound_covers"].startswith("weights only") else ""
             lines.append("| " + " | ".join([
                 name, r["run"], scheme, f"{base['loss']:.4f} -> {s['loss']:.4f}", f"{base['accuracy']:.2%} -> {s['accuracy']:.2%}",
-                f"{s['changed']:.2%}", f"{s['bound']:.4g}{covers}", f"{s['per_input_median']:.4g} / {s['per_input_max']:.4g}",
+                f"{s['changed']:.2%}", f"{s['bound']:.4g}", f"{s['per_input_median']:.4g} / {s['per_input_max']:.4g}",
                 f"{s['observed_max']:.4g}", f"{s['certified_unchanged']:.2%} / {s['certified_unchanged_by_bound']:.2%}",
             ]) + " |")
     notes = sorted({f"{name}: {r['kind'].replace('_', ' ')}, {r.get('examples', r.get('positions'))} "

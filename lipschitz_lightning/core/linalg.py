@@ -203,6 +203,12 @@ def _square(x: Interval) -> Interval:
     return _down(least).clip(min=0.0), _up(np.maximum(low, high))
 
 
+def _constant(k: float, like: np.ndarray) -> Interval:
+    """The interval one float either side of a rounded product ``k``: it holds the exact product."""
+    k = np.full_like(like, k)
+    return _down(k), _up(k)
+
+
 def _odd_step(abc: tuple[float, float, float], s: Interval) -> Interval:
     """``a s + b s^3 + c s^5`` on intervals: the naive enclosure intersected with the centred
     form ``p(m) + p'(S) (S - m)``, which stays tight where the map is flat (at its maximum)."""
@@ -214,7 +220,8 @@ def _odd_step(abc: tuple[float, float, float], s: Interval) -> Interval:
     m2 = _square((m, m))
     m3 = _mul(m2, (m, m))
     at_m = _add(_add(_times(a, (m, m)), _times(b, m3)), _times(c, _mul(m2, m3)))
-    slope = _add(_add((np.full_like(m, a), np.full_like(m, a)), _times(3 * b, s2)), _times(5 * c, _square(s2)))
+    # the slope's coefficients 3b and 5c are products in float64 too: enclosed, not rounded to nearest
+    slope = _add(_add((np.full_like(m, a), np.full_like(m, a)), _mul(_constant(3 * b, m), s2)), _mul(_constant(5 * c, m), _square(s2)))
     centred = _add(at_m, _mul(slope, _sub(s, (m, m))))
     return np.maximum(naive[0], centred[0]), np.minimum(naive[1], centred[1])
 

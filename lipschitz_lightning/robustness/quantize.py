@@ -9,9 +9,11 @@ hold exactly the values a low-precision kernel would use, and a bound speaks of 
   what ``certify`` reports);
 - ``int4``: symmetric, one scale per group of ``group`` (128) consecutive inputs of a row:
   ``amax(group) / 7``, codes -7..7;
-- ``fp8_act``: the fp8 weights, and the input of every linear layer rounded to e4m3 with a per-tensor
-  dynamic scale (``Fp8Linear``: ``torch._scaled_mm`` where it runs, else the same products simulated
-  in float32).
+- ``fp8_act``: the fp8 weights, and the input of every linear layer rounded to e4m3 with a dynamic
+  scale per row (per token, per image: ``Fp8Linear``, ``torch._scaled_mm``'s row-wise scaling where it
+  runs, else the same products simulated in float32). A scale per row, not per tensor: with one
+  scale for a whole batch, a small input beside a large one loses its activations to rounding, and
+  no bound on one input could hold whatever the rest of its batch holds.
 
 An embedding table is rounded like a matrix whose rows are its token vectors.
 
@@ -19,11 +21,16 @@ The bounds telescope over the layers (blocks): the network as deployed up to a l
 network after it. With ``E_i = W~_i - W_i`` and all norms RMS->RMS (SPEC §2):
 
 - MLP (``mlp_rounding_bound``): ``rms(f~(x) - f(x)) <= |c| sum_i (prod_{j>i} ||W_j||) (||E_i|| A_{i-1} + ||W~_i|| alpha_{i-1})``
-  with ``A_0 = rms(x)``, ``A_i = ||W~_i|| (A_{i-1} + alpha_{i-1})`` and ``alpha`` the fp8 rounding of a
-  layer's input (0 without activation rounding);
+  with ``A_0 = rms(x - input_shift)`` (what the first layer sees), ``A_i = ||W~_i|| (A_{i-1} + alpha_{i-1})``
+  and ``alpha`` the fp8 rounding of a layer's input (0 without activation rounding);
 - GPT (``gpt_rounding_bound``): the embedding's rounding through the float network's certificate,
   each block's error (the mean-value inequality in weight space, docs/quantization.md §4) through the
-  certificate of the blocks after it, and the head's error.
+  certificate of the blocks after it, and the head's error; with fp8 activations every matrix's
+  norm and error grow by the rounding of its input (``activation_rounded``).
+
+Both every-input bounds speak of the rounded network in exact arithmetic (its float32 arithmetic,
+like the certificate's, is outside them); the command checks them against the rounded network
+evaluated in float64 (``Fp8Linear`` runs in float64 too).
 
 ``*_per_input`` replace every worst case of a layer's error by the difference the deployed network
 actually made on an input (computed in float64 beside the float network): a certificate for that
@@ -98,19 +105,30 @@ def fp8_round(x: Tensor) -> tuple[Tensor, Tensor]:
     return (x / scale).to(FP8), scale
 
 
+def fp8_round_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Every row of ``x`` (float32 or float64) as e4m3 codes and its own scale ``amax(row) / 448``
+    (shape ``(rows, 1)``): ``codes * scale`` is the rounded tensor."""
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=TINY) / FLOAT8_MAX
+    return (x / scale).to(FP8), scale
+
+
 def fp8_activation_rounding(width: int) -> float:
-    """``kappa`` with ``rms(Q(z_t) - z_t) <= kappa * max_t' rms(z_t')`` for every row of a tensor of rows
-    of ``width`` entries rounded to e4m3 with one per-tensor scale (docs/quantization.md §1): the amax
-    is at most ``sqrt(width)`` times the largest row RMS."""
+    """``kappa`` with ``rms(Q(z) - z) <= kappa * rms(z)`` for a row ``z`` of ``width`` entries rounded to
+    e4m3 with its own scale (docs/quantization.md §1): the row's amax is at most ``sqrt(width)`` times
+    its RMS. It holds for rows whose largest entry is 0 or at least ``448 * 2^-126`` (~5.3e-36), where
+    the scale is a normal float32."""
     return FP8_RELATIVE + FP8_ABSOLUTE * math.sqrt(width) / FLOAT8_MAX
 
 
 class Fp8Linear(nn.Module):
     """A bias-free linear layer with e4m3 weights (per-tensor scale) that rounds its input to e4m3
-    (per-tensor dynamic scale over the whole input) and multiplies the codes with ``torch._scaled_mm``
-    (exact products, float32 accumulation). Where ``_scaled_mm`` refuses (a device without fp8
-    matrix units, CUDA's multiple-of-16 shapes), the same rounded operands are multiplied in float32:
-    ``kernel`` says which ran. ``weight`` is the dequantized weight, for the bounds."""
+    with a dynamic scale per row (``fp8_round_rows``) and multiplies the codes with
+    ``torch._scaled_mm`` (row-wise scales, exact products, float32 accumulation). Where
+    ``_scaled_mm`` refuses (a device without fp8 matrix units, CUDA's multiple-of-16 shapes), the same
+    rounded operands are multiplied in float32: ``kernel`` says which ran. In float64 (the module
+    converted with ``.double()``) it computes the same rounding with float64 products: the rounded
+    network in exact arithmetic, what the every-input bounds speak of. ``weight`` is the dequantized
+    weight, for the bounds."""
 
     def __init__(self, weight: Tensor):
         super().__init__()
@@ -121,11 +139,16 @@ class Fp8Linear(nn.Module):
         self.kernel = "torch._scaled_mm"  # until it refuses once; then "simulated"
 
     def forward(self, x: Tensor) -> Tensor:
-        flat = x.reshape(-1, x.shape[-1]).float()
-        codes, scale = fp8_round(flat)
+        flat = x.reshape(-1, x.shape[-1])
+        if self.weight.dtype == torch.float64:
+            codes, scale = fp8_round_rows(flat.double())
+            return ((codes.double() * scale) @ self.weight.t()).reshape(*x.shape[:-1], -1)
+        codes, scale = fp8_round_rows(flat.float())
         if self.kernel == "torch._scaled_mm":
             try:
-                y = torch._scaled_mm(codes, self.codes.t(), scale_a=scale, scale_b=self.scale, out_dtype=torch.float32)
+                y = torch._scaled_mm(codes, self.codes.t(), scale_a=scale,
+                                     scale_b=self.scale.reshape(1, 1).expand(1, self.codes.shape[0]).contiguous(),
+                                     out_dtype=torch.float32)
             except (RuntimeError, NotImplementedError):
                 self.kernel = "simulated"
         if self.kernel == "simulated":
@@ -146,7 +169,7 @@ def schemes(int4_group: int = 128) -> dict[str, Scheme]:
         Scheme("int8", "int8 weights, symmetric, per output channel", int8_per_row),
         Scheme("fp8", "fp8 e4m3 weights, per-tensor amax scale", fp8_per_tensor),
         Scheme("int4", f"int4 weights, symmetric, groups of {int4_group} inputs", partial(int4_groups, group=int4_group)),
-        Scheme("fp8_act", "fp8 e4m3 weights and fp8 e4m3 inputs to every linear layer (per-tensor dynamic scale)",
+        Scheme("fp8_act", "fp8 e4m3 weights and fp8 e4m3 inputs to every linear layer (dynamic scale per row)",
                fp8_per_tensor, activations=True),
     )}
 
@@ -227,13 +250,26 @@ def mlp_rounding_bound(norms: Sequence[float], rounded_norms: Sequence[float], e
 
 
 def mlp_rounding_bound_of(net: nn.Module, deployed: nn.Module, scheme: Scheme, input_rms: float = 1.0) -> RoundingBound:
-    """``mlp_rounding_bound`` for a ``models.MLP`` and its ``quantized`` copy."""
+    """``mlp_rounding_bound`` for a ``models.MLP`` and its ``quantized`` copy, for first-layer inputs
+    (``first_layer_input``) of RMS at most ``input_rms``."""
     weights = [layer.weight for layer in net.layers]
     rounded = [layer.weight for layer in deployed.layers]
     kappa = [fp8_activation_rounding(W.shape[1]) for W in weights] if scheme.activations else None
     return mlp_rounding_bound([rms_norm(W) for W in weights], [rms_norm(W) for W in rounded],
                               [error_norm(W, R) for W, R in zip(weights, rounded)],
                               final_scale=net.final_scale, input_rms=input_rms, activation_rounding=kappa)
+
+
+def first_layer_input(net: nn.Module, x: Tensor) -> Tensor:
+    """What a ``models.MLP``'s first layer sees, exactly (float64): the flattened input minus its
+    ``input_shift``. The every-input bound is linear in its RMS."""
+    return x.flatten(1).double() - net.input_shift
+
+
+def first_layer_input_rms_max(net: nn.Module) -> float:
+    """The largest RMS of ``first_layer_input`` over images in ``[0, 1]^n``: ``max(shift, 1 - shift)``
+    (every pixel at the end farther from the shift)."""
+    return max(net.input_shift, 1.0 - net.input_shift)
 
 
 @torch.no_grad()
@@ -243,7 +279,9 @@ def mlp_per_input(net64: nn.Module, deployed: nn.Module, x: Tensor) -> tuple[Ten
 
     Layer ``i``'s term is the float tail's Lipschitz bound times ``rms(z~_i - W_i h~_{i-1})``: what the
     deployed layer computed on the input it received minus what the float layer computes on it (in
-    float64), so activation rounding and float32 arithmetic are inside the measured differences.
+    float64), so activation rounding and float32 arithmetic are inside the measured differences. The
+    first term is the whole float network's bound times how far the first layer's input is from the
+    exact ``x - input_shift`` (the deployed network subtracts the shift in float32).
     """
     seen: list[tuple[Tensor, Tensor]] = []
     hooks = [layer.register_forward_hook(lambda m, args, out: seen.append((args[0], out))) for layer in deployed.layers]
@@ -255,7 +293,7 @@ def mlp_per_input(net64: nn.Module, deployed: nn.Module, x: Tensor) -> tuple[Ten
     weights = [layer.weight.double() for layer in net64.layers]
     norms = [rms_norm(W) for W in weights]
     c = net64.final_scale
-    bound = torch.zeros(len(x), dtype=torch.float64)
+    bound = abs(c) * math.prod(norms) * rms(seen[0][0].double() - first_layer_input(net64, x))
     for i, ((h, z), W) in enumerate(zip(seen, weights)):
         exact = h.double() @ W.T
         if i < len(weights) - 1:
@@ -339,6 +377,19 @@ def block_rounding_error(norms: Mapping[str, float], rounded: Mapping[str, float
     return (keep + a * o * i * slope) * a * attention + a * mlp
 
 
+def activation_rounded(rounded: Mapping[str, float], errors: Mapping[str, float],
+                       activation_rounding: Mapping[str, float]) -> tuple[dict, dict]:
+    """A matrix whose input is rounded (``rms(Q(z) - z) <= kappa rms(z)``, fp8 per row) acts like a
+    matrix of norm ``||W~|| (1 + kappa)`` off by ``||E|| + kappa ||W~||`` from the float one:
+    ``W~ Q(z) - W z = E z + W~ (Q(z) - z)`` (docs/quantization.md §4). The norms and errors of the
+    matrices named in ``activation_rounding``, so grown; the others as they are."""
+    grown, off = dict(rounded), dict(errors)
+    for name, kappa in activation_rounding.items():
+        grown[name] = rounded[name] * (1 + kappa)
+        off[name] = errors[name] + kappa * rounded[name]
+    return grown, off
+
+
 @dataclass(frozen=True)
 class GPTRoundingBound:
     """``bound`` on the largest token RMS of ``f~(tokens) - f(tokens)`` (RMS over the vocabulary) for
@@ -352,6 +403,7 @@ class GPTRoundingBound:
     head: float
     input_radius: float
     activation_rms: tuple[float, ...]  # the radii the terms use: block outputs, float or rounded
+    covers: str = "weights"  # or "weights and activations"
 
     @property
     def weights_part(self) -> float:
@@ -359,13 +411,17 @@ class GPTRoundingBound:
 
 
 def gpt_rounding_bound(norms: Mapping[str, float], rounded: Mapping[str, float], errors: Mapping[str, float],
-                       shape: GPTShape) -> GPTRoundingBound:
+                       shape: GPTShape, activation_rounding: Mapping[str, float] | None = None) -> GPTRoundingBound:
     """Weight rounding in the Modula GPT, from RMS->RMS norms (``embed``: the largest token RMS) of the
     float weights, the rounded ones and their differences (``errors["embed"]``: the largest token RMS
-    of the embedding's difference)."""
+    of the embedding's difference). ``activation_rounding``: each matrix's ``kappa`` when its input is
+    rounded too (fp8 activations; ``activation_rounded``)."""
+    covers = "weights" if activation_rounding is None else "weights and activations"
     if shape.layernorm_substitute in UNCERTIFIABLE_SUBSTITUTES:
         inf = (math.inf,) * shape.num_blocks
-        return GPTRoundingBound(math.inf, math.inf, inf, math.inf, math.inf, inf)
+        return GPTRoundingBound(math.inf, math.inf, inf, math.inf, math.inf, inf, covers)
+    if activation_rounding is not None:
+        rounded, errors = activation_rounded(rounded, errors, activation_rounding)
     R = embedding_radius([norms["embed"], rounded["embed"]], shape)
     largest = {name: max(norms[name], rounded[name]) for name in norms}
     radii = gpt_certificate(largest, num_blocks=shape.num_blocks, num_heads=shape.num_heads,
@@ -378,7 +434,7 @@ def gpt_rounding_bound(norms: Mapping[str, float], rounded: Mapping[str, float],
         for l, r in enumerate((R, *radii[:-1]))
     )
     head = abs(shape.final_scale) * errors["out"] * radii[-1]
-    return GPTRoundingBound(embedding + sum(blocks) + head, embedding, blocks, head, R, tuple(radii))
+    return GPTRoundingBound(embedding + sum(blocks) + head, embedding, blocks, head, R, tuple(radii), covers)
 
 
 def gpt_norms(net: nn.Module, deployed: nn.Module) -> tuple[dict, dict, dict]:
@@ -389,8 +445,13 @@ def gpt_norms(net: nn.Module, deployed: nn.Module) -> tuple[dict, dict, dict]:
     return net.layer_norms(), deployed.layer_norms(), errors
 
 
-def gpt_rounding_bound_of(net: nn.Module, deployed: nn.Module) -> GPTRoundingBound:
-    return gpt_rounding_bound(*gpt_norms(net, deployed), GPTShape.of(net.config))
+def gpt_rounding_bound_of(net: nn.Module, deployed: nn.Module, activations: bool = False) -> GPTRoundingBound:
+    """``gpt_rounding_bound`` of a GPT and its ``quantized`` copy; ``activations``: every linear
+    layer's input rounded to fp8 as well (the ``fp8_act`` scheme), each with its fan-in's ``kappa``."""
+    kappa = None
+    if activations:
+        kappa = {name: fp8_activation_rounding(W.shape[1]) for name, W in net.named_matrices().items()}
+    return gpt_rounding_bound(*gpt_norms(net, deployed), GPTShape.of(net.config), kappa)
 
 
 @torch.no_grad()
