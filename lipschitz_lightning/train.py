@@ -31,6 +31,7 @@ from lipschitz_lightning.commands.cli import (
     register_resolvers,
     resume_arguments,
     set_cuda_allocator,
+    user_code_on_path,
 )
 from lipschitz_lightning.commands.settings import validate_config
 from lipschitz_lightning.errors import (
@@ -52,6 +53,7 @@ def run(args: list[str]) -> None:
     which composes each job, checked inside it."""
     set_cuda_allocator()  # before torch is imported
     register_resolvers()
+    user_code_on_path(args)  # a _target_ of the user's own: from the working folder or a hydra.searchpath folder
     if search.requested(args):  # +hparams_search=<pair>: an Optuna study, its trials run here (commands/search.py)
         return search.run(args)
     try:

@@ -1,4 +1,4 @@
-"""Shared test helpers: where the reference fixtures live (SPEC's shared/reference)."""
+"""Shared test helpers: the paper code's reference values (``tests/fixtures/``), the data, tiny runs."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ def shared_dir() -> Path:
 
 
 def fixtures_path() -> Path:
-    return shared_dir() / "reference" / "fixtures.json"
+    """The repository's own copy of the shared folder's ``reference/fixtures.json`` (tests/fixtures/README.md)."""
+    return Path(__file__).resolve().parent / "fixtures" / "fixtures.json"
 
 
 @lru_cache(maxsize=1)
@@ -35,7 +36,7 @@ def load_reference_fixtures() -> dict:
     """The paper code's reference values; a missing file fails the run rather than skipping tests."""
     path = fixtures_path()
     if not path.is_file():
-        raise FileNotFoundError(f"reference fixtures not found at {path}; set LIPSCHITZ_SHARED_DIR")
+        raise FileNotFoundError(f"reference fixtures not found at {path}; restore tests/fixtures/ from the repository")
     with path.open() as handle:
         return json.load(handle)
 

@@ -162,7 +162,7 @@ def test_a_step_never_reads_the_device(monkeypatch):
               document_token=0, window_pattern="LS", window_max=256, embed_max_rms=1.0)
     optimizer = Muon(param_groups(net.param_specs()), lr=0.05, nesterov=True, ns_coefficients="nanogpt", adam_roles=["embedding"])
     projection = Projection(SpectralSoftCap(w_max=1.0))
-    projection.attach([optimizer])
+    projection.attach([optimizer], net.param_specs())
     projection.scale_into_ball()
     tokens = torch.randint(1, VOCAB, (2, 257))
     reads = []
@@ -178,9 +178,9 @@ def test_a_step_never_reads_the_device(monkeypatch):
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, counted)
-    for step in range(2):  # the step the Lightning module runs
-        result = train_step(net, [(tokens[:, :-1], tokens[:, 1:])], CrossEntropy(), optimizer, projection,
-                            progress=step / 100, forward=net.features)
+    for step in range(2):  # the step the Lightning module and Lightning's optimization run together
+        result = train_step(net, tokens[:, :-1], tokens[:, 1:], CrossEntropy(), optimizer, progress=step / 100,
+                            forward=net.features)
     monkeypatch.undo()
     assert reads == []
     assert math.isfinite(float(result.loss)) and projection.fallback_count() == 0

@@ -422,7 +422,7 @@ def test_the_margin_loss_reads_no_value_back_from_the_device(monkeypatch, model)
         batch, forward = (torch.randint(0, 17, (3, 8)), torch.randint(0, 17, (3, 8))), net.features
     optimizer = Muon(param_groups(net.param_specs()), lr=0.05)
     projection = Projection(SpectralSoftCap(w_max=2.0))
-    projection.attach([optimizer])
+    projection.attach([optimizer], net.param_specs())
 
     def read_back(*args, **kwargs):
         raise AssertionError("a tensor's value was read on the host")
@@ -431,7 +431,7 @@ def test_the_margin_loss_reads_no_value_back_from_the_device(monkeypatch, model)
         # (.numpy() of a tensor the host itself made, the guards' decisions, reads no device)
         for name in ("item", "tolist", "__float__", "__int__", "__bool__", "__index__"):
             patched.setattr(torch.Tensor, name, read_back)
-        result = train_step(net, [batch], CertifiedMargin(radius=0.05), optimizer, projection, forward=forward, loss_chunk=5)
+        result = train_step(net, *batch, CertifiedMargin(radius=0.05), optimizer, forward=forward, loss_chunk=5)
     assert isinstance(result.margin, torch.Tensor) and float(result.margin) > 0
     assert int(result.certified) <= int(result.correct) and math.isfinite(float(result.loss))
 

@@ -100,7 +100,7 @@ def train_tiny(rank: int, world: int, method: str, steps: int) -> dict:
     net = tiny_nanogpt()
     optimizer = recipe_muon(net)
     projection = Projection(BUILT_IN[method](w_max=1.0, head_w_max=1.0, embed_w_max=1.0))
-    projection.attach([optimizer])  # a sharded step runs the projection itself
+    projection.attach([optimizer], net.param_specs())  # a sharded step runs it inside, else the step's hook
     projection.scale_into_ball()
     optimizer.reduce_gradients = True  # no DDP wrapper: the step reduces
     tokens = global_batch(world).chunk(world)[rank]
@@ -112,7 +112,6 @@ def train_tiny(rank: int, world: int, method: str, steps: int) -> dict:
         loss.backward()
         with count_traffic() as counted:
             optimizer.step()
-            projection.after_step()
         traffic.append(counted)
     plan = optimizer._sharded.plan if optimizer._sharded is not None else None
     return {

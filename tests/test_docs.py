@@ -6,6 +6,9 @@ import math
 import re
 from pathlib import Path
 
+import pytest
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 # the table's group -> the folder whose yaml files are its options
 GROUPS = {
@@ -76,3 +79,19 @@ def test_every_guarantee_in_the_constraints_table_names_tests_that_exist():
         assert set(named) <= defined, f"{row[:60]}...: no such test {sorted(set(named) - defined)}"
         covered |= set(re.findall(r"`(\w+)`", row.split(" | ")[0]))
     assert methods <= covered, f"no row for {sorted(methods - covered)}"
+
+
+def test_the_lightning_page_constrains_and_certifies_a_users_module_as_written(tmp_path, monkeypatch):
+    from lipschitz_lightning.core.bounds import rms_norm
+    from lipschitz_lightning.models.protocol import PlainNetwork
+
+    monkeypatch.chdir(tmp_path)  # Lightning's default logger and checkpoints write into the working folder
+    (block,) = re.findall(r"```python\n(.*?)```", (REPO / "docs" / "lightning.md").read_text(), flags=re.S)
+    namespace: dict = {}
+    exec(compile(block, "docs/lightning.md", "exec"), namespace)
+    net, report = namespace["model"].net, namespace["report"]
+    linear = [m for m in net if isinstance(m, torch.nn.Linear)]
+    assert max(rms_norm(m.weight) for m in linear) <= 1.0 * (1 + 1e-5)  # w_max 1 after the last step
+    assert report.bound_l2 == pytest.approx(float(PlainNetwork(net).logit_l2_bound()), rel=1e-9)
+    print(f"\nclean {report.clean:.3f}, certified {report.certified:.3f}, attacked {report.attacked:.3f} at l2 0.05")
+    assert report.clean > 0.5 and 0 < report.certified <= report.attacked <= report.clean

@@ -26,7 +26,7 @@ VAL_LENGTH = 81
 def stand_in_trainer(global_step: int = 0, rank: int = 0, world_size: int = 1, accumulate: int = 1):
     """What the datamodule reads of a Lightning trainer."""
     return SimpleNamespace(global_step=global_step, global_rank=rank, world_size=world_size,
-                           lightning_module=SimpleNamespace(micro_batches=accumulate))
+                           accumulate_grad_batches=accumulate)
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ LAYERS = {
     "errors": 0, "__init__": 0,
     "core": 1,
     "models": 2, "optim": 2, "data": 2, "robustness": 2,
-    # one training step (step.train_step), run by the Lightning module and the benchmark's plain loop
+    # one training step's pieces (step.py), run by the Lightning module and the benchmark's plain loop
     "step": 3, "lit": 3,
     "commands": 4,
     # the documented entry points kept at the top: `python -m lipschitz_lightning.<command>` and the
@@ -27,9 +27,20 @@ def layer(parts: tuple[str, ...]) -> int:
     return LAYERS[parts[0].removesuffix(".py")]
 
 
+def lazy_exports(tree: ast.Module) -> set[ast.AST]:
+    """The nodes of a module-level ``__getattr__``: the package's lazy exports (``from lipschitz_lightning
+    import WeightConstraint``) belong to the documented API at the top, not to the package's layer 0."""
+    return {node for function in tree.body if isinstance(function, ast.FunctionDef) and function.name == "__getattr__"
+            for node in ast.walk(function)}
+
+
 def imports(path: Path) -> list[tuple[str, int]]:
     found = []
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    lazy = lazy_exports(tree) if path == PACKAGE / "__init__.py" else set()
+    for node in ast.walk(tree):
+        if node in lazy:
+            continue
         if isinstance(node, ast.Import):
             found += [(alias.name, node.lineno) for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:

@@ -124,6 +124,53 @@ def test_a_run_without_summary_is_reported_incomplete(tmp_path):
     assert row.status == "incomplete" and row.pair == "muon + spectral_soft_cap" and row.w_max == 2.0
 
 
+def finished_runs(folder: Path, *accuracies: float) -> Path:
+    """A sweep folder whose runs finished: one ``summary.json`` each, as a grid's runs write them."""
+    for job, accuracy in enumerate(accuracies):
+        (folder / str(job)).mkdir(parents=True, exist_ok=True)
+        (folder / str(job) / "summary.json").write_text(json.dumps({
+            "status": "completed", "step": 3, "val/acc": accuracy, "val/loss": 1.5, "lipschitz/bound": 10.0 * (job + 1),
+            "config": {"optimizer": {"_target_": "lipschitz_lightning.optim.Muon", "lr": 0.2, "weight_decay": 0.0},
+                       "constraint": {"_target_": "lipschitz_lightning.core.constraints.SpectralSoftCap", "w_max": 2.0 + job}},
+        }))
+    return folder
+
+
+def test_the_report_of_several_folders_asks_where_it_goes_and_writes_nothing(tmp_path, capsys):
+    grid, search = finished_runs(tmp_path / "grid", 0.5, 0.6), finished_runs(tmp_path / "search", 0.55)
+    assert report.main([str(grid)]) == 0
+    grid_report = (grid / "tradeoff.csv").read_bytes()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_status:
+        report.main([str(grid), str(search)])  # issue 28: this replaced the grid's tradeoff.* without a word
+    assert exit_status.value.code == 1
+    assert capsys.readouterr().err == "error: 2 directories make one report: say where it goes with --out DIR (see --help)\n"
+    assert (grid / "tradeoff.csv").read_bytes() == grid_report and not list(search.glob("tradeoff.*"))
+    assert report.main([str(grid), str(search), "--out", str(tmp_path / "both")]) == 0
+    assert f"wrote {tmp_path / 'both' / 'tradeoff.csv'}" in capsys.readouterr().out
+    with (tmp_path / "both" / "tradeoff.csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) == 3
+    assert (grid / "tradeoff.csv").read_bytes() == grid_report
+
+
+def test_an_earlier_report_is_replaced_only_with_force(tmp_path, capsys):
+    grid = finished_runs(tmp_path / "grid", 0.5)
+    assert report.main([str(grid)]) == 0
+    assert "(replacing" not in capsys.readouterr().out
+    earlier = {path.name: path.read_bytes() for path in grid.glob("tradeoff.*")}
+    assert set(earlier) == {"tradeoff.csv", "tradeoff.md", "tradeoff.png"}
+    finished_runs(grid, *[0.5] * 2)  # job 1 finished since
+    with pytest.raises(SystemExit):
+        report.main([str(grid)])
+    assert capsys.readouterr().err == (f"error: {grid} already holds a report (tradeoff.csv, tradeoff.md, tradeoff.png): "
+                                       "--force replaces it, --out DIR writes one elsewhere (see --help)\n")
+    assert {path.name: path.read_bytes() for path in grid.glob("tradeoff.*")} == earlier
+    assert report.main([str(grid), "--force"]) == 0
+    assert f"wrote {grid / 'tradeoff.csv'}, {grid / 'tradeoff.md'}, {grid / 'tradeoff.png'} (replacing the earlier report)" in capsys.readouterr().out
+    with (grid / "tradeoff.csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) == 2
+
+
 def test_pareto_frontier_keeps_only_undominated_points():
     points = [(1.0, 0.30), (2.0, 0.50), (3.0, 0.45), (4.0, 0.55), (4.0, 0.52), (0.5, 0.10)]
     assert report.pareto_frontier(points) == [5, 0, 1, 3]

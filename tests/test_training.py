@@ -37,19 +37,19 @@ def test_every_optimizer_constraint_pair_composes_and_trains(make_config, optimi
     assert summary["lipschitz/bound"] == pytest.approx(run.module.net.certified_bound(), rel=1e-6)  # of the final weights
     changed = [not torch.equal(b, p) for b, p in zip(before, run.module.parameters())]
     assert all(changed), "every layer must move (zero-init input layer included)"
-    assert run.module.projection.steps_applied == 4
+    assert run.weight_constraint.projection.steps_applied == 4
 
 
 def test_constraint_runs_once_per_optimizer_step_under_gradient_accumulation(make_config):
     cfg = make_config("constraint=svd_cap", "trainer.max_steps=5", "trainer.accumulate_grad_batches=4", "trainer.val_check_interval=5")
     run = build(cfg)
     seen_lr = []
-    projection = run.module.projection
+    projection = run.weight_constraint.projection
     apply = projection.after_step
 
-    def spy():
+    def spy(optimizer=None):
         seen_lr.append(run.trainer.optimizers[0].param_groups[0]["lr"])
-        apply()
+        apply(optimizer)
 
     projection.after_step = spy
     train(cfg, run)

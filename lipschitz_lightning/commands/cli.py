@@ -153,6 +153,32 @@ def rank_arguments(args: list[str]) -> list[str]:
     return [*kept, f"hydra.run.dir={_quoted(scratch)}", "hydra.output_subdir=null"]
 
 
+def user_code_on_path(args: list[str]) -> list[str]:
+    """Make a ``_target_`` of the user's own importable (docs/constraints.md, "Adding a constraint"):
+    the working folder goes on ``sys.path``, as ``python -m`` puts it there (``python train.py`` puts
+    the script's folder instead, a console script neither), and so does every ``file://`` folder of
+    the command line's ``hydra.searchpath``, so that ``my_conf/my_constraints.py`` is found beside
+    ``my_conf/constraint/*.yaml``. Appended: a user's module never shadows an installed one. Returns
+    the folders added; call it once, before a target is imported."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    folders = [Path.cwd()]
+    for arg in args:
+        if not (_is_override(arg) and _key(arg) == "hydra.searchpath"):
+            continue
+        try:
+            entries = OverridesParser.create().parse_override(arg).value()
+        except Exception:  # an override Hydra cannot parse: its composition says so, in one line
+            continue
+        for entry in entries if isinstance(entries, list) else [entries]:
+            if isinstance(entry, str) and entry.startswith("file://"):
+                folders.append(Path.cwd() / Path(entry[len("file://"):]).expanduser())  # relative: to the working folder, as Hydra reads it
+    added = [str(folder.resolve()) for folder in folders if folder.is_dir()]
+    added = [folder for i, folder in enumerate(added) if folder not in sys.path and folder not in added[:i]]
+    sys.path.extend(added)
+    return added
+
+
 def set_cuda_allocator() -> None:
     """Expandable segments, as the paper's NanoGPT script sets them: fewer wasted reserved blocks when
     step and validation shapes alternate. The user's own setting wins."""

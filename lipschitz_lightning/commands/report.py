@@ -1,7 +1,7 @@
 """Gather sweeps' runs into one table and the paper's picture: certified bound vs accuracy.
 
     python -m lipschitz_lightning.report logs/cifar_tradeoff/multiruns/<date> [more dirs] [--out DIR]
-    python -m lipschitz_lightning.report logs/cifar_tradeoff/multiruns/<date> logs/cifar_frontier/searches
+    python -m lipschitz_lightning.report logs/cifar_tradeoff/multiruns/<date> logs/cifar_frontier/searches --out logs/cifar_frontier/report
 
 Every run directory (one holding ``summary.json`` or Hydra's ``.hydra/``) is one row. Runs that
 failed, diverged or never finished are rows too, with their status and error, and are listed
@@ -11,8 +11,10 @@ frontier is drawn over the grid's, and the table says how many trials each study
 (read from the study through Optuna, ``commands/studies.py``). Accuracy is on the test images:
 ``test/acc`` for a run that validated on held-out training images, ``val/acc`` otherwise (there
 validation is the test split); the held-out validation accuracy a search tunes on has a column of
-its own. Writes ``tradeoff.csv``, ``tradeoff.md`` and ``tradeoff.png`` into ``--out`` (default: the
-first directory) and prints the markdown.
+its own. Writes ``tradeoff.csv``, ``tradeoff.md`` and ``tradeoff.png`` into ``--out`` and prints the
+markdown and where the files went. ``--out`` defaults to the directory when one is given; several
+need ``--out`` (their report is not the first one's). An earlier report there is replaced only with
+``--force``: otherwise one line says so and nothing is written.
 """
 
 from __future__ import annotations
@@ -340,25 +342,35 @@ def plot(rows: list[RunRow], path: Path, title: str = ""):
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("dirs", nargs="+", type=Path, help="multirun (or run) directories")
-    parser.add_argument("--out", type=Path, default=None, help="where to write tradeoff.{csv,md,png}")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where to write tradeoff.{csv,md,png} (default: the directory, when only one is given)")
+    parser.add_argument("--force", action="store_true", help="replace a report already in --out")
     parser.add_argument("--title", default="", help="the plot's title")
     args = parser.parse_args(argv)
     missing = [str(d) for d in args.dirs if not d.is_dir()]
     if missing:
         parser.error(f"not a directory: {', '.join(missing)}")
+    if args.out is None and len(args.dirs) > 1:
+        # the first folder's own report may be there already: a report of several is not it
+        parser.error(f"{len(args.dirs)} directories make one report: say where it goes with --out DIR")
     rows = collect(args.dirs)
     if not rows:
         parser.error(f"no runs (summary.json or .hydra/) under {', '.join(map(str, args.dirs))}")
     pyplot()  # the figure is written with the tables: without matplotlib, one line and no tables
     out = args.out or args.dirs[0]
+    stability_runs = [run for run in stability.collect(args.dirs) if run.max_logit is not None]
+    names = [f"{stem}.{ext}" for stem in ("tradeoff", *(["stability"] if stability_runs else [])) for ext in ("csv", "md", "png")]
+    earlier = [name for name in names if (out / name).exists()]
+    if earlier and not args.force:
+        parser.error(f"{out} already holds a report ({', '.join(earlier)}): --force replaces it, --out DIR writes one elsewhere")
     out.mkdir(parents=True, exist_ok=True)
     table = markdown(rows, study_counts(args.dirs))
     write_csv(rows, out / "tradeoff.csv")
     (out / "tradeoff.md").write_text(table + "\n")
     plot(rows, out / "tradeoff.png", args.title)
     print(table)
-    print(f"\nwrote {out / 'tradeoff.csv'}, {out / 'tradeoff.md'}, {out / 'tradeoff.png'}")
-    stability_runs = [run for run in stability.collect(args.dirs) if run.max_logit is not None]
+    replaced = " (replacing the earlier report)" if earlier else ""
+    print(f"\nwrote {out / 'tradeoff.csv'}, {out / 'tradeoff.md'}, {out / 'tradeoff.png'}{replaced}")
     if stability_runs:  # a stability sweep's runs (stability/* metrics): its table and figure too
         print("\n" + stability.write(stability_runs, out))
         print(f"\nwrote {out / 'stability.csv'}, {out / 'stability.md'}, {out / 'stability.png'}")

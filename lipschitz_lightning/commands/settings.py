@@ -388,6 +388,26 @@ def target_settings(target: str) -> dict[str, Any] | None:
     return {name: hints.get(name, Any) for name in inspect.signature(function).parameters if name not in ("self", "params")}
 
 
+def import_target(section: str, target: str) -> Any:
+    """``<section>._target_``'s object, imported as ``instantiate`` will import it; one ``ConfigError``
+    line when it cannot be: a module of the user's own goes where ``cli.user_code_on_path`` looks."""
+    from hydra._internal.utils import _locate  # hydra.utils.get_object, without its multi-line log
+
+    try:
+        return _locate(str(target))
+    except (ImportError, ValueError) as error:
+        cause = error.__cause__ or error
+        missing = getattr(cause, "name", None) if isinstance(cause, ModuleNotFoundError) else None
+        if missing and str(target).startswith(missing + "."):  # the target's own module, not one it imports
+            raise ConfigError(
+                f"{section}._target_ {target} cannot be imported: no module {missing} in the working folder, in a "
+                f"hydra.searchpath=[file://<folder>] folder or installed: put {missing.replace('.', '/')}.py in one of "
+                f"those folders, or install it"
+            ) from None
+        message = " ".join(line.strip() for line in str(cause).splitlines() if line.strip())
+        raise ConfigError(f"{section}._target_ {target} cannot be imported: {type(cause).__name__}: {message}") from None
+
+
 def accepted_keys(node) -> list[str] | None:
     """The settings a ``_target_`` section may hold: its target's parameters (None when any is
     accepted, a ``**kwargs`` target of another library)."""
@@ -424,6 +444,7 @@ def _check_keys_accepted(cfg: DictConfig, section: str) -> None:
     node = OmegaConf.select(cfg, section, default=None)
     if not OmegaConf.is_dict(node) or "_target_" not in node:
         return
+    import_target(section, node._target_)  # a user's module that is not found: one line, not Hydra's
     allowed = accepted_keys(node)
     if allowed is None:
         return
@@ -500,8 +521,8 @@ def data_options(kind: str) -> list[str]:
 
 
 def check_model_fits_data(cfg: DictConfig) -> None:
-    needs = getattr(get_object(cfg.model._target_), "data_kind", None)
-    gives = getattr(get_object(cfg.data._target_), "kind", None)
+    needs = getattr(import_target("model", cfg.model._target_), "data_kind", None)
+    gives = getattr(import_target("data", cfg.data._target_), "kind", None)
     if needs is not None and needs != gives:
         options = " or ".join(f"data={option}" for option in data_options(needs))
         raise ConfigError(f"{owner(cfg, 'data')} gives {gives}, but {owner(cfg, 'model')} trains on {needs}: use {options}")

@@ -36,7 +36,8 @@ from lipschitz_lightning.core.sharding import count_traffic
 from lipschitz_lightning.errors import (
     LipschitzLightningError,
 )
-from lipschitz_lightning.step import NextTokenModel, StepResult, batch_loss, train_step, training_margin
+from lipschitz_lightning.models.protocol import NextTokenModel
+from lipschitz_lightning.step import StepResult, batch_loss, train_step, training_margin
 
 # The real pipeline minus what would only add noise to a timing: validation, checkpoints and the
 # progress bar. The CSV logger stays, since every real run has one.
@@ -175,8 +176,9 @@ def training_loss(cfg: DictConfig) -> CrossEntropy:
 
 @dataclass
 class PlainRun:
-    """What the plain loop steps: the module's network, optimizer, scheduler, projection and loss,
-    built from the same config, without Lightning."""
+    """What the plain loop steps: the module's network, optimizer, scheduler, projection (attached to
+    the optimizer's step, as the WeightConstraint callback attaches it) and loss, built from the
+    same config, without Lightning."""
 
     net: torch.nn.Module
     forward: object
@@ -187,8 +189,8 @@ class PlainRun:
     loss_chunk: int
 
     def step(self, x: torch.Tensor, y: torch.Tensor, progress: float) -> StepResult:
-        return train_step(self.net, [(x, y)], self.loss, self.optimizer, self.projection, progress=progress,
-                          forward=self.forward, loss_chunk=self.loss_chunk)
+        return train_step(self.net, x, y, self.loss, self.optimizer, progress=progress, forward=self.forward,
+                          loss_chunk=self.loss_chunk)
 
 
 def plain_run(cfg: DictConfig, device: torch.device) -> PlainRun:
@@ -197,7 +199,7 @@ def plain_run(cfg: DictConfig, device: torch.device) -> PlainRun:
     optimizer = instantiate(cfg.optimizer)(param_groups(net.param_specs()))
     scheduler = instantiate(cfg.scheduler)(optimizer) if cfg.get("scheduler") is not None else None
     projection = Projection(instantiate(cfg.constraint))
-    projection.attach([optimizer])
+    projection.attach([optimizer], net.param_specs())  # it runs in the optimizer's step hook
     projection.scale_into_ball()
     return PlainRun(net, plain_forward(cfg, net), optimizer, scheduler, projection, training_loss(cfg), cfg.model.get("loss_chunk", 4096))
 
@@ -212,7 +214,8 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 def run_plain(cfg: DictConfig, datamodule, device: torch.device, sync, time_projection: bool = False) -> Timing:
-    """The training steps of ``step.train_step``, the function the Lightning module runs, in a loop."""
+    """``step.train_step`` in a loop: the Lightning module's training step and Lightning's automatic
+    optimization, without Lightning."""
     run = plain_run(cfg, device)
     batches = train_batches(datamodule, device)
     steps = cfg.trainer.max_steps
@@ -222,14 +225,14 @@ def run_plain(cfg: DictConfig, datamodule, device: torch.device, sync, time_proj
     if time_projection:
         project = run.projection.after_step
 
-        def timed_projection() -> None:
+        def timed_projection(optimizer=None) -> None:
             sync()
             started = time.perf_counter()
-            project()
+            project(optimizer)
             sync()
             projection_s.append(time.perf_counter() - started)
 
-        run.projection.after_step = timed_projection
+        run.projection.after_step = timed_projection  # the optimizer's hook looks it up at every step
 
     stamps = []
     for step in range(steps):
@@ -267,8 +270,8 @@ def communication_worker(rank: int, world: int, init_file: str, config: dict, st
         sent, step_s, parts = [], [], []
 
         def counted(function):
-            # the optimizer's step and the projection (inside the step when it is sharded), timed
-            # and their collectives counted
+            # the optimizer's step with the projection (inside the step when it is sharded, in its
+            # hook otherwise), timed and its collectives counted
             def run_counted(*args, **kwargs):
                 sync()
                 started = time.perf_counter()
@@ -278,7 +281,7 @@ def communication_worker(rank: int, world: int, init_file: str, config: dict, st
                 parts.append((time.perf_counter() - started, traffic.sent))
             return run_counted
 
-        optimizer.step, run.projection.after_step = counted(optimizer.step), counted(run.projection.after_step)
+        optimizer.step = counted(optimizer.step)
         for step in range(steps):
             parts.clear()
             x, y = next(batches)
@@ -353,11 +356,12 @@ def step_flops(cfg: DictConfig, datamodule, device: torch.device) -> dict[str, f
     with FlopCounterMode(display=False) as counter:
         loss.backward()
     counts["backward"] = counter.get_total_flops()
+    run.projection.detach()  # counted on its own below
     with FlopCounterMode(display=False) as counter:
         run.optimizer.step()
     counts["optimizer"] = counter.get_total_flops()
     with FlopCounterMode(display=False) as counter:
-        run.projection.after_step()
+        run.projection.after_step(run.optimizer)
     counts["projection"] = counter.get_total_flops()
     counts["total"] = sum(counts.values())
     return {k: v / 1e9 for k, v in counts.items()}

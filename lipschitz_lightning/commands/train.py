@@ -24,11 +24,9 @@ from omegaconf import DictConfig, OmegaConf
 from lipschitz_lightning.commands.settings import validate_config
 from lipschitz_lightning.commands.tradeoff import describe
 from lipschitz_lightning.errors import ConfigError, Preempted
-from lipschitz_lightning.lit.callbacks import (
-    FinalValidation,
-    LipschitzMonitor,
-)
+from lipschitz_lightning.lit.callbacks import FinalValidation
 from lipschitz_lightning.lit.checkpoints import check_record, check_targets
+from lipschitz_lightning.lit.constraint import WeightConstraint
 
 # The run's own messages; under train.py, Hydra's job logging (conf/hydra/job_logging/) sends them
 # to the console and to <run dir>/train.log.
@@ -166,6 +164,11 @@ class Run:
     loggers: list
     trainer: L.Trainer
 
+    @property
+    def weight_constraint(self) -> WeightConstraint | None:
+        """The callback that projects the weights after every step (``conf/callbacks/``)."""
+        return next((c for c in self.trainer.callbacks if isinstance(c, WeightConstraint)), None)
+
 
 def build(cfg: DictConfig, checked: bool = False) -> Run:
     """Check the config (unless the command line already did: ``checked``), then build data, module,
@@ -177,18 +180,11 @@ def build(cfg: DictConfig, checked: bool = False) -> Run:
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()  # missing or corrupt data fails here, before anything else is built
     loss = instantiate(cfg.loss) if cfg.get("loss") is not None else None
-    module = instantiate(cfg.model, optimizer=instantiate(cfg.optimizer), scheduler=instantiate(cfg.scheduler), loss=loss,
-                         constraint=instantiate(cfg.constraint))
+    module = instantiate(cfg.model, optimizer=instantiate(cfg.optimizer), scheduler=instantiate(cfg.scheduler), loss=loss)
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
-    # the module steps its optimizer itself (step.train_step): the trainer's accumulation and
-    # clipping settings are its to apply
-    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-    module.micro_batches = trainer_cfg.pop("accumulate_grad_batches", 1) or 1
-    module.gradient_clip_val = trainer_cfg.pop("gradient_clip_val", None)
-    module.gradient_clip_algorithm = trainer_cfg.pop("gradient_clip_algorithm", None) or "norm"
     callbacks = _instantiate_all(cfg.get("callbacks")) + [FinalValidation()]
     loggers = _instantiate_loggers(cfg, resumed_step)
-    trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     return Run(cfg, datamodule, module, callbacks, loggers, trainer)
 
 
@@ -249,7 +245,7 @@ def _fit(run: Run, resolved: dict) -> dict:
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     wall_time = time.perf_counter() - started
 
-    monitor = next((c for c in callbacks if isinstance(c, LipschitzMonitor)), None)
+    monitor = run.weight_constraint
     if monitor is None or monitor.last_validated_step != trainer.global_step:
         trainer.validate(module, datamodule=datamodule, verbose=False)
 

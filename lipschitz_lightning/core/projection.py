@@ -3,17 +3,18 @@ step.
 
 Pure torch (``torch.distributed`` where a process group exists), no Lightning. A ``Projection``
 applies one ``core.constraints.Constraint`` (built from ``conf/constraint/*.yaml``) and owns the
-state that needs (the power-iteration vectors, the guards' fallback count); the training step
-(``lipschitz_lightning.step.train_step``), which the Lightning module and the benchmark's plain
-loop both run, calls it::
+state that needs (the power-iteration vectors, the guards' fallback count). ``attach`` hooks every
+optimizer's own ``step`` (``register_step_post_hook``), so the projection runs exactly once per
+optimizer step, whoever calls ``step``: Lightning's automatic or manual optimization (the
+``lit.constraint.WeightConstraint`` callback attaches it), gradient accumulation, a mixed-precision
+scaler (a step it skips never calls ``step``, so nothing is projected), or a plain loop::
 
     projection = Projection(SpectralSoftCap(w_max=6.0))
-    projection.attach([optimizer])     # the weights, and how each optimizer steps them
-    projection.scale_into_ball()       # once, before the first step
+    projection.attach([optimizer], net.param_specs())   # the weights, and how each optimizer steps them
+    projection.scale_into_ball()                         # once, before the first step
     for x, y in batches:
         ...
-        optimizer.step()
-        projection.after_step()
+        optimizer.step()                                 # the constraint runs right after, in its hook
 
 At NanoGPT scale a per-parameter loop is the wrong shape: 73 matrices, most of them 768x768,
 projected one by one on every one of 8 GPUs. Here matrices of one shape form one stack and go
@@ -33,6 +34,7 @@ from __future__ import annotations
 import warnings
 from collections import defaultdict
 from collections.abc import Callable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -49,7 +51,7 @@ from lipschitz_lightning.core.constraints import (
     project_embedding,
     random_start_vector,
 )
-from lipschitz_lightning.core.roles import ParamGroup, Role, step_coefficients
+from lipschitz_lightning.core.roles import ParamGroup, ParamSpec, Role, step_coefficients
 from lipschitz_lightning.core.sharding import (
     ShardedStep,
     ShardPlan,
@@ -88,17 +90,32 @@ class ConstrainedWeight:
     step_bound: float | None  # StepBound.step_spectral_bound of the group (None: not bounded)
 
 
-def constrained_weights(optimizers) -> list[ConstrainedWeight]:
-    """Every parameter of the optimizers with its name, role and step bound."""
+def constrained_weights(optimizer, specs: Iterable[ParamSpec] | None = None) -> list[ConstrainedWeight]:
+    """Every parameter of ``optimizer`` that ``specs`` describes (None: the roles and names that its
+    groups carry, ``roles.param_groups``'s keys), with its name, role and the optimizer's step bound.
+    A parameter ``specs`` leaves out is not constrained."""
+    described = None if specs is None else {id(spec.param): spec for spec in specs}
     weights = []
-    for optimizer in optimizers:
-        for group_index, group in enumerate(optimizer.param_groups):
+    for group_index, group in enumerate(optimizer.param_groups):
+        bound = optimizer.step_spectral_bound(group) if isinstance(optimizer, StepBound) else None
+        for index, param in enumerate(group["params"]):
+            if described is not None:
+                spec = described.get(id(param))
+                if spec is not None:
+                    weights.append(ConstrainedWeight(spec.name, param, spec.role.value, group, bound))
+                continue
             role = group.get("role", Role.HIDDEN.value)
-            bound = optimizer.step_spectral_bound(group) if isinstance(optimizer, StepBound) else None
-            for index, param in enumerate(group["params"]):
-                name = group.get("name") if len(group["params"]) == 1 and "name" in group else f"group{group_index}.{index}"
-                weights.append(ConstrainedWeight(name, param, role, group, bound))
+            name = group.get("name") if len(group["params"]) == 1 and "name" in group else f"group{group_index}.{index}"
+            weights.append(ConstrainedWeight(name, param, role, group, bound))
     return weights
+
+
+@dataclass
+class _Attached:
+    """What one optimizer's step moves: its embeddings and its matrices in stacks of one shape."""
+
+    embeddings: list[ConstrainedWeight]
+    stacks: list[list[ConstrainedWeight]]
 
 
 class Projection:
@@ -106,15 +123,18 @@ class Projection:
 
     Matrices are projected in stacks of one shape (the head with the constraint's ``head_w_max``),
     embeddings (rows are token vectors) pulled back to RMS at most ``embed_w_max``; parameters that
-    are neither (a bias, a gain) are left alone, since a spectral ball means nothing for them.
-    ``fallback_count()`` counts the matrices where a guard replaced the method by the exact cap, on
-    this rank.
+    are neither (a bias, a gain) are left alone, since a spectral ball means nothing for them. After
+    each optimizer's step the weights that optimizer stepped are projected, with the ``lr`` and decay
+    of that step. ``fallback_count()`` counts the matrices where a guard replaced the method by the
+    exact cap, on this rank.
     """
 
     def __init__(self, constraint: Constraint):
         self.constraint = constraint
         self.embeddings: list[ConstrainedWeight] = []
         self.stacks: list[list[ConstrainedWeight]] = []
+        self._attached: dict[int, _Attached] = {}  # by id(optimizer)
+        self._hooks: list = []
         self.power_states: dict[str, Tensor] = {}
         self.steps_applied = 0
         # guards decided on the host are counted on the host, those decided on the device stay there
@@ -123,15 +143,19 @@ class Projection:
         self._fallbacks_device: Tensor | None = None
         # the weights whose power vectors this rank keeps up to date (None: all of them)
         self.owned: set[str] | None = None
-        self._after_step = True  # False when every optimizer runs the projection inside its own step
 
     # ------------------------------------------------------------------ attaching
 
-    def attach(self, optimizers) -> None:
-        """Take the weights of ``optimizers``; an optimizer that shards its step gets the projection
-        to run inside it (``after_step`` then leaves its weights alone)."""
+    def attach(self, optimizers, specs: Iterable[ParamSpec] | None = None) -> None:
+        """Take the weights of ``optimizers`` that ``specs`` describes (None: what their groups say,
+        ``constrained_weights``) and hook each optimizer's ``step``: right after it, the weights it
+        stepped are projected. An optimizer that shards its step across ranks runs the projection
+        inside its step instead, before it shares the weights. ``detach`` removes the hooks."""
+        self.detach()
         optimizers = list(optimizers)
-        weights = constrained_weights(optimizers)
+        specs = None if specs is None else list(specs)
+        per_optimizer = [constrained_weights(optimizer, specs) for optimizer in optimizers]
+        weights = [weight for owned in per_optimizer for weight in owned]
         constraint = self.constraint
         if constraint.active:
             for weight in weights:
@@ -148,22 +172,29 @@ class Projection:
                 "constraint/guard_fallbacks). svd_cap or spectral_normalize cap directly.",
                 stacklevel=2,
             )
-        self.embeddings = [w for w in weights if w.role == Role.EMBEDDING.value]
-        stacks: dict[tuple, list[ConstrainedWeight]] = defaultdict(list)
-        for weight in weights:
-            if weight.role != Role.EMBEDDING.value and weight.param.ndim == 2:
-                stacks[(tuple(weight.param.shape), weight.param.device, weight.param.dtype)].append(weight)
-        self.stacks = list(stacks.values())
-        in_step = [isinstance(optimizer, ShardsItsStep) and optimizer.shards_its_step for optimizer in optimizers]
-        for optimizer, shards in zip(optimizers, in_step):
-            if shards:
-                optimizer.attach_projection(self.project)
-        self._after_step = not all(in_step)
+        self._attached = {}
+        for optimizer, owned in zip(optimizers, per_optimizer):
+            attached = self._attached[id(optimizer)] = _split(owned)
+            if isinstance(optimizer, ShardsItsStep) and optimizer.shards_its_step:
+                optimizer.attach_projection(lambda sharded, attached=attached: self.project(sharded, attached))
+            else:
+                self._hooks.append(optimizer.register_step_post_hook(lambda stepped, args, kwargs: self.after_step(stepped)))
+        everything = _split(weights)
+        self.embeddings, self.stacks = everything.embeddings, everything.stacks
 
-    def after_step(self) -> None:
-        """What runs after the optimizers' ``step()``: the projection, unless the steps ran it themselves."""
-        if self._after_step:
+    def detach(self) -> None:
+        """Remove the hooks ``attach`` put on the optimizers' steps."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+
+    def after_step(self, optimizer=None) -> None:
+        """What runs right after an optimizer's ``step()`` (its hook): the projection of the weights
+        ``optimizer`` steps (None: of every attached optimizer)."""
+        if optimizer is None:
             self.project()
+        elif id(optimizer) in self._attached:
+            self.project(attached=self._attached[id(optimizer)])
 
     # ------------------------------------------------------------------ state
 
@@ -229,18 +260,20 @@ class Projection:
     # ------------------------------------------------------------------ projecting
 
     @torch.no_grad()
-    def project(self, sharded: ShardedStep | None = None) -> None:
-        """Every weight back into its ball. With ``sharded`` (inside a sharded optimizer step), only
-        the weights, or rows of split matrices, this rank owns: the step's all-gather shares them."""
+    def project(self, sharded: ShardedStep | None = None, attached: _Attached | None = None) -> None:
+        """The weights of ``attached`` (one optimizer's; None: every attached weight) back into their
+        ball. With ``sharded`` (inside a sharded optimizer step), only the weights, or rows of split
+        matrices, this rank owns: the step's all-gather shares them."""
         self.steps_applied += 1
         if not self.constraint.active:  # the unconstrained baseline: decay is its only regulariser
             return
+        attached = attached or _Attached(self.embeddings, self.stacks)
         if sharded is not None:
-            self._project_owned(sharded)
+            self._project_owned(sharded, attached)
             return
-        for weight in self.embeddings:
+        for weight in attached.embeddings:
             weight.param.copy_(project_embedding(weight.param, self.constraint.embed_w_max))
-        for stack in self.stacks:
+        for stack in attached.stacks:
             W = stack_of([weight.param.float() for weight in stack])
             states = self._power_states(stack)
 
@@ -261,15 +294,15 @@ class Projection:
         """The power-iteration vectors this rank keeps up to date (on the CPU, for a checkpoint)."""
         return {name: state.cpu() for name, state in self.power_states.items() if self.owned is None or name in self.owned}
 
-    def _project_owned(self, sharded: ShardedStep) -> None:
+    def _project_owned(self, sharded: ShardedStep, attached: _Attached) -> None:
         self.owned = set()
-        for weight in self.embeddings:
+        for weight in attached.embeddings:
             part = sharded.part(weight.param)
             if part is not False:  # token vectors are rows: a split table projects row by row
                 rows = weight.param if part is None else weight.param[part]
                 rows.copy_(project_embedding(rows, self.constraint.embed_w_max))
         split = []
-        for stack in self.stacks:
+        for stack in attached.stacks:
             mine = []
             for weight in stack:
                 part = sharded.part(weight.param)
@@ -312,3 +345,13 @@ class Projection:
                 norm = rms_norm(weight.param)
                 if norm > self.cap(weight):
                     weight.param.mul_(self.cap(weight) / norm)
+
+
+def _split(weights: list[ConstrainedWeight]) -> _Attached:
+    """Embeddings apart, matrices in stacks of one shape, device and dtype (one batched call each)."""
+    embeddings = [w for w in weights if w.role == Role.EMBEDDING.value]
+    stacks: dict[tuple, list[ConstrainedWeight]] = defaultdict(list)
+    for weight in weights:
+        if weight.role != Role.EMBEDDING.value and weight.param.ndim == 2:
+            stacks[(tuple(weight.param.shape), weight.param.device, weight.param.dtype)].append(weight)
+    return _Attached(embeddings, list(stacks.values()))

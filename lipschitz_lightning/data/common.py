@@ -171,13 +171,6 @@ class BatchTensorDataset(TensorDataset):
 
 
 
-def micro_batches_per_step(trainer) -> int:
-    """Training batches per optimizer step: the module's ``micro_batches`` (this project's modules
-    step their own optimizer, ``step.train_step``, and accumulate trainer.accumulate_grad_batches
-    batches per step themselves); 1 for a module that does not say."""
-    return getattr(trainer.lightning_module, "micro_batches", 1)
-
-
 class IndexedSplitsDataModule(L.LightningDataModule):
     """The dataloaders every datamodule here shares. A subclass fills ``self.splits`` (``train``,
     ``val``: datasets indexed by a whole batch of indices at once) in ``setup`` and sets
@@ -196,7 +189,7 @@ class IndexedSplitsDataModule(L.LightningDataModule):
         sampler = ResumableRandomBatches(len(self.splits["train"]), self.batch_size, self.seed, *self._rank_world())
         if self.trainer is not None:
             # resume at the micro-batch the checkpointed run stopped at
-            sampler.start_batch = self.trainer.global_step * micro_batches_per_step(self.trainer)
+            sampler.start_batch = self.trainer.global_step * self.trainer.accumulate_grad_batches
         return DataLoader(self.splits["train"], sampler=sampler, batch_size=None)
 
     def val_dataloader(self) -> DataLoader:

@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lipschitz_lightning.core.types import PositiveInt
-from lipschitz_lightning.data.common import IndexedSplitsDataModule, SequentialBatches, micro_batches_per_step
+from lipschitz_lightning.data.common import IndexedSplitsDataModule, SequentialBatches
 from lipschitz_lightning.errors import (
     ConfigError,
     DataError,
@@ -344,7 +344,7 @@ class FineWebDataModule(L.LightningDataModule):
         sampler = SequenceStream(len(self.splits["train"]), self.batch_size, *self._rank_world())
         if self.trainer is not None:
             # resume at the micro-batch the checkpointed run stopped at
-            sampler.start_batch = self.trainer.global_step * micro_batches_per_step(self.trainer)
+            sampler.start_batch = self.trainer.global_step * self.trainer.accumulate_grad_batches
         return DataLoader(self.splits["train"], sampler=sampler, batch_size=None)
 
     def val_dataloader(self) -> DataLoader:

@@ -1,2 +1,2 @@
-"""Lightning glue, thin: the LightningModules, the callbacks (the constraint's, the monitor, rank
-agreement, checkpoints), the DDP strategy, the checkpoint record."""
+"""Lightning glue, thin: the LightningModules, the constraint's callback (``constraint.WeightConstraint``),
+the other callbacks (speed, rank agreement, checkpoints), the DDP strategy, the checkpoint record."""

@@ -1,5 +1,5 @@
-"""Lightning glue: the norm / certified-bound monitor, speed, rank agreement, checkpoints at a
-cadence and on preemption. (The constraint runs inside every optimizer step: ``step.train_step``.)
+"""Lightning glue: speed, rank agreement, checkpoints at a cadence and on preemption, the final
+validation, the progress bar. (The constraint, and the norms and bound it logs: ``lit.constraint``.)
 """
 
 from __future__ import annotations
@@ -14,35 +14,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressB
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lipschitz_lightning.core.types import PositiveInt
-from lipschitz_lightning.data.common import micro_batches_per_step
 from lipschitz_lightning.errors import TrainingDiverged
-
-
-class LipschitzMonitor(Callback):
-    """Logs every layer's exact RMS->RMS norm and the certified Lipschitz bound at every validation.
-
-    Computed on rank 0 only: the weights are identical on every rank, and at NanoGPT scale the 73
-    exact norms (one of them the 50304x768 head's) are worth computing once, not eight times.
-    """
-
-    def __init__(self) -> None:
-        self.last_validated_step: int | None = None
-
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        self.last_validated_step = trainer.global_step
-        if not trainer.is_global_zero:
-            return
-        net = pl_module.net
-        norms = net.layer_norms()
-        metrics = {f"norm/{name}": value for name, value in norms.items()}
-        metrics["lipschitz/bound"] = net.certified_bound(norms)
-        if hasattr(net, "paper_formula_bound"):
-            # SPEC §7's formula, for comparison with the paper's numbers: not a certificate
-            metrics["lipschitz/bound_paper_formula"] = net.paper_formula_bound(norms)
-        pl_module.log("lipschitz/bound", metrics.pop("lipschitz/bound"), rank_zero_only=True, prog_bar=True)
-        pl_module.log_dict(metrics, rank_zero_only=True)
 
 
 class SpeedMonitor(Callback):
@@ -61,7 +33,7 @@ class SpeedMonitor(Callback):
         x = batch[0]
         tokens = x.ndim == 2 and not x.is_floating_point()
         self._unit = "tokens" if tokens else "examples"
-        self._items_per_step = (x.numel() if tokens else x.shape[0]) * micro_batches_per_step(trainer) * trainer.world_size
+        self._items_per_step = (x.numel() if tokens else x.shape[0]) * trainer.accumulate_grad_batches * trainer.world_size
         if self._since is None:
             self._since = (self._clock(pl_module), trainer.global_step)
 

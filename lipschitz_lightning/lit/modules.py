@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import contextlib
 import math
 import statistics
 from collections.abc import Callable
@@ -17,15 +16,17 @@ from torch import nn
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
 
-from lipschitz_lightning.core.constraints import Constraint, NoConstraint
 from lipschitz_lightning.core.losses import CrossEntropy, Radius, parse_radius
-from lipschitz_lightning.core.projection import Projection
 from lipschitz_lightning.core.roles import param_groups
 from lipschitz_lightning.core.types import PositiveInt
 from lipschitz_lightning.errors import TrainingDiverged
 from lipschitz_lightning.lit.checkpoints import network_record
 from lipschitz_lightning.robustness.certified import certified, margins
-from lipschitz_lightning.step import flatten_positions, train_step
+from lipschitz_lightning.step import batch_loss, flatten_positions, training_margin
+
+# Mixed precisions whose forward runs in 16 bits: margins of 16-bit logits certify nothing, so the
+# training loop's count of points past the margin is logged as an estimate there
+SIXTEEN_BIT_FORWARD = ("16-mixed", "bf16-mixed")
 
 
 class CorrectFraction(Metric):
@@ -63,13 +64,14 @@ class LossSpikes:
 
 class ClassificationModule(L.LightningModule):
     """Classification trained with ``loss`` (``conf/loss/``: cross-entropy by default, or the
-    certified-margin loss) under ``constraint`` (``conf/constraint/``). Every optimizer step is
-    ``step.train_step`` (forward, loss, backward, optimizer step, projection), the function the
-    benchmark's plain loop runs too: the module steps its optimizer itself (Lightning's manual
-    optimization), ``micro_batches`` batches per step. ``net`` provides ``param_specs()`` (roles,
-    target norms) and, for a loss with a radius, ``logit_l2_bound()``. Validation and test report
-    plain cross-entropy, accuracy, and the fraction certified at l2 radius ``certified_radius``
-    (``certify``'s check with the exact bound of the weights at that point)."""
+    certified-margin loss), on Lightning's automatic optimization: the training step is the margin
+    the loss asks for (the live weights' bound), the forward pass and the loss (``step.batch_loss``,
+    which the benchmark's plain loop runs too); Lightning does backward, accumulation, clipping, the
+    optimizer's step and the scheduler's, and the ``lit.constraint.WeightConstraint`` callback
+    projects the weights after every step (``conf/callbacks/``). ``net`` is a
+    ``models.protocol.LipschitzNetwork``. Validation and test report plain cross-entropy, accuracy,
+    and the fraction certified at l2 radius ``certified_radius`` (``certify``'s check with the exact
+    bound of the weights at that point)."""
 
     data_kind = "images"  # the ``kind`` of datamodule it trains on (commands/settings.py checks the pairing)
     loss_chunk = 4096  # positions per chunk of a language model's loss over its vocabulary
@@ -83,24 +85,17 @@ class ClassificationModule(L.LightningModule):
         compile: bool = False,
         loss: CrossEntropy | None = None,
         certified_radius: Radius = "36/255",
-        constraint: Constraint | None = None,
         loss_spike_factor: Annotated[float, at.Gt(1)] = 1.5,
     ):
         super().__init__()
-        self.save_hyperparameters(logger=False, ignore=["net", "optimizer", "scheduler", "loss", "constraint"])
-        self.automatic_optimization = False  # train_step steps the optimizer and projects
+        self.save_hyperparameters(logger=False, ignore=["net", "optimizer", "scheduler", "loss"])
         self.net = net
         self.loss = loss if loss is not None else CrossEntropy()
-        self.projection = Projection(constraint if constraint is not None else NoConstraint())
         # torch.compile of the network's forward (the training and validation passes; the
         # instrumented statistics pass stays eager). Not a registered submodule: the state dict
         # and checkpoints keep only self.net's keys.
         object.__setattr__(self, "_compiled_net", torch.compile(net) if compile else None)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        # trainer.accumulate_grad_batches and gradient clipping, which Lightning leaves to a module
-        # that steps its own optimizer (training.build sets them)
-        self.micro_batches, self.gradient_clip_val, self.gradient_clip_algorithm = 1, None, "norm"
-        self._pending: list = []  # the micro-batches of the step under way
         self._train_correct: torch.Tensor | int = 0
         self._train_certified: torch.Tensor | int = 0
         self._train_count = 0
@@ -113,7 +108,7 @@ class ClassificationModule(L.LightningModule):
         self._margins: dict[str, list[torch.Tensor]] = {"val": [], "test": []}
         self._unchecked_losses: list[tuple[int, torch.Tensor]] = []
         self.loss_spikes = LossSpikes(loss_spike_factor)
-        # the run's resolved config, set by training.build: checkpoints carry it, so that a
+        # the run's resolved config, set by commands.train.build: checkpoints carry it, so that a
         # checkpoint alone says which data and settings it was trained with
         self.run_config: dict | None = None
 
@@ -123,7 +118,7 @@ class ClassificationModule(L.LightningModule):
 
     @property
     def train_forward(self) -> Callable:
-        """What ``train_step`` calls on a batch: the network's forward (compiled when asked)."""
+        """What the training step calls on a batch: the network's forward (compiled when asked)."""
         return self.fast_net
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -133,69 +128,49 @@ class ClassificationModule(L.LightningModule):
         """The fraction of training done (a language model's sliding window grows with it)."""
         return self.global_step / self.trainer.max_steps if self._trainer is not None and self.trainer.max_steps > 0 else 1.0
 
-    def on_train_start(self) -> None:
-        self.projection.attach([self.optimizers(use_pl_optimizer=False)])
-        if self.trainer.global_step == 0:
-            self.projection.scale_into_ball()
-
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor | None:
-        self._pending.append(batch)
-        if len(self._pending) < self.micro_batches:
-            return None
-        micro_batches, self._pending = self._pending, []
-        step = self.global_step  # train_step's optimizer step moves it on
-        optimizer = self.optimizers()
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        step = self.global_step  # the optimizer step this batch belongs to (one of its micro-batches)
         # Logging and the finiteness check each cost a host sync (and ~1 ms of Python per
-        # self.log): on accelerators do them every log_every_n_steps, not every step.
-        logging_step = step % self.trainer.log_every_n_steps == 0
-        watch = self.stability_watch(logging_step)
-        result = train_step(
-            self.net, micro_batches, self.loss, optimizer, self.projection, progress=self.progress(),
-            forward=self.train_forward if watch is None else self.net.features, loss_chunk=self.loss_chunk,
-            backward=self.manual_backward, no_sync=self._no_sync, clip_gradients=self._clip_gradients(optimizer), stats=watch,
-        )
+        # self.log): on accelerators do them every log_every_n_steps, on the step's last micro-batch
+        last_part = (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0
+        logging_step = last_part and step % self.trainer.log_every_n_steps == 0
+        watch = self.stability_watch(step, logging_step)
+        margin = training_margin(self.net, self.loss)
+        counts = batch_loss(self.net, self.train_forward if watch is None else self.net.features, x, y, self.loss, margin,
+                            self.progress(), self.loss_chunk, watch)
+        loss = counts.loss.detach()
         # counts stay on the device until a logging step: a torchmetrics update would check its
         # inputs and count classes on the host, a device sync every step
-        self._train_correct = self._train_correct + result.correct
-        self._train_certified = self._train_certified + result.certified
-        self._train_count += result.count
-        self._unchecked_losses.append((step, result.loss))
-        if logging_step or result.loss.device.type == "cpu":
+        self._train_correct = self._train_correct + counts.correct
+        self._train_certified = self._train_certified + counts.certified
+        self._train_count += y.numel()
+        self._unchecked_losses.append((step, loss))
+        if logging_step or loss.device.type == "cpu":
             self._check_losses()
         if logging_step:
-            self.log("train/loss", result.loss, prog_bar=True)
-            # over the steps since the last log
+            self.log("train/loss", loss, prog_bar=True)
+            # over the micro-batches since the last log
             self.log("train/acc", torch.as_tensor(self._train_correct).float() / float(self._train_count))
-            if result.margin is not None:
-                # the fraction of training points the loss counted as certified at its radius
-                self.log("train/certified", torch.as_tensor(self._train_certified).float() / float(self._train_count))
-                self.log("train/margin", result.margin.float())
+            if margin is not None:
+                # the fraction of training points the loss counted as certified at its radius: of
+                # 16-bit logits under mixed precision, where it is an estimate, not a certificate
+                estimate = str(self.trainer.precision) in SIXTEEN_BIT_FORWARD
+                key = "train/certified_estimate" if estimate else "train/certified"
+                self.log(key, torch.as_tensor(self._train_certified).float() / float(self._train_count))
+                self.log("train/margin", margin.float())
             self._train_correct, self._train_certified, self._train_count = 0, 0, 0
-            self.log("train/lr", optimizer.param_groups[0]["lr"])
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
             self.log("stability/loss_spikes", float(self.loss_spikes.count))
             if watch:
                 self.log_dict(watch_metrics(watch, self._watched_bounds), reduce_fx="max", sync_dist=True)
-        scheduler = self.lr_schedulers()
-        if scheduler is not None:
-            scheduler.step()
-        return result.loss
+        return counts.loss
 
-    def stability_watch(self, logging_step: bool) -> dict | None:
-        """A dict for this step's forward pass to record its largest attention logits and activations
-        in (a language model, on logging steps; every step when it clips logits), with the
-        certificate's bounds on them for the weights of this forward pass; None otherwise."""
+    def stability_watch(self, step: int, logging_step: bool) -> dict | None:
+        """A dict for this step's forward passes to record their largest attention logits and
+        activations in (a language model, on logging steps; every step when it clips logits), with
+        the certificate's bounds on them for the weights of this forward pass; None otherwise."""
         return None
-
-    def _no_sync(self):
-        """A DDP-wrapped model's ``no_sync``: gradients of all micro-batches but the last stay local."""
-        model = self.trainer.model
-        return model.no_sync() if isinstance(model, torch.nn.parallel.DistributedDataParallel) else contextlib.nullcontext()
-
-    def _clip_gradients(self, optimizer) -> Callable[[], None] | None:
-        if not self.gradient_clip_val:
-            return None
-        return lambda: self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val,
-                                           gradient_clip_algorithm=self.gradient_clip_algorithm)
 
     def on_train_end(self) -> None:
         self._check_losses()
@@ -239,14 +214,6 @@ class ClassificationModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._log_certified("val")
-        self._log_fallbacks()
-
-    def _log_fallbacks(self) -> None:
-        """The constraint's guards' fallbacks so far (``constraint/guard_fallbacks``), summed over ranks."""
-        if self.trainer.sanity_checking or not self.projection.stacks:
-            return
-        count = torch.tensor(float(self.projection.fallback_count()), device=self.device)
-        self.log("constraint/guard_fallbacks", self.trainer.strategy.reduce(count, reduce_op="sum"), rank_zero_only=True)
 
     def on_test_epoch_end(self) -> None:
         self._log_certified("test")
@@ -260,13 +227,6 @@ class ClassificationModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["network"] = network_record(self.net)
         checkpoint["run_config"] = self.run_config
-        checkpoint["projection"] = self.projection.state_dict()  # a collective under DDP: every rank saves
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # earlier versions kept it as the state of a callback, WeightConstraint
-        state = checkpoint.get("projection") or (checkpoint.get("callbacks") or {}).get("WeightConstraint")
-        if state is not None:
-            self.projection.load_state_dict(state)
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(param_groups(self.net.param_specs()))
@@ -312,9 +272,8 @@ class LanguageModelModule(ClassificationModule):
 
     def __init__(self, net: nn.Module, optimizer, scheduler=None, vocab_size: PositiveInt = 65,
                  stats_tokens: PositiveInt = 4096, compile: bool = False, loss_chunk: PositiveInt = 4096,
-                 loss: CrossEntropy | None = None, constraint: Constraint | None = None,
-                 loss_spike_factor: Annotated[float, at.Gt(1)] = 1.5):
-        super().__init__(net, optimizer, scheduler, num_classes=vocab_size, compile=compile, loss=loss, constraint=constraint,
+                 loss: CrossEntropy | None = None, loss_spike_factor: Annotated[float, at.Gt(1)] = 1.5):
+        super().__init__(net, optimizer, scheduler, num_classes=vocab_size, compile=compile, loss=loss,
                          loss_spike_factor=loss_spike_factor)
         self.stats_tokens, self.loss_chunk = stats_tokens, loss_chunk
         self.val_acc = CorrectFraction()
@@ -322,6 +281,7 @@ class LanguageModelModule(ClassificationModule):
         self.vocab_chars: str | None = None
         self.tokenizer: str | None = None
         self._stat_maxima: dict[str, torch.Tensor] = {}
+        self._step_stats: tuple[int, dict] | None = None  # (step, what its forward passes recorded) for QK-clip
 
     def on_fit_start(self) -> None:
         datamodule = self.trainer.datamodule
@@ -333,17 +293,28 @@ class LanguageModelModule(ClassificationModule):
         """The attention window at this point of training (``net.window``); outside a fit, the last."""
         return self.net.window(self.progress(), device)
 
-    def stability_watch(self, logging_step: bool) -> dict | None:
+    def stability_watch(self, step: int, logging_step: bool) -> dict | None:
         if not logging_step and self.net.logit_clip is None:
             return None
         if logging_step:
             # the certificate of the weights this step's forward pass uses, before the step moves them
             self._watched_bounds = self.net.certificate()
-        return {}
+        if self.net.logit_clip is None:
+            return {}
+        # one dict for all micro-batches of the step: QK-clip reads their maxima after the step
+        if self._step_stats is None or self._step_stats[0] != step:
+            self._step_stats = (step, {})
+        return self._step_stats[1]
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # QK-clip (a baseline: Kimi's MuonClip), after the step and its projection (the optimizer's hook)
+        if self.net.logit_clip is not None and self._step_stats is not None:
+            self.net.clip_logits(self._step_stats[1])
 
     @property
     def train_forward(self) -> Callable:
-        """What ``train_step`` calls: the features (compiled when asked); the loss takes the head."""
+        """What the training step calls: the features (compiled when asked); the loss takes the head."""
         return self.net.features if self._compiled_features is None else self._compiled_features
 
     def forward(self, x: torch.Tensor, stats: dict | None = None) -> torch.Tensor:
@@ -381,7 +352,6 @@ class LanguageModelModule(ClassificationModule):
         maxima = {name: self._stat_maxima.get(name, empty).float() for name in self.net.stat_names()}
         self.log_dict(maxima, reduce_fx="max", sync_dist=True)
         self._stat_maxima = {}
-        self._log_fallbacks()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
