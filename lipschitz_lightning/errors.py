@@ -23,6 +23,11 @@ class TrainingDiverged(LipschitzLightningError, FloatingPointError):
     """The loss became NaN or infinite; the message names the step."""
 
 
+class CertificateBroken(LipschitzLightningError):
+    """An attack, a search or the data went past what the certificate guarantees: a bug, never a
+    result (``certify`` and ``quantize`` exit with status 2)."""
+
+
 class Preempted(LipschitzLightningError):
     """A SIGTERM stopped the run; a resumable checkpoint was saved. Exit status 128 + 15, as if the
     signal had ended the process, so that a scheduler reads the run as not completed."""

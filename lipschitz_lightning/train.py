@@ -8,6 +8,10 @@ package as from a checkout).
     python train.py experiment=cifar_mlp_adamw_baseline
     python train.py resume=logs/train/runs/<run>      # continue a run with its own settings
     python train.py +sweep=cifar_tradeoff             # a tradeoff grid (Hydra multirun), see sweeps/
+    python train.py +hparams_search=muon_spectral_soft_cap   # an Optuna search (a Hydra sweeper), see sweeps/
+
+One execution path, as the Lightning-Hydra template has: Hydra's ``@hydra.main`` app runs ``job`` for
+a single run, for every job of a grid and for every trial of a search.
 """
 
 import logging
@@ -17,23 +21,20 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.utils import run_job
-from hydra.types import HydraContext, RunMode
-from omegaconf import DictConfig, OmegaConf, read_write
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
 
 from lipschitz_lightning import CONF_DIR
 from lipschitz_lightning.commands import search
 from lipschitz_lightning.commands.cli import (
     HYDRA_FILES,
-    check_composition,
     quiet_known_warnings,
     rank_arguments,
-    register_resolvers,
     resume_arguments,
     set_cuda_allocator,
-    user_code_on_path,
 )
-from lipschitz_lightning.commands.settings import validate_config
+from lipschitz_lightning.config.compose import check_composition, register_resolvers, user_code_on_path
+from lipschitz_lightning.config.settings import validate_config
 from lipschitz_lightning.errors import (
     ConfigError,
     LipschitzLightningError,
@@ -46,21 +47,21 @@ log = logging.getLogger("lipschitz_lightning")
 
 
 def run(args: list[str]) -> None:
-    """The train command's line. A single run's config is composed once (Hydra's compose API, an
-    unknown option or key one line) and checked once, before anything is built or written; Hydra's
-    ``run_job`` then runs it (run directory, ``.hydra/`` files, job logging) without composing it
-    again. Hydra's flags (``--cfg``, ``--help``) and multiruns (``-m``, a sweep) go to Hydra's app,
-    which composes each job, checked inside it."""
+    """The train command's line. A single run's config is composed and checked before Hydra's app
+    makes its run directory (an unknown option or key, a value out of range: one line, nothing
+    written); a grid's jobs and a search's trials are checked inside the app, each (a search checks
+    its whole space first: commands/search.py). Then Hydra's app runs ``job``."""
     set_cuda_allocator()  # before torch is imported
     register_resolvers()
     user_code_on_path(args)  # a _target_ of the user's own: from the working folder or a hydra.searchpath folder
-    if search.requested(args):  # +hparams_search=<pair>: an Optuna study, its trials run here (commands/search.py)
-        return search.run(args)
     try:
         args, resumed = resume_arguments(args)
         args = rank_arguments(args)
         composed = check_composition("train", args, job_name=job_name(args))
-        if composed is not None:
+        single = composed is not None and composed.hydra.mode != RunMode.MULTIRUN
+        if single and composed.get("search") is not None:
+            search.search_settings(composed)  # a search's parts without a pair's: the one line that says so
+        if single:
             validate_config(composed)  # every setting, before the run directory exists
     except ConfigError as error:
         exit_with(error)
@@ -85,9 +86,9 @@ def run(args: list[str]) -> None:
             OmegaConf.resolve(cfg)  # once, now that the run's directory is known (${hydra:...})
             if cfg.get("keep_freed_memory"):
                 keep_freed_memory()
-            built = build(cfg, checked=composed is not None)  # resume and data checks: nothing trained yet
+            built = build(cfg, checked=single)  # resume and data checks: nothing trained yet
             summary = train(cfg, built)
-            if cfg.get("optimized_metrics"):  # a sweeper plugin's objectives, in its order
+            if cfg.get("optimized_metrics"):  # a sweeper's objectives (a search's), in its order
                 return tuple(summary.get(key) for key in cfg.optimized_metrics)  # a missing one: a failed trial
             return summary.get("val/acc")
         except Exception as error:
@@ -101,6 +102,7 @@ def run(args: list[str]) -> None:
                 if isinstance(error, Preempted):
                     # a SIGTERM stops the whole sweep: an exception would only fail this job (Hydra's
                     # launcher runs the rest and raises at the end), SystemExit ends the process now
+                    # (a search tells its running trial FAIL on the way out)
                     log.error(one_line(error))
                     sys.exit(error.exit_status)
                 raise
@@ -114,17 +116,22 @@ def run(args: list[str]) -> None:
             log.error(one_line(error))
             sys.exit(getattr(error, "exit_status", 1))
 
+    register_search_sweeper()
     # the arguments as resolved (resume=, the rank's directory): what Lightning's DDP launcher
     # re-runs for the other processes, and what Hydra's app reads
     sys.argv[1:] = args
-    if composed is not None and not composed.hydra.callbacks:  # a user's Hydra callbacks: Hydra's app calls them
-        with read_write(composed.hydra):
-            composed.hydra.mode = RunMode.RUN
-        result = run_job(task_function=job, config=composed, job_dir_key="hydra.run.dir", job_subdir_key=None,
-                         hydra_context=HydraContext(config_loader=None, callbacks=_NoCallbacks()))
-        result.return_value  # noqa: B018  (raises what the job raised, as Hydra's own run does)
-        return
     hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")(job)()
+
+
+def register_search_sweeper() -> None:
+    """Hydra finds its plugins by walking the ``hydra_plugins`` namespace's folders, which cannot see
+    into an editable install's import hook (``pip install -e .``): the search's sweeper is registered
+    by name instead, wherever the package is installed."""
+    from hydra.core.plugins import Plugins
+
+    from hydra_plugins.lipschitz_lightning_search.search_sweeper import OptunaSearchSweeper
+
+    Plugins.instance().register(OptunaSearchSweeper)
 
 
 def job_name(args: list[str]) -> str:
@@ -132,16 +139,6 @@ def job_name(args: list[str]) -> str:
     its processes ``train_ddp_process_<k>``)."""
     given = [a.split("=", 1)[1] for a in args if a.startswith("hydra.job.name=")]
     return given[-1] if given else "train"
-
-
-class _NoCallbacks:
-    """``run_job``'s callbacks where ``hydra.callbacks`` is empty (this project registers none)."""
-
-    def on_job_start(self, **kwargs) -> None:
-        pass
-
-    def on_job_end(self, **kwargs) -> None:
-        pass
 
 
 def _leave_nothing_behind(log_dir: Path) -> None:

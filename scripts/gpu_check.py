@@ -145,7 +145,7 @@ class StepClock(Callback):
 def train_once(name: str, overrides: list[str], steps: int, expected_graphs: int, sync_window: tuple[int, int] | None = None) -> dict:
     from hydra import compose, initialize_config_dir
 
-    from lipschitz_lightning.commands.cli import register_resolvers
+    from lipschitz_lightning.config.compose import register_resolvers
     from lipschitz_lightning.commands.train import build, train
 
     register_resolvers()

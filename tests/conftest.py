@@ -12,7 +12,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lipschitz_lightning.commands.cli import register_resolvers
+from lipschitz_lightning.config.compose import register_resolvers
 from lipschitz_lightning.data.fineweb import write_shard
 
 register_resolvers()  # what train.py does before composing conf/: the tests compose it too

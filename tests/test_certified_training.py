@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from conftest import ascend_ratio
 from lipschitz_lightning.commands import report
-from lipschitz_lightning.core.losses import CertifiedMargin, CrossEntropy, linear_cross_entropy, parse_radius
+from lipschitz_lightning.core.losses import CertifiedMargin, CrossEntropy, linear_cross_entropy
+from lipschitz_lightning.core.types import parse_radius
 from lipschitz_lightning.data.cifar10 import crop_and_flip
 from lipschitz_lightning.models import MLP
 from lipschitz_lightning.robustness.attacks import pgd_l2
@@ -337,9 +338,9 @@ def test_every_search_composes_and_its_space_s_corners_validate(name, tmp_path):
     from hydra import compose, initialize_config_dir
 
     from lipschitz_lightning import CONF_DIR
-    from lipschitz_lightning.commands.cli import register_resolvers
+    from lipschitz_lightning.config.compose import register_resolvers
     from lipschitz_lightning.commands.search import corners, override, search_settings, search_space
-    from lipschitz_lightning.commands.settings import check_train_settings, validate_config
+    from lipschitz_lightning.config.settings import check_train_settings, validate_config
 
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

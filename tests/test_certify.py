@@ -20,6 +20,8 @@ from omegaconf import OmegaConf
 
 from lipschitz_lightning.commands import certify as C
 from lipschitz_lightning.commands.runs import load_run
+from lipschitz_lightning.data.common import evaluation_examples
+from lipschitz_lightning.errors import CertificateBroken
 from lipschitz_lightning.robustness import attacks, observe, precision
 from lipschitz_lightning.robustness import certified as cert
 from lipschitz_lightning.core.bounds import rms_norm
@@ -162,7 +164,7 @@ def test_autoattack_beside_pgd_breaks_no_certified_point(tiny_classifier, tmp_pa
 
 def accuracy_on_first(result: dict, count: int) -> float:
     loaded = load_run(settings(result["checkpoint"], None), result["checkpoint"])
-    x, y = C.validation_set(loaded, count)
+    x, y = evaluation_examples(loaded.datamodule, count)
     with torch.no_grad():
         return float((loaded.saved.net(x).argmax(1) == y).float().mean())
 
@@ -191,8 +193,8 @@ def test_certified_never_exceeds_attacked_point_by_point(tiny_classifier, tmp_pa
 
     # again, point by point, from the plain functions
     loaded = load_run(cfg, tiny_classifier)
-    net = C.frozen(loaded.saved.net)
-    x, y = C.validation_set(loaded, None)
+    net = precision.frozen(loaded.saved.net)
+    x, y = evaluation_examples(loaded.datamodule, None)
     with torch.no_grad():
         margin = cert.margins(net(x), y)
     bound_l2 = cert.l2_bound(net.certified_bound(), 3072, 10)
@@ -223,7 +225,7 @@ def test_the_files_and_the_default_output_folder(tiny_classifier):
 
 def test_a_bound_that_is_too_small_is_caught_by_the_attack(tiny_classifier, tmp_path, monkeypatch):
     monkeypatch.setattr(MLP, "certified_bound", lambda self, norms=None: 1e-3)  # a wrong certificate
-    with pytest.raises(C.CertificateBroken) as error:
+    with pytest.raises(CertificateBroken) as error:
         C.certify(settings(tiny_classifier, tmp_path))
     message = str(error.value)
     assert message.startswith(f"certificate broken: {tiny_classifier}: PGD flipped validation point ")
@@ -235,7 +237,7 @@ def test_a_bound_that_is_too_small_is_caught_by_the_lower_bound(tiny_classifier,
     true_bound = MLP.certified_bound
     monkeypatch.setattr(MLP, "certified_bound", lambda self, norms=None: true_bound(self) / 1e3)
     # radii too small for any attack to flip a point: only the Lipschitz searches can notice
-    with pytest.raises(C.CertificateBroken, match=r"^certificate broken: .*: the Jacobian at validation point \d+ has RMS->RMS norm .* above the certified bound"):
+    with pytest.raises(CertificateBroken, match=r"^certificate broken: .*: the Jacobian at validation point \d+ has RMS->RMS norm .* above the certified bound"):
         C.certify(settings(tiny_classifier, tmp_path, radii=[1e-9]))
 
 
@@ -331,7 +333,7 @@ def test_a_language_model_certifies_next_tokens_at_a_radius_with_the_ball_it_nee
     result = next(iter(C.certify(settings(path, tmp_path, lm_radius=radius)).values()))
     at = result["at_radius"]
     loaded = load_run(settings(path, None), path)
-    net = C.frozen(loaded.saved.net)
+    net = precision.frozen(loaded.saved.net)
     assert at["input_radius"] == pytest.approx(result["input_radius"] + radius)
     assert at["bound"] == pytest.approx(net.certificate(perturbation=radius).bound) and at["bound"] > result["bound"]
     # by hand over the full logits: a position is certified when its margin clears sqrt(2) L_l2 radius
@@ -359,7 +361,7 @@ def test_a_language_model_above_its_certificate_fails_loudly(tiny_checkpoints, t
         return type(c)(c.bound, c.input_radius, tuple(r / 1e3 for r in c.activation_rms), c.attention_logit)
 
     monkeypatch.setattr(GPT, "certificate", too_small)
-    with pytest.raises(C.CertificateBroken, match=r"^certificate broken: .*: block 0 reached activation rms .* above its certified bound"):
+    with pytest.raises(CertificateBroken, match=r"^certificate broken: .*: block 0 reached activation rms .* above its certified bound"):
         C.certify(settings(tiny_checkpoints["constrained"], tmp_path))
 
 
@@ -369,7 +371,7 @@ def test_absolute_logits_are_recorded_and_the_model_is_left_as_it_was(tiny_check
     from lipschitz_lightning.lit.checkpoints import load_network
 
     original = gpt.explicit_attention
-    net = C.frozen(load_network(tiny_checkpoints["constrained"]).net)
+    net = precision.frozen(load_network(tiny_checkpoints["constrained"]).net)
     tokens = torch.randint(0, 65, (2, 16), generator=torch.Generator().manual_seed(0))
     observed = observe.observe_language_model(net, [(tokens, tokens)], max_batches=1, stats_tokens=8)
     assert gpt.explicit_attention is original

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from lipschitz_lightning.commands.cli import check_composition, command_main
-from lipschitz_lightning.commands.settings import check_train_settings, validate_config
+from lipschitz_lightning.commands.cli import command_main
+from lipschitz_lightning.config.compose import check_composition
+from lipschitz_lightning.config.settings import check_train_settings, validate_config
 from lipschitz_lightning.errors import ConfigError
 
 

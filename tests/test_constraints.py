@@ -1,4 +1,5 @@
-"""Tests of ``lipschitz_lightning.core.constraints`` (SPEC §2, §4, §6).
+"""Tests of the constraints' Python API, ``lipschitz_lightning.constraints`` (SPEC §2, §4, §6): the maps
+and classes of ``core.constraints`` and the Newton-Schulz and power iteration of ``core.linalg``.
 
 Three kinds of evidence:
 
@@ -19,7 +20,7 @@ import pytest
 import torch
 
 from conftest import SPEC_METHODS
-from lipschitz_lightning.core import constraints as C
+from lipschitz_lightning import constraints as C
 
 # Tolerances of shared/reference/README.md: the polynomial methods and the SVD cap are
 # deterministic, the power-iteration methods start from a random vector.
@@ -552,7 +553,7 @@ def test_every_constraint_option_names_its_class_and_the_class_its_option():
     from hydra.utils import get_class
 
     from conftest import CONF_DIR
-    from lipschitz_lightning.commands.tradeoff import constraint_name
+    from lipschitz_lightning.config.tradeoff import constraint_name
 
     options = {path.stem: yaml.safe_load(path.read_text())["_target_"] for path in (CONF_DIR / "constraint").glob("*.yaml")}
     assert set(options) == set(C.BUILT_IN) >= set(SPEC_METHODS)
@@ -857,3 +858,15 @@ def test_a_new_constraint_is_one_class_and_one_yaml_file_of_the_user_s_own(make_
     for layer in run.module.net.layers:
         W = layer.weight.detach().double()
         assert float(torch.linalg.matrix_norm(W, ord=2)) * (W.shape[1] / W.shape[0]) ** 0.5 <= 0.5 * (1 + 1e-5)
+
+
+def test_a_users_constraint_values_are_checked_as_ours_are(make_config, tmp_path, monkeypatch):
+    # its w_max is the base class's (Positive): 0 is one line naming the key, before anything is built
+    from lipschitz_lightning.commands.train import build
+    from lipschitz_lightning.errors import ConfigError
+
+    conf = a_users_constraint(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = make_config(f"hydra.searchpath=[file://{conf}]", "constraint=toy_clip", "constraint.w_max=0")
+    with pytest.raises(ConfigError, match=r"^constraint\.w_max must be a number > 0, got 0$"):
+        build(cfg)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from lipschitz_lightning.commands.cli import check_composition, user_code_on_path
-from lipschitz_lightning.commands.settings import validate_config
+from lipschitz_lightning.config.compose import check_composition, user_code_on_path
+from lipschitz_lightning.config.settings import validate_config
 from lipschitz_lightning.errors import ConfigError
 
 USER_CONSTRAINT = """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from pathlib import Path
@@ -64,6 +65,13 @@ def test_the_python_api_still_imports_from_where_it_always_was():
         assert getattr(constraints, name) is getattr(core_constraints, name), name
     for name in ("rms_norm", "mlp_bound", "gpt_certificate", "gpt_bound_paper_formula"):
         assert getattr(lipschitz, name) is getattr(bounds, name), name
+    # the two modules list their API (no star import): every public name of core.constraints and
+    # core.bounds is in it, so a new constraint or bound is not forgotten there
+    for api, module in ((constraints, core_constraints), (lipschitz, bounds)):
+        defined = {name for name, value in vars(module).items() if not name.startswith("_")
+                   and getattr(value, "__module__", module.__name__) == module.__name__ and not inspect.ismodule(value)}
+        assert defined <= set(api.__all__), sorted(defined - set(api.__all__))
+        assert all(hasattr(api, name) for name in api.__all__)
 
 
 def test_every_guarantee_in_the_constraints_table_names_tests_that_exist():

@@ -198,7 +198,7 @@ def test_wandb_without_a_key_is_one_line_before_anything_is_built(tmp_path, monk
     assert "wandb login" in result.stderr and "WANDB_MODE=offline" in result.stderr
     assert not (tmp_path / "logs").exists()
 
-    from lipschitz_lightning.commands.settings import check_wandb_can_log
+    from lipschitz_lightning.config.settings import check_wandb_can_log
 
     cfg = compose_train("logger=wandb")
     for name in [k for k in os.environ if k.startswith("WANDB_") or k == "NETRC"]:

@@ -14,8 +14,9 @@ import torch
 from omegaconf import OmegaConf
 
 from lipschitz_lightning.core import constraints as C
+from lipschitz_lightning.core.linalg import sigma_upper_bound
 from lipschitz_lightning.core.projection import Projection
-from lipschitz_lightning.commands.settings import TARGET_SECTIONS, target_settings, validate_config
+from lipschitz_lightning.config.settings import TARGET_SECTIONS, target_settings, validate_config
 from lipschitz_lightning.errors import ConfigError
 from lipschitz_lightning.optim import Muon, ParamSpec, Role, param_groups
 from lipschitz_lightning.core.types import has_range
@@ -107,7 +108,7 @@ def test_sigma_upper_bound_is_an_upper_bound_and_not_too_loose():
     generator = torch.Generator().manual_seed(5)
     for shape in [(30, 10), (10, 30), (64, 64)]:
         W = torch.randn(8, *shape, generator=generator) * torch.logspace(-3, 3, 8)[:, None, None]
-        bound = C.sigma_upper_bound(W)
+        bound = sigma_upper_bound(W)
         exact = svals(W)[..., 0]
         assert (bound.double() >= exact * (1 - 1e-5)).all()
         assert (bound.double() <= exact * min(shape) ** (1 / 8) * (1 + 1e-5)).all()

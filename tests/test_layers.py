@@ -15,6 +15,8 @@ LAYERS = {
     "models": 2, "optim": 2, "data": 2, "robustness": 2,
     # one training step's pieces (step.py), run by the Lightning module and the benchmark's plain loop
     "step": 3, "lit": 3,
+    # the settings: composing conf/ and checking it, for every command and for training
+    "config": 3,
     "commands": 4,
     # the documented entry points kept at the top: `python -m lipschitz_lightning.<command>` and the
     # Python API (lipschitz_lightning.constraints, lipschitz_lightning.lipschitz)
@@ -72,3 +74,20 @@ def test_the_ground_floor_imports_neither_lightning_nor_hydra():
                 if name.split(".")[0] in ("lightning", "pytorch_lightning", "hydra", "omegaconf"):
                     offences.append(f"{path.relative_to(PACKAGE)}:{line} imports {name}")
     assert not offences, "\n".join(offences)
+
+
+def test_what_runs_before_torch_imports_none():
+    # the settings' types (a radius among them) and the benchmark's argument parsing come before torch:
+    # a mistyped setting or flag costs no torch import
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "import lipschitz_lightning.core.types, lipschitz_lightning.config.tradeoff, lipschitz_lightning.commands.report\n"
+            "import lipschitz_lightning.config.settings, lipschitz_lightning.config.compose, lipschitz_lightning.train\n"
+            "from lipschitz_lightning.commands.benchmark import read_arguments\n"
+            "read_arguments(['--steps', '20'])\n"
+            "loaded = sorted(name for name in sys.modules if name.split('.')[0] in ('torch', 'lightning'))\n"
+            "assert not loaded, loaded[:5]\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -14,7 +14,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from conftest import CARD, CONF_DIR, DOC, NormRecorder, QUIET_TRAINER, VOCAB, tiny_nanogpt
-from lipschitz_lightning.commands.settings import validate_config
+from lipschitz_lightning.config.settings import validate_config
 from lipschitz_lightning.errors import ConfigError, DataError
 from lipschitz_lightning.models import GPT
 from lipschitz_lightning.models.gpt import AttentionMask, explicit_attention, flex_attention, sdpa_attention

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lipschitz_lightning.core.constraints import orthogonalize
+from lipschitz_lightning.core.linalg import orthogonalize
 from lipschitz_lightning.models import MLP
 from lipschitz_lightning.optim import AdamW, Muon, ParamSpec, Role, gpt_target_norms, mlp_target_norms, param_groups
 

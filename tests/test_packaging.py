@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "lipschitz_lightning"
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 # what the wheel is built from: pyproject.toml names README.md as the long description
-SOURCES = ("pyproject.toml", "README.md", "lipschitz_lightning", "conf", "sweeps")
+SOURCES = ("pyproject.toml", "README.md", "lipschitz_lightning", "hydra_plugins", "conf", "sweeps")
 
 
 def normalized(name: str) -> str:
@@ -47,8 +47,10 @@ def test_a_checkout_reads_conf_and_sweeps_at_the_root():
 
 def test_the_wheel_lists_every_package_and_carries_every_config():
     setuptools = PYPROJECT["tool"]["setuptools"]
-    folders = {".".join(path.parent.relative_to(REPO).parts) for path in PACKAGE.rglob("__init__.py")}
+    folders = {".".join(path.parent.relative_to(REPO).parts) for root in (PACKAGE, REPO / "hydra_plugins")
+               for path in root.rglob("__init__.py")}
     assert set(setuptools["packages"]) == folders | {"lipschitz_lightning.conf", "lipschitz_lightning.sweeps"}
+    assert not (REPO / "hydra_plugins" / "__init__.py").exists()  # a namespace package, as Hydra's plugins share it
     assert setuptools["package-dir"] == {"lipschitz_lightning.conf": "conf", "lipschitz_lightning.sweeps": "sweeps"}
     for package, folder in setuptools["package-dir"].items():
         # every file a command reads from conf/ or sweeps/ is a yaml file, and the glob takes them all
@@ -79,7 +81,7 @@ def third_party_imports() -> dict[str, set[str]]:
                 continue
             for name in names:
                 top = name.split(".")[0]
-                if top not in sys.stdlib_module_names and top != "lipschitz_lightning":
+                if top not in sys.stdlib_module_names and top not in ("lipschitz_lightning", "hydra_plugins"):  # both this project's
                     found.setdefault(top, set()).add(str(path.relative_to(PACKAGE)))
     return found
 

@@ -22,11 +22,13 @@ from omegaconf import OmegaConf
 
 from lipschitz_lightning.commands import quantize as C
 from lipschitz_lightning.commands.runs import Loaded, load_run
-from lipschitz_lightning.commands.settings import QuantizeSettings
+from lipschitz_lightning.config.settings import QuantizeSettings
 from lipschitz_lightning.core.bounds import rms_norm
+from lipschitz_lightning.data.common import evaluation_examples
 from lipschitz_lightning.models import GPT, MLP
 from lipschitz_lightning.robustness import quantize as Q
 from lipschitz_lightning.robustness.certified import SLACK
+from lipschitz_lightning.robustness.precision import frozen
 from test_certify import tiny_classifier  # noqa: F401  (a Muon + soft cap classifier of width 32)
 from test_gpt import tiny_checkpoints  # noqa: F401  (a constrained and an unconstrained tiny GPT)
 
@@ -394,8 +396,8 @@ def test_a_classifier_in_every_scheme(tiny_classifier, tmp_path):  # noqa: F811
     (result,) = results.values()
     assert result["kind"] == "classifier" and result["examples"] == 128
     loaded = load_run(settings(tiny_classifier, None), tiny_classifier)
-    net = C.frozen(loaded.saved.net)
-    x, y = C.validation_set(loaded, None)
+    net = frozen(loaded.saved.net)
+    x, y = evaluation_examples(loaded.datamodule, None)
     with torch.no_grad():
         float_prediction = net(x).argmax(1)
     assert result["float32"]["accuracy"] == pytest.approx(float((float_prediction == y).float().mean()))
@@ -547,7 +549,7 @@ def test_fp8_activations_are_inside_the_language_models_every_input_bound():
     # by hand, the rounded network in exact arithmetic (float64): no position the bound certifies changed
     net64, deployed64 = frozen64(net), frozen64(deployed)
     exact, rounded = net64(tokens), deployed64(tokens)
-    prediction, margin = C.top_two_margin(exact)
+    prediction, margin = Q.top_two_margin(exact)
     changed = rounded.argmax(dim=-1) != prediction
     certified = margin > math.sqrt(2 * 11) * row["bound"]
     print(f"\nbound {row['bound']:.4g}: {int(changed.sum())} of {changed.numel()} predictions changed, "
@@ -580,7 +582,7 @@ def test_an_input_shift_is_inside_the_mlps_every_input_bound():
     exact, rounded = net64(x.double()), deployed64(x.double())
     shifted_rms = Q.rms(x.double() - 0.5)
     assert (Q.rms(rounded - exact) <= row["bound"] * shifted_rms * (1 + SLACK)).all()
-    prediction, margin = C.top_two_margin(exact)
+    prediction, margin = Q.top_two_margin(exact)
     certified = margin > math.sqrt(2 * 10) * row["bound"] * shifted_rms
     changed = rounded.argmax(dim=-1) != prediction
     assert changed[0]  # int4 flips the black image, which a bound scaled by rms(x) = 0 counted certified

@@ -87,3 +87,19 @@ def test_a_checkpoint_trained_with_a_user_s_own_constraint_loads_without_importi
     torch.save(checkpoint, tmp_path / "user.ckpt")
     assert load_network(tmp_path / "user.ckpt").target == "lipschitz_lightning.models.mlp.MLP"
     assert "my_constraints" not in sys.modules
+
+
+def test_a_run_config_of_before_the_layers_passes_and_other_earlier_names_do_not():
+    # the model section named lipschitz_lightning.modules.<Module> then; the callbacks, the strategy and
+    # the constraint were never in a section that gets built, so their earlier names admit nothing
+    from lipschitz_lightning.errors import ConfigError
+    from lipschitz_lightning.lit.checkpoints import check_targets
+
+    earlier = {"model": {"_target_": "lipschitz_lightning.modules.ClassificationModule",
+                         "net": {"_target_": "lipschitz_lightning.models.MLP"}},
+               "data": {"_target_": "lipschitz_lightning.data.CIFAR10DataModule"},
+               "callbacks": {"monitor": {"_target_": "lipschitz_lightning.callbacks.LipschitzMonitor"}}}
+    check_targets(earlier, "an earlier run config")
+    for name in ("lipschitz_lightning.callbacks.LipschitzMonitor", "lipschitz_lightning.projection.Constraint"):
+        with pytest.raises(ConfigError, match="refused"):
+            check_targets({"data": {"_target_": name}}, "a run config")

@@ -1,6 +1,7 @@
-"""The search's loop (commands/search.py) on Optuna's ask-and-tell API: its schema, its space, its
-failures, its resume; trained runs replaced by a stand-in, so each test takes seconds. The real
-thing, 20-step runs through train.py, is tests/test_certified_training.py's three-trial study."""
+"""The search (commands/search.py, Hydra's sweeper for +hparams_search) on Optuna's ask-and-tell API:
+its schema, its space, its failures, its resume, each through train.py's own app in this process;
+trained runs replaced by a stand-in, so each test takes seconds. The real thing, 20-step runs in a
+subprocess, is tests/test_certified_training.py's three-trial study."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from lipschitz_lightning import train as train_py
 from lipschitz_lightning.commands import report, search, studies
 from lipschitz_lightning.commands import train as training
 from lipschitz_lightning.errors import ConfigError, Preempted, TrainingDiverged
@@ -27,6 +29,21 @@ def arguments(tiny_cifar: Path, log_dir: Path, *extra: str) -> list[str]:
             f"paths.log_dir={log_dir}", "data.holdout=64", "trainer.max_steps=20", *extra]
 
 
+FOLDER = Path("cifar_frontier") / "searches" / "muon_spectral_soft_cap"
+
+
+def run_search(args: list[str], log_dir: Path, exit_status: int | None = None) -> list[search.TrialResult]:
+    """``python train.py <args>`` in this process (Hydra's app, the sweeper, the launcher, the job):
+    the trials that ran, in order, read back from the study; with ``exit_status``, the process's exit."""
+    if exit_status is None:
+        train_py.run(list(args))
+    else:
+        with pytest.raises(SystemExit) as exit_:
+            train_py.run(list(args))
+        assert exit_.value.code == exit_status
+    return studies.load(studies.default_storage(log_dir / FOLDER), "muon_spectral_soft_cap").trials
+
+
 class StandIn:
     """``build`` and ``train`` of commands/train.py, without training: a trial's objectives follow
     from its learning rate; ``fail`` maps a call's index to what that call raises or leaves out."""
@@ -36,7 +53,7 @@ class StandIn:
         monkeypatch.setattr(training, "build", self.build)
         monkeypatch.setattr(training, "train", self.train)
 
-    def build(self, cfg):
+    def build(self, cfg, checked=False):
         index = self.calls
         self.calls += 1
         self.configs.append(cfg)
@@ -54,70 +71,74 @@ class StandIn:
         return summary
 
 
-def test_a_failed_trial_is_told_fail_the_search_goes_on_and_a_resume_runs_what_is_missing(tiny_cifar, tmp_path, monkeypatch, caplog):
-    caplog.set_level(logging.INFO, logger="lipschitz_lightning")  # what train.py's logging lets through
+def test_a_failed_trial_is_told_fail_the_search_goes_on_and_a_resume_runs_what_is_missing(tiny_cifar, tmp_path, monkeypatch):
     args = arguments(tiny_cifar, tmp_path, "search.trials=4")
     stand_in = StandIn(monkeypatch, fail={1: TrainingDiverged("the loss is nan at step 3"), 2: "no bound"})
-    result = search.search(search.prepare(args))
-    assert [r.values is not None for r in result.ran] == [True, False, False, True] and result.completed == 2
-    folder = tmp_path / "cifar_frontier" / "searches" / "muon_spectral_soft_cap"
-    study = studies.load(f"sqlite:///{folder / 'study.db'}", "muon_spectral_soft_cap")
-    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "FAIL", "COMPLETE"]
-    assert "TrainingDiverged: the loss is nan at step 3" in study.trials[1].user_attrs["error"]
-    assert study.trials[2].user_attrs["error"] == "summary.json has no finite lipschitz/log10_bound"
+    trials = run_search(args, tmp_path)
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "FAIL", "COMPLETE"]
+    folder = tmp_path / FOLDER
+    assert "TrainingDiverged: the loss is nan at step 3" in trials[1].user_attrs["error"]
+    assert trials[2].user_attrs["error"] == "summary.json has no finite lipschitz/log10_bound"
     # the study holds the objectives and, beside them, where each run is and its test accuracy
-    first = study.trials[0]
+    first = trials[0]
     assert first.values == [first.params["optimizer.lr"], pytest.approx(3 * math.log10(first.params["constraint.w_max"]))]
     assert first.user_attrs["run_dir"] == str(folder / "trial-000") and first.user_attrs["test/acc"] == first.params["optimizer.lr"] / 2
     assert first.user_attrs["trainer.max_steps"] == "20"  # fixed on the command line: out of the space
-    # each trial a run directory as a grid's run: its summary (the failed one's too), its log, its overrides
+    # each trial a run directory as a grid's run (Hydra's launcher made it): its summary (the failed
+    # one's too), its log, its overrides
     failed = json.loads((folder / "trial-001" / "summary.json").read_text())
     assert failed["status"] == "failed" and "TrainingDiverged" in failed["error"]
     overrides = OmegaConf.load(folder / "trial-000" / ".hydra" / "overrides.yaml")
     assert overrides[0] == "+hparams_search=muon_spectral_soft_cap" and f"optimizer.lr={first.params['optimizer.lr']!r}" in overrides
-    assert "trial 0 (trial-000): " in (folder / "trial-000" / "train.log").read_text()
+    search_log = (folder / "search.log").read_text()
+    assert "trial 0 (trial-000): " in search_log and "trial 1 failed: TrainingDiverged" in search_log
     assert json.loads((folder / "study.json").read_text())["study_name"] == "muon_spectral_soft_cap"
 
     # the same command again: the two failed trials are the two it lacks
     StandIn(monkeypatch)
-    result = search.search(search.prepare(args))
-    assert [r.number for r in result.ran] == [4, 5] and result.completed == 4
+    trials = run_search(args, tmp_path)
+    assert [t.state.name for t in trials[4:]] == ["COMPLETE", "COMPLETE"] and len(trials) == 6
     assert sorted(p.name for p in folder.glob("trial-*")) == [f"trial-{n:03d}" for n in range(6)]
     assert [c.trainer.max_steps for c in stand_in.configs] == [20] * 4
 
 
 def test_a_resumed_search_draws_what_an_unbroken_one_would(tiny_cifar, tmp_path, monkeypatch):
     StandIn(monkeypatch)
-    unbroken = search.search(search.prepare(arguments(tiny_cifar, tmp_path / "a", "search.trials=3")))
-    search.search(search.prepare(arguments(tiny_cifar, tmp_path / "b", "search.trials=2")))
-    resumed = search.search(search.prepare(arguments(tiny_cifar, tmp_path / "b", "search.trials=3")))
-    drawn = [studies.load(studies.default_storage(d / "cifar_frontier/searches/muon_spectral_soft_cap"), "muon_spectral_soft_cap").trials[2].params
-             for d in (tmp_path / "a", tmp_path / "b")]
-    assert len(unbroken.ran) == 3 and len(resumed.ran) == 1 and drawn[0] == drawn[1]
-    assert len({t.params["optimizer.lr"] for t in studies.load(studies.default_storage(tmp_path / "b/cifar_frontier/searches/muon_spectral_soft_cap")).trials}) == 3
+    unbroken = run_search(arguments(tiny_cifar, tmp_path / "a", "search.trials=3"), tmp_path / "a")
+    run_search(arguments(tiny_cifar, tmp_path / "b", "search.trials=2"), tmp_path / "b")
+    resumed = run_search(arguments(tiny_cifar, tmp_path / "b", "search.trials=3"), tmp_path / "b")
+    assert len(unbroken) == 3 and len(resumed) == 3 and unbroken[2].params == resumed[2].params
+    assert len({t.params["optimizer.lr"] for t in resumed}) == 3
 
 
 def test_the_search_stops_once_more_trials_failed_than_its_failure_rate_allows(tiny_cifar, tmp_path, monkeypatch):
     StandIn(monkeypatch, fail={i: TrainingDiverged("nan") for i in range(3)})
-    with pytest.raises(search.SearchStopped, match="2 of the 2 trials it ran failed, more than search.max_failure_rate 0.5 of the 3"):
-        search.search(search.prepare(arguments(tiny_cifar, tmp_path, "search.trials=3")))
+    trials = run_search(arguments(tiny_cifar, tmp_path, "search.trials=3"), tmp_path, exit_status=1)
+    assert [t.state.name for t in trials] == ["FAIL", "FAIL"]
+    assert "2 of the 2 trials it ran failed, more than search.max_failure_rate 0.5 of the 3" in (tmp_path / FOLDER / "search.log").read_text()
 
 
 def test_a_sigterm_tells_the_running_trial_fail_and_stops_the_search(tiny_cifar, tmp_path, monkeypatch):
     StandIn(monkeypatch, fail={0: Preempted("stopped by SIGTERM at step 7")})
-    with pytest.raises(Preempted):
-        search.search(search.prepare(arguments(tiny_cifar, tmp_path, "search.trials=3")))
-    study = studies.load(studies.default_storage(tmp_path / "cifar_frontier/searches/muon_spectral_soft_cap"))
-    assert studies.trial_states(study) == {"FAIL": 1} and "SIGTERM" in study.trials[0].user_attrs["error"]
+    trials = run_search(arguments(tiny_cifar, tmp_path, "search.trials=3"), tmp_path, exit_status=143)
+    assert [t.state.name for t in trials] == ["FAIL"] and trials[0].user_attrs["error"] == "interrupted"
 
 
 def test_the_command_line_fixes_a_key_of_the_space_or_gives_it_another_range(tiny_cifar, tmp_path, monkeypatch):
     stand_in = StandIn(monkeypatch)
-    plan = search.prepare(arguments(tiny_cifar, tmp_path, "search.trials=2", "optimizer.lr=tag(log, interval(0.3, 0.4))", "constraint.w_max=2.5"))
+    args = arguments(tiny_cifar, tmp_path, "search.trials=2", "optimizer.lr=tag(log, interval(0.3, 0.4))", "constraint.w_max=2.5")
+    plan = search.prepare(args)
     assert plan.space["optimizer.lr"].low == 0.3 and plan.space["optimizer.lr"].log and "constraint.w_max" not in plan.space
     assert plan.fixed == {"trainer.max_steps": "20", "constraint.w_max": "2.5"}
-    search.search(plan)
-    assert all(0.3 <= c.optimizer.lr <= 0.4 and c.constraint.w_max == 2.5 for c in stand_in.configs)
+    run_search(args, tmp_path)
+    assert len(stand_in.configs) == 2 and all(0.3 <= c.optimizer.lr <= 0.4 and c.constraint.w_max == 2.5 for c in stand_in.configs)
+
+
+def test_a_search_on_several_devices_is_refused_in_one_line(tiny_cifar, tmp_path):
+    # Lightning's DDP launcher starts every rank by running the command line again: the whole search
+    with pytest.raises(ConfigError, match="a search runs its trials one after another in one process") as error:
+        search.prepare(arguments(tiny_cifar, tmp_path, "trainer=ddp"))
+    assert "\n" not in str(error.value) and not (tmp_path / "cifar_frontier").exists()
 
 
 @pytest.mark.parametrize(("extra", "message"), [
@@ -169,11 +190,6 @@ def test_each_kind_of_range_is_the_optuna_distribution_it_says():
 
 
 def test_train_py_runs_a_search_only_when_asked_and_leaves_hydra_its_flags(tmp_path):
-    assert search.requested(["+hparams_search=muon_spectral_soft_cap", "-m"])
-    assert search.requested(["'+hparams_search=[muon_spectral_soft_cap,certified]'".strip("'")])
-    assert not search.requested(["+hparams_search=muon_spectral_soft_cap", "--cfg", "job"])
-    assert not search.requested(["+sweep=smoke", "optimizer.lr=0.1"])
-
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "train.py", "+hparams_search=certified", f"paths.log_dir={tmp_path}"],
                             cwd=REPO, capture_output=True, text=True, timeout=120, env=env)

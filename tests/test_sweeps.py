@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from lipschitz_lightning.commands import report
-from lipschitz_lightning.commands.tradeoff import constraint_name, describe
+from lipschitz_lightning.config.tradeoff import constraint_name, describe
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_RUN = [
@@ -183,7 +183,7 @@ def test_every_grid_point_of_every_sweep_composes_and_validates(sweep):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from lipschitz_lightning.commands.settings import validate_config
+    from lipschitz_lightning.config.settings import validate_config
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         base = compose("train", overrides=[f"+sweep={sweep}"], return_hydra_config=True)
@@ -203,7 +203,7 @@ def test_every_run_of_the_stability_grid_composes_with_its_learning_rate():
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from lipschitz_lightning.commands.settings import validate_config
+    from lipschitz_lightning.config.settings import validate_config
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         base = compose("train", overrides=["+sweep=shakespeare_stability"], return_hydra_config=True)

@@ -14,7 +14,7 @@ on its own, and its cost against ``none`` where ``none`` is among the methods. W
 bytes each rank sends per step, beside the ideal.
 
 Step times are the gaps between consecutive batch starts (so a step includes fetching the next
-batch and every hook); the first ``WARMUP`` steps are left out and medians are reported.
+batch and every hook); the first ``timing.WARMUP`` steps are left out and medians are reported.
 The last line printed is one JSON object with every number.
 """
 
@@ -24,8 +24,6 @@ import json
 from argparse import Namespace
 
 from lipschitz_lightning.errors import LipschitzLightningError, OneLineParser, exit_with
-
-WARMUP = 5  # the first steps pay for allocator growth and lazy initialisation, not for the loop
 
 
 def read_arguments(argv: list[str] | None) -> tuple[OneLineParser, Namespace]:
@@ -45,8 +43,6 @@ def read_arguments(argv: list[str] | None) -> tuple[OneLineParser, Namespace]:
                         help="also run the step on this many ranks (GPUs with NCCL, else CPU processes with gloo) and count the "
                              "bytes each rank sends per step (default 1: no)")
     args = parser.parse_args(argv)
-    if args.steps <= WARMUP + 1:
-        parser.error(f"--steps must be more than {WARMUP + 1} (the first {WARMUP} steps are warm-up)")
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.batch_size is not None and args.batch_size < 1:
@@ -66,12 +62,14 @@ def measure(parser: OneLineParser, args: Namespace) -> dict:
     import torch
     from hydra.utils import instantiate
 
+    from lipschitz_lightning import CONF_DIR
     from lipschitz_lightning.commands import timing as T
     from lipschitz_lightning.commands.allocator import keep_freed_memory
-    from lipschitz_lightning.commands.settings import validate_config
-    from lipschitz_lightning import CONF_DIR
-    from lipschitz_lightning.commands.tradeoff import constraint_name
+    from lipschitz_lightning.config.settings import validate_config
+    from lipschitz_lightning.config.tradeoff import constraint_name
 
+    if args.steps <= T.WARMUP + 1:  # the warm-up belongs to the timed loops: known once they are imported
+        parser.error(f"--steps must be more than {T.WARMUP + 1} (the first {T.WARMUP} steps are warm-up)")
     options = sorted(path.stem for path in (CONF_DIR / "constraint").glob("*.yaml"))
     methods = options if args.methods is None else args.methods
     unknown = [m for m in methods if m not in options]
@@ -97,7 +95,7 @@ def measure(parser: OneLineParser, args: Namespace) -> dict:
         sync = T.make_sync(device)
         T.autocast(cfg, device)  # a precision the plain loop cannot mirror stops here, before any run
         print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-              f"steps {args.steps} (first {WARMUP} not counted), batch {cfg.data.batch_size}, "
+              f"steps {args.steps} (first {T.WARMUP} not counted), batch {cfg.data.batch_size}, "
               f"{cfg.optimizer._target_.rsplit('.', 1)[-1]} + {constraint_name(cfg.constraint)}", flush=True)
 
         overhead = T.framework_overhead(cfg, datamodule, device, sync, args.repeats)
@@ -119,7 +117,7 @@ def measure(parser: OneLineParser, args: Namespace) -> dict:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "steps": args.steps,
-        "warmup_steps": WARMUP,
+        "warmup_steps": T.WARMUP,
         "repeats": args.repeats,
         "experiment": args.experiment,
         "batch_size": cfg.data.batch_size,

@@ -10,77 +10,51 @@ It writes ``certify.json``, ``certify.md`` (the table it also prints) and ``cert
 (``<run>/`` for ``<run>/checkpoints/last.ckpt``), beside its ``summary.json``. It creates no other
 directory. Settings are in ``conf/certify.yaml``.
 
-Classifiers: the maths is in ``lipschitz_lightning.robustness`` (``certified``: margins and radii
-in l2 pixel units; ``attacks``: PGD and the lower-bound search; ``precision``: rounded weights).
+Classifiers: the maths is in ``lipschitz_lightning.robustness`` (``classifier.classifier_report``:
+what this command reports, radius by radius; ``certified``: margins and radii in l2 pixel units;
+``attacks``: PGD and the lower-bound search; ``precision``: rounded weights). Here: which images,
+which settings, the files.
 
 Language models (``model=gpt``)
 -------------------------------
 The certificate of docs/certificate.md (``net.certificate()``) and, per block, its bounds on the
 largest activation RMS and on the largest ``|pre-softmax logit|`` next to the largest values the
-network reaches on the validation split (``observe_language_model``). An observed value above its
+network reaches on the validation split (``robustness.observe``). An observed value above its
 certified bound fails the command.
 """
 
 from __future__ import annotations
 
-import copy
 import json
-import math
 import os
 import time
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from lipschitz_lightning.commands.extras import available, install_line, needs, pyplot
 from lipschitz_lightning.commands.runs import Loaded, load_run
-from lipschitz_lightning.core.losses import parse_radius
+from lipschitz_lightning.core.types import parse_radius
+from lipschitz_lightning.data.common import evaluation_examples
 from lipschitz_lightning.errors import (
+    CertificateBroken,
     ConfigError,
-    DataError,
     LipschitzLightningError,
     exit_with,
 )
-from lipschitz_lightning.robustness.attacks import (
-    autoattack_l2,
-    jacobian_norms,
-    lipschitz_violation,
-    pair_search,
-    pgd_l2,
+from lipschitz_lightning.robustness.classifier import (
+    Attack,
+    AutoAttack,
+    LowerBoundSearch,
+    classifier_report,
 )
-from lipschitz_lightning.robustness.certified import (
-    SLACK,
-    certified,
-    certified_radius,
-    l2_bound,
-    margins,
-)
-from lipschitz_lightning.robustness.observe import (
-    compare_blocks,
-    observe_language_model,
-)
-from lipschitz_lightning.robustness.precision import with_weights_cast
-
-
-class CertificateBroken(LipschitzLightningError):
-    """An attack, a search or the data went past what the certificate guarantees: a bug, never a result."""
+from lipschitz_lightning.robustness.observe import language_model_report, next_tokens_at_radius
+from lipschitz_lightning.robustness.precision import frozen
 
 
 # Exit status of the command: 1 for a setting, checkpoint or data the user can fix, 2 for a broken certificate.
 EXIT_BAD_INPUT, EXIT_CERTIFICATE_BROKEN = 1, 2
-
-
-def check_blocks(rows: list[dict], where: str) -> None:
-    for row in rows:
-        for key in ("activation_rms", "attention_logit"):
-            seen, bound = row[f"{key}_observed"], row[f"{key}_certified"]
-            # the observations are float32 activations: allow their rounding, nothing more
-            if seen > bound * (1 + 1e-4):
-                raise CertificateBroken(
-                    f"{where}: block {row['block']} reached {key.replace('_', ' ')} {seen:.6g} on the validation data, "
-                    f"above its certified bound {bound:.6g}"
-                )
 
 
 # ----------------------------------------------------------------------------- the command
@@ -93,7 +67,8 @@ def checkpoint_paths(cfg) -> list[str]:
     for path in paths:  # all of them before any work (load_network says the same of a file it cannot read)
         if not Path(path).is_file():
             raise ConfigError(f"ckpt_path must be an existing checkpoint file, got {path!r}")
-    if "autoattack" in cfg and cfg.autoattack.examples > 0 and not available("torchattacks"):  # certify's, not quantize's
+    autoattack = getattr(cfg, "autoattack", None)  # certify's, not quantize's
+    if autoattack is not None and autoattack.examples > 0 and not available("torchattacks"):
         raise ConfigError(f"autoattack.examples={cfg.autoattack.examples}: AutoAttack needs torchattacks: {install_line('torchattacks')} "
                           f"(README.md says why without its dependencies); or give autoattack.examples=0")
     out = output_dir(cfg)
@@ -103,31 +78,9 @@ def checkpoint_paths(cfg) -> list[str]:
     return [str(p) for p in paths]
 
 
-def validation_set(loaded: Loaded, limit: int | None) -> tuple[Tensor, Tensor]:
-    """The first ``limit`` test images (all when None), as the module sees them: the validation split,
-    or the test split of a run that validated on images held out of training (``data.holdout``)."""
-    xs, ys, count = [], [], 0
-    datamodule = loaded.datamodule
-    held_out = getattr(datamodule, "holds_out_validation", False)
-    for batch in datamodule.test_dataloader() if held_out else datamodule.val_dataloader():
-        x, y = datamodule.on_after_batch_transfer(batch, 0)
-        xs.append(x), ys.append(y)
-        count += len(x)
-        if limit is not None and count >= limit:
-            break
-    return torch.cat(xs)[:limit].float(), torch.cat(ys)[:limit]
-
-
-def frozen(net: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
-    net = copy.deepcopy(net).to(dtype).eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
-    return net
-
-
 def run_label(run_config: dict) -> str:
     try:
-        from lipschitz_lightning.commands.tradeoff import describe
+        from lipschitz_lightning.config.tradeoff import describe
 
         label = describe(run_config)
         loss = run_config.get("loss") or {}
@@ -141,204 +94,60 @@ def run_label(run_config: dict) -> str:
         return ""
 
 
-def attack_radius_by_radius(cfg, net, net64, x, y, margin, bound: float, bound_l2: float, where: str) -> tuple[list[dict], int, dict]:
-    """Certified against attacked accuracy at each radius, ascending: a point broken at a radius is
-    broken at every larger one. A certified point that PGD flips stops the command, unless float64
-    says the flip is float32's rounding; such flips are counted (the second value). The third: the
-    points PGD left correctly classified, per radius."""
-    generator = torch.Generator().manual_seed(cfg.seed)
-    broken = ~(margin > 0)  # a misclassified point needs no attack (nor does a NaN margin)
-    rows, rounding_only, survived = [], 0, {}
-    for eps in sorted(set(float(r) for r in cfg.radii)):
-        safe = certified(margin, bound_l2, eps)
-        for part in (~broken).nonzero()[:, 0].split(cfg.attack.batch):
-            hit, delta = pgd_l2(net, x[part], y[part], eps, steps=cfg.attack.steps, restarts=cfg.attack.restarts,
-                                step_size=cfg.attack.step_size, generator=generator)
-            for i in (safe[part] & hit).nonzero()[:, 0].tolist():
-                index = int(part[i])
-                if confirmed_break(net64, x, delta[i], y, index, eps, bound, bound_l2, where, "PGD"):
-                    continue
-                rounding_only += 1  # flipped in float32 only; float64 says the bound holds
-                hit[i] = False
-            broken[part[hit]] = True
-        # a certified point is never broken here: the loop above raised or let it survive
-        survivors = ~broken
-        survived[eps] = survivors.clone()
-        rows.append({"radius": eps, "radius_x255": eps * 255, "certified_acc": float(safe.float().mean()),
-                     "empirical_acc": float(survivors.float().mean()), "certified_points": int(safe.sum()),
-                     "surviving_points": int(survivors.sum())})
-    return rows, rounding_only, survived
-
-
-def confirmed_break(net64, x, delta, y, index: int, eps: float, bound: float, bound_l2: float, where: str, attack: str) -> bool:
-    """A certified point an attack flipped: re-checked in float64, it stops the command with the
-    numbers (CertificateBroken), or it was float32's rounding (False)."""
-    violation = lipschitz_violation(net64, x[index], delta, y[index], bound_l2)
-    if violation is None:
-        return False
-    raise CertificateBroken(
-        f"certificate broken: {where}: {attack} flipped validation point {index} within l2 radius {eps:.6g} "
-        f"({eps * 255:.4g}/255), where the certified bound {bound:.6g} (RMS units) forbids it: margin "
-        f"{violation['margin_before']:.6g} -> {violation['margin_after']:.6g} over l2 distance "
-        f"{violation['l2_distance']:.6g}, more than the certified drop {violation['allowed_drop']:.6g} (float64)"
-    )
-
-
-def autoattack_beside_pgd(cfg, net, net64, x, y, margin, bound: float, bound_l2: float, survived: dict, where: str) -> dict | None:
-    """AutoAttack (torchattacks, l2, standard) at the first radius on the first ``autoattack.examples``
-    points, beside PGD's result on the same points: where AutoAttack breaks points PGD left standing,
-    our attack is weak. A certified point it flips stops the command, as for PGD."""
-    count = min(cfg.autoattack.examples, len(x))
-    if count == 0:
-        return None
-    eps = min(float(r) for r in cfg.radii)
-    points = torch.arange(count)
-    correct = points[margin[:count] > 0]
-    started = time.perf_counter()
-    auto_attack = needs("torchattacks", "AutoAttack needs torchattacks").AutoAttack
-    hit, delta = autoattack_l2(auto_attack, net, x[correct], y[correct], eps, version=cfg.autoattack.version, seed=cfg.seed,
-                               batch=cfg.attack.batch)
-    safe = certified(margin[:count], bound_l2, eps)
-    for i in (safe[correct] & hit).nonzero()[:, 0].tolist():
-        if not confirmed_break(net64, x, delta[i], y, int(correct[i]), eps, bound, bound_l2, where, "AutoAttack"):
-            hit[i] = False  # float32's rounding, as for PGD
-    autoattack_survivors = torch.zeros(count, dtype=torch.bool)
-    autoattack_survivors[correct] = ~hit
-    pgd_survivors = survived[eps][:count]
-    return {"radius": eps, "radius_x255": eps * 255, "examples": count, "version": cfg.autoattack.version,
-            "certified_acc": float(safe.float().mean()), "pgd_acc": float(pgd_survivors.float().mean()),
-            "autoattack_acc": float(autoattack_survivors.float().mean()),
-            "broken_by_autoattack_only": int((pgd_survivors & ~autoattack_survivors).sum()),
-            "broken_by_pgd_only": int((~pgd_survivors & autoattack_survivors).sum()),
-            "seconds": time.perf_counter() - started}
-
-
-def search_lower_bound(cfg, net, net64, x, bound: float, where: str) -> dict:
-    """A lower bound on the Lipschitz constant: Jacobian norms at validation points, then a pair
-    search from the steepest of them. One above the certified bound stops the command."""
-    sample = x[: cfg.lower_bound.points]
-    norms, directions = jacobian_norms(net64, sample.double())
-    order = norms.argsort(descending=True)[: cfg.lower_bound.pairs]
-    searched, row = pair_search(net, net64, sample[order], directions[order], steps=cfg.lower_bound.steps,
-                                lr=cfg.lower_bound.lr, gap=cfg.lower_bound.gap)
-    jacobian_best = float(norms.max())
-    lower = max(jacobian_best, searched)
-    if lower > bound * (1 + SLACK):
-        how = (f"the Jacobian at validation point {int(norms.argmax())} has RMS->RMS norm {jacobian_best:.8g}" if jacobian_best >= searched
-               else f"a pair search from validation point {int(order[row])} found rms(f(a) - f(b)) / rms(a - b) = {searched:.8g}")
-        raise CertificateBroken(f"certificate broken: {where}: {how} (float64), above the certified bound {bound:.8g}")
-    return {"lower_bound": lower, "lower_bound_jacobian": jacobian_best, "lower_bound_pair_search": searched,
-            "lower_bound_points": len(sample), "bound_over_lower_bound": bound / lower if lower > 0 else math.inf}
-
-
-def weights_in_low_precision(net, x, y, batch: int, accuracy: float, bound: float) -> dict:
-    """Accuracy and certified bound with the weights rounded to bfloat16 and float8 (e4m3)."""
-    precision = {"float32": {"accuracy": accuracy, "bound_rms": bound}}
-    for name, dtype in (("bfloat16", torch.bfloat16), ("float8_e4m3", torch.float8_e4m3fn)):
-        cast = with_weights_cast(net, dtype)
-        with torch.no_grad():
-            predictions = torch.cat([cast(part) for part in x.split(batch)]).argmax(dim=1)
-        precision[name] = {"accuracy": float((predictions == y).float().mean()), "bound_rms": float(cast.certified_bound())}
-    return precision
-
-
 def certify_classifier(cfg, loaded: Loaded) -> dict:
-    where = str(loaded.path)
-    net, net64 = frozen(loaded.saved.net), frozen(loaded.saved.net, torch.float64)
-    x, y = validation_set(loaded, cfg.examples)
-    with torch.no_grad():
-        logits = torch.cat([net(part) for part in x.split(cfg.attack.batch)])
-    inputs, outputs = x[0].numel(), logits.shape[1]
-    bound = float(net.certified_bound())
-    bound_l2 = l2_bound(bound, inputs, outputs)
-    margin = margins(logits, y)
-    accuracy = float((margin > 0).float().mean())
-
-    started = time.perf_counter()
-    rows, rounding_only, survived = attack_radius_by_radius(cfg, net, net64, x, y, margin, bound, bound_l2, where)
-    attack_s = time.perf_counter() - started
-    autoattack = autoattack_beside_pgd(cfg, net, net64, x, y, margin, bound, bound_l2, survived, where)
-    started = time.perf_counter()
-    lower = search_lower_bound(cfg, net, net64, x, bound, where)
-    lower_bound_s = time.perf_counter() - started
-
-    grid = torch.linspace(0, cfg.curve_max_radius, 201)
-    radius = certified_radius(margin, bound_l2)
-    curve = [float(((margin > 0) & (radius > eps)).float().mean()) for eps in grid.tolist()]
+    """The classifier's report (``robustness.classifier.classifier_report``) on the first ``examples``
+    test images, with the settings of ``conf/certify.yaml``."""
+    x, y = evaluation_examples(loaded.datamodule, cfg.examples)
+    autoattack = None
+    if cfg.autoattack.examples > 0:
+        attack = needs("torchattacks", "AutoAttack needs torchattacks").AutoAttack
+        autoattack = AutoAttack(attack, cfg.autoattack.examples, cfg.autoattack.version)
+    report = classifier_report(
+        loaded.saved.net, x, y, radii=cfg.radii, autoattack=autoattack, curve_max_radius=cfg.curve_max_radius, seed=cfg.seed,
+        attack=Attack(cfg.attack.steps, cfg.attack.restarts, cfg.attack.step_size, cfg.attack.batch),
+        lower_bound=LowerBoundSearch(cfg.lower_bound.points, cfg.lower_bound.pairs, cfg.lower_bound.steps, cfg.lower_bound.lr,
+                                     cfg.lower_bound.gap),
+        where=str(loaded.path),
+    )
     return {
         "kind": "classifier",
-        "checkpoint": where,
+        "checkpoint": str(loaded.path),
         "run": run_label(loaded.run_config),
         "step": int(loaded.saved.checkpoint.get("global_step", 0)),
-        "examples": len(x),
-        "inputs": inputs,
-        "outputs": outputs,
-        "bound_rms": bound,
-        "bound_l2": bound_l2,
-        "layer_norms": {k: float(v) for k, v in net.layer_norms().items()} if hasattr(net, "layer_norms") else {},
-        "accuracy": accuracy,
-        "median_certified_radius": float(radius.median()),
-        "radii": rows,
-        "attack": {"steps": cfg.attack.steps, "restarts": cfg.attack.restarts, "step_size": cfg.attack.step_size,
-                   "float32_only_flips_of_certified_points": rounding_only},
-        "autoattack": autoattack,
-        **lower,
-        "weights": weights_in_low_precision(net, x, y, cfg.attack.batch, accuracy, bound),
-        "curve": {"radius": grid.tolist(), "certified_acc": curve},
-        "timings": {"attack_s": attack_s, "lower_bound_s": lower_bound_s},
+        **report,
     }
 
 
 def certify_language_model(cfg, loaded: Loaded) -> dict:
-    where = str(loaded.path)
+    """The language model's certificate against what its validation batches reach
+    (``robustness.observe.language_model_report``), and its next tokens certified at a radius."""
     net = frozen(loaded.saved.net)
-    certificate = net.certificate()
-    observed = observe_language_model(net, loaded.datamodule.val_dataloader(), cfg.max_batches, cfg.stats_tokens)
-    if not observed:
-        raise DataError(f"{where}: the validation split gave no batch to observe")
-    blocks = compare_blocks(certificate, observed)
-    check_blocks(blocks, f"certificate broken: {where}")
+    report = language_model_report(net, loaded.datamodule.val_dataloader(), cfg.max_batches, cfg.stats_tokens, str(loaded.path))
     return {
         "kind": "language_model",
-        "checkpoint": where,
+        "checkpoint": str(loaded.path),
         "run": run_label(loaded.run_config),
         "step": int(loaded.saved.checkpoint.get("global_step", 0)),
-        "bound": certificate.bound,
-        "bound_paper_formula": net.paper_formula_bound(),
-        "input_radius": certificate.input_radius,
-        "batches_observed": min(cfg.max_batches, len(loaded.datamodule.val_dataloader())),
-        "blocks": blocks,
-        "at_radius": next_tokens_at_radius(cfg, net, loaded),
+        **report,
+        "at_radius": at_radius(cfg, net, loaded),
     }
 
 
 def language_model_radius(cfg, run_config: dict | None) -> float | None:
     """``lm_radius``, or the radius the run's margin loss trained for; None when neither is set."""
-    if cfg.get("lm_radius") is not None:
+    if cfg.lm_radius is not None:
         return parse_radius(cfg.lm_radius)
     radius = ((run_config or {}).get("loss") or {}).get("radius")
     return parse_radius(radius) if radius else None
 
 
-@torch.no_grad()
-def next_tokens_at_radius(cfg, net: nn.Module, loaded: Loaded) -> dict | None:
-    """The next-token predictions of the validation batches that no input within token-RMS distance
-    ``radius`` of the embedded text can change (margin > sqrt(2) L_l2 radius, with L_l2 from the
-    certificate of the ball of radius R + radius those inputs fill)."""
+def at_radius(cfg, net: nn.Module, loaded: Loaded) -> dict | None:
+    """The next-token predictions certified at ``language_model_radius`` (``robustness.observe.next_tokens_at_radius``)
+    on at most ``max_batches`` validation batches; None where no radius is set."""
     radius = language_model_radius(cfg, loaded.run_config)
     if radius is None:
         return None
-    enlarged = net.certificate(perturbation=radius)
-    margin = math.sqrt(2) * net.logit_l2_bound(radius) * radius
-    correct = certified_count = total = 0
-    window = net.window_blocks(1.0)
-    for index, (tokens, targets) in enumerate(loaded.datamodule.val_dataloader()):
-        if index >= cfg.max_batches:
-            break
-        counts = net.next_token_loss(net.features(tokens, window=window), targets, margin=margin)
-        correct, certified_count, total = correct + int(counts.correct), certified_count + int(counts.certified), total + targets.numel()
-    return {"radius": radius, "bound": enlarged.bound, "input_radius": enlarged.input_radius, "margin": float(margin),
-            "accuracy": correct / total, "certified_acc": certified_count / total, "positions": total}
+    return next_tokens_at_radius(net, loaded.datamodule.val_dataloader(), radius, cfg.max_batches)
 
 
 def _names(paths: list[str]) -> list[str]:

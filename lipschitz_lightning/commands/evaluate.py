@@ -5,8 +5,9 @@
 
 The checkpoint is enough: it carries the network (``checkpoint["network"]``) and the resolved
 config of the run that wrote it (``checkpoint["run_config"]``), from which the validation data is
-rebuilt. The numbers are computed as in training (the same module, metrics and monitor), so a
-run's ``last.ckpt`` gives back the run's final summary. Settings in ``conf/evaluate.yaml``.
+rebuilt. The numbers are computed as in training (the same module and metrics, and the bound logged
+by the constraint's callback, which projects nothing here), so a run's ``last.ckpt`` gives back the
+run's final summary. Settings in ``conf/evaluate.yaml``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     from hydra.utils import get_class
 
     from lipschitz_lightning.commands.runs import load_run
-    from lipschitz_lightning.lit.callbacks import LipschitzMonitor
+    from lipschitz_lightning.core.constraints import NoConstraint
+    from lipschitz_lightning.lit.constraint import WeightConstraint
 
     loaded = load_run(cfg, cfg.ckpt_path, require_model=True)
     saved, run_config = loaded.saved, loaded.run_config
@@ -37,7 +39,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         accelerator=accelerator,
         devices=1,
         logger=False,
-        callbacks=[LipschitzMonitor()],
+        callbacks=[WeightConstraint(NoConstraint())],  # projects nothing; logs the layer norms and the certified bound
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,

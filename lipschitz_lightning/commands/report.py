@@ -30,7 +30,8 @@ from omegaconf import OmegaConf
 
 from lipschitz_lightning.commands import stability, studies
 from lipschitz_lightning.commands.extras import available, install_line, pyplot
-from lipschitz_lightning.commands.tradeoff import describe
+from lipschitz_lightning.config.tradeoff import describe
+from lipschitz_lightning.core.types import parse_radius
 from lipschitz_lightning.errors import OneLineParser
 
 
@@ -167,8 +168,6 @@ def _read_run(directory: Path, root: Path, searches: dict[Path, str]) -> RunRow:
 
 
 def _radius(value) -> float | None:
-    from lipschitz_lightning.core.losses import parse_radius
-
     try:
         return None if value is None else parse_radius(value)
     except ValueError:

@@ -19,14 +19,15 @@ class Loaded:
     datamodule: object  # set up for validation
 
 
-def data_config(cfg: DictConfig, run_data: dict) -> DictConfig:
-    """The run's data settings, with the command's ``paths.*`` and ``data.*`` on top."""
+def data_config(cfg, run_data: dict) -> DictConfig:
+    """The run's data settings, with the command's ``paths.*`` and ``data.*`` on top (``cfg``: the
+    command's checked settings, ``config.settings.COMMAND_SETTINGS``)."""
     data = OmegaConf.create(run_data)
     for key in ("data_dir", "cache_dir"):
-        value = cfg.paths.get(key)
+        value = getattr(cfg.paths, key, None)
         if value is not None and key in data:
             data[key] = value
-    for key, value in cfg.get("data", {}).items():
+    for key, value in (cfg.data or {}).items():
         if value is None:
             continue
         if key not in data:
@@ -35,13 +36,13 @@ def data_config(cfg: DictConfig, run_data: dict) -> DictConfig:
     return data
 
 
-def load_run(cfg: DictConfig, ckpt_path: str, require_model: bool = False) -> Loaded:
+def load_run(cfg, ckpt_path: str, require_model: bool = False) -> Loaded:
     """The checkpoint's network (``lit.checkpoints.load_network``: only this project's classes) and its
     run's validation data, rebuilt from the run config it carries, with ``cfg``'s ``paths.*`` and
     ``data.*`` on top; every setting checked first, the data's absence one line."""
     from hydra.utils import instantiate
 
-    from lipschitz_lightning.commands.settings import validate_config
+    from lipschitz_lightning.config.settings import validate_config
     from lipschitz_lightning.lit.checkpoints import load_network
 
     saved = load_network(ckpt_path)

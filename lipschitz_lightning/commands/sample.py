@@ -57,27 +57,6 @@ def load_language_model(ckpt_path: str | Path, device: str = "cpu") -> tuple[GPT
     raise ConfigError(f"ckpt_path {str(saved.path)!r} holds neither a character vocabulary nor a tokenizer's name: it cannot be decoded")
 
 
-@torch.no_grad()
-def generate(model: GPT, prompt: torch.Tensor, num_tokens: int, temperature: float, generator: torch.Generator,
-             vocab_size: int | None = None) -> torch.Tensor:
-    """Autoregressive sampling with the window the model was trained to end with; the context is
-    cropped to the model's ``seq_len`` (RoPE's trained range). Logits past ``vocab_size`` (a padded
-    vocabulary's unused rows) are never chosen."""
-    tokens = prompt.clone()
-    window = model.window_blocks(1.0)
-    for _ in range(num_tokens):
-        logits = model(tokens[-model.config.seq_len :][None], window=window)[0, -1]
-        if vocab_size is not None:
-            logits = logits[:vocab_size]
-        if temperature == 0:
-            next_token = logits.argmax()
-        else:
-            probabilities = torch.softmax(logits.float() / temperature, dim=-1)
-            next_token = torch.multinomial(probabilities, 1, generator=generator)[0]
-        tokens = torch.cat((tokens, next_token.view(1)))
-    return tokens[len(prompt) :]
-
-
 def sample(cfg: DictConfig) -> str:
     """The prompt and its continuation (settings already checked: ``settings.SampleSettings``)."""
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -88,7 +67,7 @@ def sample(cfg: DictConfig) -> str:
     except ValueError as error:
         raise ConfigError(f"prompt has characters outside the checkpoint's vocabulary: {error}") from None
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    return prompt + vocab.decode(generate(model, prompt_tokens, cfg.num_tokens, cfg.temperature, generator, min(len(vocab), model.config.vocab_size)))
+    return prompt + vocab.decode(model.generate(prompt_tokens, cfg.num_tokens, cfg.temperature, generator, min(len(vocab), model.config.vocab_size)))
 
 
 def run(cfg: DictConfig) -> None:

@@ -1,9 +1,12 @@
 """An Optuna search of one [optimizer, constraint] pair: ``python train.py +hparams_search=<pair>``.
 
-Why not Hydra's Optuna sweeper: ``hydra-optuna-sweeper`` is unmaintained and pins optuna < 3
-(SQLAlchemy < 2, alembic < 1.14) while Optuna is at 4 and 5. This module drives Optuna's
-ask-and-tell API itself, from the ``search:`` section of ``sweeps/hparams_search/*.yaml``
-(``SearchSettings``), with what the sweeper did and no more:
+A Hydra sweeper (``hydra_plugins/lipschitz_lightning_search``, chosen by ``sweeps/hparams_search/``'s
+``override /hydra/sweeper: optuna_search``): every trial is a job of ``train.py``'s ``@hydra.main`` app,
+launched by Hydra's launcher, exactly as a single run or a grid's job runs. Why not Hydra's own
+Optuna sweeper: ``hydra-optuna-sweeper`` is unmaintained and pins optuna < 3 (SQLAlchemy < 2,
+alembic < 1.14) while Optuna is at 4 and 5. This module drives Optuna's ask-and-tell API itself,
+from the ``search:`` section of ``sweeps/hparams_search/*.yaml`` (``SearchSettings``), with what the
+sweeper did and no more:
 
 - the base config (``conf/train.yaml`` with the command line) composed and checked once, the
   search space's keys and the data too, before the study is opened: a mistake is one line, not
@@ -12,13 +15,15 @@ ask-and-tell API itself, from the ``search:`` section of ``sweeps/hparams_search
   Optuna takes to share one study between machines; its name, directions and objectives checked
   against the file's (``study.json`` beside the trials says which study they belong to);
 - for each trial the study lacks (``search.trials`` counts completed trials, so running the same
-  command again resumes the study): ask the study for a point of the space, compose the trial's
-  config through Hydra's compose API with those overrides, train it in this process in its own
-  run directory ``<search.dir>/trial-<number>/`` (``summary.json``, ``train.log``, ``.hydra/``,
-  checkpoints: what a run of a grid leaves), tell the study the objectives read from the summary;
+  command again resumes the study): ask the study for a point of the space, launch the trial with
+  those overrides in its own run directory ``<search.dir>/trial-<number>/`` (``summary.json``,
+  ``train.log``, ``.hydra/``, checkpoints: what a run of a grid leaves), tell the study the
+  objectives the job returns (``optimized_metrics``: ``search.objectives``);
 - a trial that fails (diverges, a setting out of range, an objective missing) is told FAIL with
   its one-line error and the search goes on, until more than ``search.max_failure_rate`` of the
-  trials it was to run have failed; a SIGTERM or Ctrl-C tells the running trial FAIL and stops.
+  trials it was to run have failed; a SIGTERM or Ctrl-C tells the running trial FAIL and stops;
+- trials run one after another in this process: a trainer on several devices (``trainer=ddp``) is
+  refused, since Lightning's DDP launcher would start the whole search again on every rank.
 
 The sampler is built for each trial with ``seed + <trial number>`` (NSGA-II keeps its population
 in the study, not in the sampler): a resumed search draws what an unbroken one would have drawn,
@@ -34,6 +39,7 @@ import math
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -45,7 +51,7 @@ from pydantic import ConfigDict, Field
 from lipschitz_lightning import CONF_DIR
 from lipschitz_lightning.commands import studies
 from lipschitz_lightning.commands.extras import needs
-from lipschitz_lightning.commands.settings import (
+from lipschitz_lightning.config.settings import (
     OBJECTIVES,
     PositiveInt,
     Settings,
@@ -208,22 +214,14 @@ class Plan:
     fixed: dict[str, str]  # keys of the space the command line fixed, and their values
     folder: Path
     storage: str
-    keep_freed_memory: bool = False
-    logging_config: dict | None = field(default=None, repr=False)  # Hydra's job logging, for run()
-
-
-def requested(args: list[str]) -> bool:
-    """Whether ``train.py``'s command line asks for a search (``+hparams_search=...``); Hydra's flags
-    (``--cfg job``, ``--help``) leave it to Hydra, which prints the search's config."""
-    flags = [a for a in args if a.startswith("-") and a not in MULTIRUN_FLAGS]
-    return not flags and any("=" in a and _key(a) == REQUEST for a in args if not a.startswith("-"))
+    logging_config: dict | None = field(default=None, repr=False)  # Hydra's job logging, for search.log
 
 
 def _compose(overrides: list[str], hydra: bool = False) -> DictConfig:
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
 
-    from lipschitz_lightning.commands.cli import composition_error
+    from lipschitz_lightning.config.compose import composition_error
 
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -238,7 +236,7 @@ def prepare(args: list[str]) -> Plan:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    from lipschitz_lightning.commands.cli import composition_error
+    from lipschitz_lightning.config.compose import composition_error
 
     given = [a for a in args if a not in MULTIRUN_FLAGS]
     if any(_key(a) == "resume" and a.split("=", 1)[1] not in ("", "null") for a in given):
@@ -255,8 +253,9 @@ def prepare(args: list[str]) -> Plan:
     logging_config = OmegaConf.to_container(composed.hydra.job_logging, resolve=False)
     with open_dict(composed):
         del composed["hydra"]
+    settings = search_settings(composed)  # before train.yaml's keys: optimized_metrics are the search's objectives
     check_train_settings(composed)
-    settings = search_settings(composed)
+    refuse_several_devices(composed.trainer)
     # a range on the command line replaces the file's (or adds a key); a value there fixes its key
     params = {**settings.params, **ranges}
     fixed = {_key(o): o.split("=", 1)[1] for o in overrides if _key(o) in {_key(k) for k in params}}
@@ -272,7 +271,7 @@ def prepare(args: list[str]) -> Plan:
 
     from hydra.utils import instantiate
 
-    from lipschitz_lightning.commands.settings import validate_config
+    from lipschitz_lightning.config.settings import validate_config
 
     for end in corners(space):  # a key no config has, or a range end out of bounds: before any trial
         cfg = _compose([*overrides, *(override(k, v) for k, v in end.items()), override("paths.output_dir", str(folder))])
@@ -280,7 +279,22 @@ def prepare(args: list[str]) -> Plan:
         validate_config(cfg)
     instantiate(cfg.data).prepare_data()  # the data's absence: one line, before the study is opened
     storage = settings.storage or studies.default_storage(folder)
-    return Plan(overrides, settings, space, fixed, folder, storage, bool(composed.get("keep_freed_memory")), logging_config)
+    return Plan(overrides, settings, space, fixed, folder, storage, logging_config)
+
+
+def refuse_several_devices(trainer: DictConfig) -> None:
+    """A search runs its trials one after another in this process; Lightning's DDP launcher starts
+    each rank by running the command line again, which here would be the whole search on every
+    rank. One line instead."""
+    strategy = trainer.get("strategy")
+    target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy)
+    devices = trainer.get("devices")
+    if "ddp" in target.lower() or "DDP" in target or devices not in (1, "1", None, "auto") or trainer.get("num_nodes", 1) != 1:
+        raise ConfigError(
+            f"a search runs its trials one after another in one process, on one device: trainer.devices={devices}, "
+            f"trainer.strategy={target or strategy} would make Lightning start the whole search again on every rank; "
+            f"search with trainer=default or trainer=gpu, then train the chosen point with trainer=ddp"
+        )
 
 
 def _sampler(settings: SamplerSettings, trial_number: int):
@@ -383,52 +397,35 @@ def _write_failed(run_dir: Path, error: BaseException) -> None:
     (run_dir / "summary.json").write_text(json.dumps({"status": "failed", "error": f"{type(error).__name__}: {error}", "step": 0, "config": {}}, indent=2))
 
 
-def _trial_log(run_dir: Path) -> logging.Handler:
-    """``<trial>/train.log``: what the console shows during the trial, with times, as a run's."""
-    handler = logging.FileHandler(run_dir / "train.log")
-    file_handlers = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
-    handler.setFormatter(file_handlers[0].formatter if file_handlers else logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
-    logging.getLogger().addHandler(handler)
-    return handler
+Launch = Callable[[list[str], int], Any]  # (a trial's overrides, its number) -> Hydra's JobReturn
 
 
-def run_trial(plan: Plan, number: int, params: dict[str, Any], run_dir: Path) -> TrialResult:
-    """One trial: its config composed with the drawn ``params``, trained in ``run_dir``; its
-    objectives read from its summary. Any failure but a SIGTERM or Ctrl-C is the trial's result."""
-    from lipschitz_lightning.commands import train as training
+def trial_overrides(plan: Plan, params: dict[str, Any], run_dir: Path) -> list[str]:
+    """What the launcher composes a trial from: the command line's overrides, the drawn point, and
+    its run directory (``hydra.sweep.dir`` / ``hydra.sweep.subdir``)."""
+    return [*plan.overrides, *(override(k, v) for k, v in params.items()),
+            override("hydra.sweep.dir", str(run_dir.parent)), override("hydra.sweep.subdir", run_dir.name)]
 
-    drawn = [override(k, v) for k, v in params.items()]
-    handler = _trial_log(run_dir)
+
+def run_trial(plan: Plan, launch: Launch, number: int, params: dict[str, Any], run_dir: Path) -> TrialResult:
+    """One trial: the job of train.py's app with the drawn ``params``, in ``run_dir``; its objectives
+    are what the job returns (``optimized_metrics``). Any failure but a SIGTERM or Ctrl-C (which end
+    the process) is the trial's result."""
     shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else override(k, v) for k, v in params.items())
     log.info(f"trial {number} ({run_dir.name}): {shown}")
+    returned = launch(trial_overrides(plan, params, run_dir), number)
+    summary_file = run_dir / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     try:
-        cfg = None
-        try:
-            cfg = _compose([*plan.overrides, *drawn, override("paths.output_dir", str(run_dir))])
-            # what Hydra leaves in a run directory: the report reads a killed trial's config there, and
-            # python train.py resume=<trial dir> continues the trial as a single run
-            (run_dir / ".hydra").mkdir()
-            OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
-            OmegaConf.save(OmegaConf.create([*plan.overrides, *drawn]), run_dir / ".hydra" / "overrides.yaml")
-            check_train_settings(cfg)
-            try:
-                built = training.build(cfg)
-            except Exception as error:
-                training.record_failure(cfg, error)
-                raise
-            summary = training.train(cfg, built)
-        except (Preempted, KeyboardInterrupt):
-            raise
-        except Exception as error:
-            if cfg is None:
-                _write_failed(run_dir, error)
-            if not isinstance(error, LipschitzLightningError):
-                log.error("trial %d: %s", number, one_line(error), exc_info=True)  # a bug: its traceback in train.log
-            return TrialResult(number, run_dir, None, f"{type(error).__name__}: {error}")
-    finally:
-        logging.getLogger().removeHandler(handler)
-        handler.close()
-    values = [summary.get(key) for key in plan.settings.objectives]
+        values = returned.return_value  # the job's exception, where it raised one
+    except (Preempted, KeyboardInterrupt):
+        raise
+    except Exception as error:
+        if not summary:
+            _write_failed(run_dir, error)  # the trial's config did not compose: no job ran
+        return TrialResult(number, run_dir, None, f"{type(error).__name__}: {error}", summary)
+    if values is None:  # train.py's job: a run that diverged or was misconfigured (its summary says why)
+        return TrialResult(number, run_dir, None, str(summary.get("error", "the run failed")), summary)
     missing = [key for key, value in zip(plan.settings.objectives, values) if not isinstance(value, (int, float)) or not math.isfinite(value)]
     if missing:
         return TrialResult(number, run_dir, None, f"summary.json has no finite {', '.join(missing)}", summary)
@@ -453,10 +450,10 @@ def _describe(values: list[float], objectives: list[str]) -> str:
     return ", ".join(f"{name} {value:.4g}" for name, value in zip(objectives, values))
 
 
-def search(plan: Plan, study=None) -> SearchResult:
-    """Run the trials the plan's study lacks; return what ran. Raises ``SearchStopped`` when more
-    than ``max_failure_rate`` of them failed, ``Preempted`` or ``KeyboardInterrupt`` as they come
-    (the running trial told FAIL first)."""
+def search(plan: Plan, launch: Launch, study=None) -> SearchResult:
+    """Run the trials the plan's study lacks, each through ``launch``; return what ran. Raises
+    ``SearchStopped`` when more than ``max_failure_rate`` of them failed; a SIGTERM or Ctrl-C as it
+    comes (the running trial told FAIL first)."""
     TrialState = needs("optuna", "a search needs Optuna").trial.TrialState
 
     settings = plan.settings
@@ -478,11 +475,13 @@ def search(plan: Plan, study=None) -> SearchResult:
             trial.set_user_attr(key, value)
         started = time.perf_counter()
         try:
-            result = run_trial(plan, trial.number, trial.params, run_dir)
-        except BaseException as error:
+            result = run_trial(plan, launch, trial.number, trial.params, run_dir)
+        except BaseException as error:  # Preempted, KeyboardInterrupt, train.py's exit with 143
             trial.set_user_attr("error", one_line(error)[:1000] if isinstance(error, Exception) else "interrupted")
             study.tell(trial, state=TrialState.FAIL)
             raise
+        finally:
+            _log_to_search_file(plan)  # each job configures its own logging (its train.log)
         ran.append(result)
         trial.set_user_attr("status", "completed" if result.values is not None else result.summary.get("status", "failed"))
         for key, value in _attributes(result.summary).items():
@@ -519,40 +518,35 @@ def frontier_lines(plan: Plan) -> list[str]:
 # ----------------------------------------------------------------------------- the command
 
 
-def _configure_logging(plan: Plan) -> None:
+def _log_to_search_file(plan: Plan) -> None:
     """The console and ``<search dir>/search.log``, as Hydra's job logging sets up a run's console
-    and ``train.log`` (``conf/hydra/job_logging/``); Optuna's messages through the same handlers."""
-    optuna = needs("optuna", "a search needs Optuna")
-
+    and ``train.log`` (``conf/hydra/job_logging/``); Optuna's messages through the same handlers.
+    Again after every trial: its job set up logging into its own ``train.log``."""
     config = dict(plan.logging_config or {})
     for handler in (config.get("handlers") or {}).values():
         if "filename" in handler:
             handler["filename"] = str(plan.folder / "search.log")
     if config:
         logging.config.dictConfig(config)
-    optuna.logging.disable_default_handler()
-    optuna.logging.enable_propagation()
 
 
-def run(args: list[str]) -> None:
-    """``python train.py +hparams_search=<pair> [overrides]``: the whole search in this process."""
+def sweep(args: list[str], launch: Launch) -> SearchResult | None:
+    """The search of ``python train.py +hparams_search=<pair> [overrides]`` (Hydra's sweeper calls it
+    with the command line's overrides): a mistake is one line and exit status 1, nothing written."""
+    from lipschitz_lightning.config.compose import hydra_set_aside
+
+    optuna = needs("optuna", "a search needs Optuna")
     try:
-        plan = prepare(args)
+        with hydra_set_aside():  # the checks compose configs of their own
+            plan = prepare(args)
         study = open_study(plan)
     except LipschitzLightningError as error:
         exit_with(error)
-    _configure_logging(plan)
-    # what train.py does for a run, once for all the trials
-    from lipschitz_lightning.commands.allocator import keep_freed_memory
-    from lipschitz_lightning.commands.cli import quiet_known_warnings
-
-    logging.getLogger("lightning").handlers.clear()
-    logging.captureWarnings(True)
-    quiet_known_warnings()
-    if plan.keep_freed_memory:
-        keep_freed_memory()
+    _log_to_search_file(plan)
+    optuna.logging.disable_default_handler()
+    optuna.logging.enable_propagation()
     try:
-        result = search(plan, study)
+        result = search(plan, launch, study)
     except LipschitzLightningError as error:
         log.error(one_line(error))
         sys.exit(getattr(error, "exit_status", 1))
@@ -561,3 +555,4 @@ def run(args: list[str]) -> None:
              f"the study holds {result.completed} completed of {plan.settings.trials}")
     for line in frontier_lines(plan):
         log.info(line)
+    return result

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lipschitz_lightning.commands.extras import pyplot
-from lipschitz_lightning.commands.tradeoff import constraint_name
+from lipschitz_lightning.config.tradeoff import constraint_name
 
 
 @dataclass

@@ -22,12 +22,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lipschitz_lightning.commands.benchmark import WARMUP
-from lipschitz_lightning.commands.cli import (
-    compose_checked,
-    quiet_known_warnings,
-    register_resolvers,
-)
+from lipschitz_lightning.commands.cli import quiet_known_warnings
+from lipschitz_lightning.config.compose import compose_checked, register_resolvers
 from lipschitz_lightning.commands.train import build
 from lipschitz_lightning.core.losses import CrossEntropy
 from lipschitz_lightning.core.projection import Projection, ShardsItsStep
@@ -38,6 +34,8 @@ from lipschitz_lightning.errors import (
 )
 from lipschitz_lightning.models.protocol import NextTokenModel
 from lipschitz_lightning.step import StepResult, batch_loss, train_step, training_margin
+
+WARMUP = 5  # the first steps pay for allocator growth and lazy initialisation, not for the loop
 
 # The real pipeline minus what would only add noise to a timing: validation, checkpoints and the
 # progress bar. The CSV logger stays, since every real run has one.

@@ -21,8 +21,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from lipschitz_lightning.commands.settings import validate_config
-from lipschitz_lightning.commands.tradeoff import describe
+from lipschitz_lightning.config.settings import validate_config
+from lipschitz_lightning.config.tradeoff import describe
 from lipschitz_lightning.errors import ConfigError, Preempted
 from lipschitz_lightning.lit.callbacks import FinalValidation
 from lipschitz_lightning.lit.checkpoints import check_record, check_targets

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lipschitz_lightning.core.constraints import sigma_upper_bound, spectral_norms
+from lipschitz_lightning.core.linalg import sigma_upper_bound, spectral_norms
 
 # The paper's GeLU divisor: the MLP computes gelu(x) / 1.1289 so that its nonlinearity is (almost)
 # 1-Lipschitz. The models divide by this number; the certificate uses the true slopes below.

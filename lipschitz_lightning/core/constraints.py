@@ -27,13 +27,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lipschitz_lightning.core.linalg import (  # noqa: F401  (the constraints' API: Newton-Schulz is one of them)
-    GRAM_RESTART,
-    NS_COEFFICIENTS,
+from lipschitz_lightning.core.linalg import (
     POLYNOMIAL_FORMS,
-    POWER_ITERATION_SEED,
     RowShard,
-    _gram_of,
     _is_wide,
     _rank_one,
     layer_scale,
@@ -41,7 +37,6 @@ from lipschitz_lightning.core.linalg import (  # noqa: F401  (the constraints' A
     odd_polynomial_bound,
     odd_polynomial_steps,
     orthogonalize,
-    random_start_vector,
     sigma_upper_bound,
     spectral_norms,
     top_singular_triplet,
@@ -409,7 +404,6 @@ class SpectralWeightDecay(Constraint):
 BUILT_IN: dict[str, type[Constraint]] = {cls.name: cls for cls in (
     NoConstraint, SvdCap, SpectralNormalize, SpectralSoftCap, SpectralHardCap, Orthogonalize, SpectralHammer, SpectralWeightDecay,
 )}
-PAPER_METHODS = ("spectral_normalize", "spectral_soft_cap", "spectral_hard_cap", "spectral_hammer", "spectral_weight_decay", "orthogonalize")
 
 
 def _per_matrix(values, like: Tensor, trailing: int = 2) -> float | Tensor:

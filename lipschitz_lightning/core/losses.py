@@ -35,37 +35,13 @@ this one runs on every device, CPU tests included.
 from __future__ import annotations
 
 import math
-import re
-from typing import Annotated, NamedTuple
-
-import annotated_types as at
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lipschitz_lightning.core.types import Described, NonNegative, Positive
-
-# "36/255": a radius written as certify reports it (its tables give radii in units of 1/255)
-_FRACTION = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*/\s*(\d+(?:\.\d*)?)\s*$")
-
-
-def _is_fraction(text: str) -> bool:
-    match = _FRACTION.match(text)
-    return match is not None and float(match.group(2)) > 0
-
-
-Radius = NonNegative | Annotated[str, at.Predicate(Described("a fraction such as 36/255", _is_fraction))]
-
-
-def parse_radius(radius: float | str) -> float:
-    """A float, or a fraction ``"36/255"`` (what ``loss.radius=36/255`` gives on the command line)."""
-    if isinstance(radius, str):
-        if not _is_fraction(radius):
-            raise ValueError(f"a radius must be a non-negative number or a fraction such as 36/255, got {radius!r}")
-        match = _FRACTION.match(radius)
-        return float(match.group(1)) / float(match.group(2))
-    return float(radius)
+from lipschitz_lightning.core.types import Positive, Radius, parse_radius
 
 
 def margins(logits: Tensor, labels: Tensor) -> Tensor:

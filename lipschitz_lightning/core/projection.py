@@ -44,13 +44,11 @@ from torch import Tensor
 from lipschitz_lightning.core.bounds import rms_norm
 from lipschitz_lightning.core.constraints import (
     Constraint,
-    RowShard,
     SpectralSoftCap,
     StackStep,
-    layer_scale,
     project_embedding,
-    random_start_vector,
 )
+from lipschitz_lightning.core.linalg import RowShard, layer_scale, random_start_vector
 from lipschitz_lightning.core.roles import ParamGroup, ParamSpec, Role, step_coefficients
 from lipschitz_lightning.core.sharding import (
     ShardedStep,

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lipschitz_lightning.core.constraints import RowShard
+from lipschitz_lightning.core.linalg import RowShard
 
 
 def rank_and_world() -> tuple[int, int]:

@@ -6,12 +6,14 @@ A setting's range lives in its annotation, next to the parameter it constrains
 against its target's annotations with pydantic before anything is built, so a new setting is
 checked the moment it is added; a test fails for any numeric setting whose annotation gives no range.
 
-No torch, no hydra, no Lightning here: the models, optimizers and constraints import these aliases.
+No torch, no hydra, no Lightning here: the models, optimizers and constraints import these aliases,
+and the settings' checks read them (a radius too: ``Radius``, ``parse_radius``) before torch is imported.
 """
 
 from __future__ import annotations
 
 import collections.abc
+import re
 import types
 import typing
 from typing import Annotated, Any, Literal, Union
@@ -26,17 +28,6 @@ NonNegativeInt = Annotated[int, at.Ge(0)]
 Betas = tuple[UnitInterval, UnitInterval]
 
 
-class InRegistry:
-    """True for the keys of a registry that may grow after import (the constraint methods): an
-    ``annotated_types.Predicate`` that pydantic checks and ``describe`` lists."""
-
-    def __init__(self, registry):
-        self.registry = registry
-
-    def __call__(self, value) -> bool:
-        return value in self.registry
-
-
 class Described:
     """A test for an ``annotated_types.Predicate`` that says in words what it admits (for ``describe``)."""
 
@@ -47,9 +38,27 @@ class Described:
         return self.test(value)
 
 
-def one_of(registry) -> Any:
-    """A string that is a key of ``registry`` at the time it is checked."""
-    return Annotated[str, at.Predicate(InRegistry(registry))]
+# "36/255": a radius written as certify reports it (its tables give radii in units of 1/255)
+_FRACTION = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*/\s*(\d+(?:\.\d*)?)\s*$")
+
+
+def _is_fraction(text: str) -> bool:
+    match = _FRACTION.match(text)
+    return match is not None and float(match.group(2)) > 0
+
+
+Radius = NonNegative | Annotated[str, at.Predicate(Described("a fraction such as 36/255", _is_fraction))]
+
+
+def parse_radius(radius: float | str) -> float:
+    """A float, or a fraction ``"36/255"`` (what ``loss.radius=36/255`` gives on the command line)."""
+    if isinstance(radius, str):
+        if not _is_fraction(radius):
+            raise ValueError(f"a radius must be a non-negative number or a fraction such as 36/255, got {radius!r}")
+        match = _FRACTION.match(radius)
+        return float(match.group(1)) / float(match.group(2))
+    return float(radius)
+
 
 _BOUNDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
 _SEQUENCES = (list, collections.abc.Sequence)
@@ -79,9 +88,6 @@ def describe(hint: Any) -> str:
     ``an integer >= 1 or null``. (pydantic decides whether a value fits: ``commands.settings.check``.)"""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is Annotated:
-        registry = next((item.func.registry for item in args[1:] if isinstance(item, at.Predicate) and isinstance(item.func, InRegistry)), None)
-        if registry is not None:
-            return f"one of {list(registry)}"
         described = next((item.func.description for item in args[1:] if isinstance(item, at.Predicate) and isinstance(item.func, Described)), None)
         if described is not None:
             return described

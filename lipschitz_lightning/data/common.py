@@ -1,4 +1,5 @@
-"""What every datamodule shares: finding or fetching files, a decode cache, resumable batches."""
+"""What every datamodule shares: finding or fetching files, a decode cache, resumable batches, the
+first test examples as a module sees them."""
 
 from __future__ import annotations
 
@@ -201,3 +202,19 @@ class IndexedSplitsDataModule(L.LightningDataModule):
     def _in_order(self, split: str) -> DataLoader:
         sampler = SequentialBatches(len(self.splits[split]), self.val_batch_size, *self._rank_world())
         return DataLoader(self.splits[split], sampler=sampler, batch_size=None)
+
+
+def evaluation_examples(datamodule, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``limit`` test examples (all when None) of a set-up datamodule, as the module sees
+    them (after ``on_after_batch_transfer``), inputs in float32: the validation split, or the test
+    split of a run that validated on examples held out of training (``holds_out_validation``:
+    ``data.holdout``)."""
+    xs, ys, count = [], [], 0
+    held_out = getattr(datamodule, "holds_out_validation", False)
+    for batch in datamodule.test_dataloader() if held_out else datamodule.val_dataloader():
+        x, y = datamodule.on_after_batch_transfer(batch, 0)
+        xs.append(x), ys.append(y)
+        count += len(x)
+        if limit is not None and count >= limit:
+            break
+    return torch.cat(xs)[:limit].float(), torch.cat(ys)[:limit]

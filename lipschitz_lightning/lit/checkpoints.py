@@ -68,15 +68,10 @@ def configured_targets() -> frozenset[str]:
                      for target in named_targets(yaml.safe_load(path.read_text())))
 
 
-# what the configs named before the package had its layers (checkpoints written then carry them)
-EARLIER_TARGETS = frozenset({
-    "lipschitz_lightning.callbacks.WeightConstraint", "lipschitz_lightning.callbacks.LipschitzMonitor",
-    "lipschitz_lightning.callbacks.SpeedMonitor", "lipschitz_lightning.callbacks.RankAgreement",
-    "lipschitz_lightning.callbacks.PeriodicCheckpoint", "lipschitz_lightning.callbacks.SaveOnPreemption",
-    "lipschitz_lightning.training.StepProgressBar", "lipschitz_lightning.modules.ClassificationModule",
-    "lipschitz_lightning.modules.LanguageModelModule", "lipschitz_lightning.strategy.ShardedStepDDP",
-    "lipschitz_lightning.projection.Constraint", "lightning.pytorch.callbacks.ModelCheckpoint",
-})
+# What the model and data sections of a run config named before the package had its layers
+# (conf/model/ then named lipschitz_lightning.modules.<Module>; the networks and datamodules kept
+# their names): ``load_network`` still opens a checkpoint written then.
+EARLIER_TARGETS = frozenset({"lipschitz_lightning.modules.ClassificationModule", "lipschitz_lightning.modules.LanguageModelModule"})
 
 
 # The sections of a run config that a command builds from a checkpoint (evaluate, certify and sample

@@ -16,9 +16,9 @@ from torch import nn
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
 
-from lipschitz_lightning.core.losses import CrossEntropy, Radius, parse_radius
+from lipschitz_lightning.core.losses import CrossEntropy
 from lipschitz_lightning.core.roles import param_groups
-from lipschitz_lightning.core.types import PositiveInt
+from lipschitz_lightning.core.types import PositiveInt, Radius, parse_radius
 from lipschitz_lightning.errors import TrainingDiverged
 from lipschitz_lightning.lit.checkpoints import network_record
 from lipschitz_lightning.robustness.certified import certified, margins
@@ -73,7 +73,7 @@ class ClassificationModule(L.LightningModule):
     and the fraction certified at l2 radius ``certified_radius`` (``certify``'s check with the exact
     bound of the weights at that point)."""
 
-    data_kind = "images"  # the ``kind`` of datamodule it trains on (commands/settings.py checks the pairing)
+    data_kind = "images"  # the ``kind`` of datamodule it trains on (config/settings.py checks the pairing)
     loss_chunk = 4096  # positions per chunk of a language model's loss over its vocabulary
 
     def __init__(

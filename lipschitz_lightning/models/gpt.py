@@ -514,6 +514,26 @@ class GPT(nn.Module):
             for weight in (block.attention.q.weight, block.attention.k.weight):
                 weight.view(heads, head_dim, -1).mul_(factor)
 
+    @torch.no_grad()
+    def generate(self, prompt: Tensor, num_tokens: int, temperature: float, generator: torch.Generator,
+                 vocab_size: int | None = None) -> Tensor:
+        """``num_tokens`` tokens after ``prompt`` (1-d), sampled at ``temperature`` (0: the most likely),
+        with the window the model was trained to end with; the context is cropped to ``seq_len``
+        (RoPE's trained range). Logits past ``vocab_size`` (a padded vocabulary's unused rows) are never chosen."""
+        tokens = prompt.clone()
+        window = self.window_blocks(1.0)
+        for _ in range(num_tokens):
+            logits = self(tokens[-self.config.seq_len :][None], window=window)[0, -1]
+            if vocab_size is not None:
+                logits = logits[:vocab_size]
+            if temperature == 0:
+                next_token = logits.argmax()
+            else:
+                probabilities = torch.softmax(logits.float() / temperature, dim=-1)
+                next_token = torch.multinomial(probabilities, 1, generator=generator)[0]
+            tokens = torch.cat((tokens, next_token.view(1)))
+        return tokens[len(prompt) :]
+
     # ------------------------------------------------------------------ what the framework needs
 
     def named_matrices(self) -> dict[str, nn.Parameter]:

@@ -27,11 +27,11 @@ from typing import ClassVar, Literal
 
 import torch
 
-from lipschitz_lightning.core.constraints import (
+from lipschitz_lightning.core.constraints import normalize_token_vectors
+from lipschitz_lightning.core.linalg import (
     NS_COEFFICIENTS,
     POLYNOMIAL_FORMS,
     layer_scale,
-    normalize_token_vectors,
     ns_max_singular_value,
     orthogonalize,
 )
@@ -143,7 +143,8 @@ class Muon(torch.optim.Optimizer):
 
     def attach_projection(self, project: Callable[[ShardedStep], None]) -> None:
         """Run the constraint's projection inside a sharded step, on the weights this rank owns,
-        before the one all-gather shares them (``core.projection.Constraint``)."""
+        before the one all-gather shares them (``core.projection.ShardsItsStep``: ``Projection.attach``
+        calls this, as the ``lit.constraint.WeightConstraint`` callback attaches the projection)."""
         self.projection = project
 
     @property

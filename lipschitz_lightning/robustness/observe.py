@@ -1,5 +1,6 @@
 """What a language model's activations and attention logits reach on data, next to what its
-certificate bounds them by (docs/certificate.md)."""
+certificate bounds them by (docs/certificate.md); the next-token predictions it certifies at a
+radius around the embedded text. An observed value above its bound raises ``CertificateBroken``."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import math
 
 import torch
 from torch import nn
+
+from lipschitz_lightning.errors import CertificateBroken, DataError
 
 
 @torch.no_grad()
@@ -40,3 +43,54 @@ def compare_blocks(certificate, observed: dict[str, float]) -> list[dict]:
             "attention_logit_observed_signed_max": observed[f"attention/max_logit_{l}"],
         })
     return rows
+
+
+def language_model_report(net: nn.Module, batches, max_batches: int, stats_tokens: int, where: str) -> dict:
+    """The certificate of ``net`` (``net.certificate()``) and, per block, its bounds next to what at most
+    ``max_batches`` of ``batches`` reach (``observe_language_model``, ``compare_blocks``), checked
+    (``check_blocks``); ``where`` names the network in an error's message."""
+    certificate = net.certificate()
+    observed = observe_language_model(net, batches, max_batches, stats_tokens)
+    if not observed:
+        raise DataError(f"{where}: the validation split gave no batch to observe")
+    blocks = compare_blocks(certificate, observed)
+    check_blocks(blocks, where)
+    return {
+        "bound": certificate.bound,
+        "bound_paper_formula": net.paper_formula_bound(),
+        "input_radius": certificate.input_radius,
+        "batches_observed": min(max_batches, len(batches)),
+        "blocks": blocks,
+    }
+
+
+def check_blocks(rows: list[dict], where: str) -> None:
+    """Every block's observed maxima (``compare_blocks``) at most its certified bounds; ``where`` names
+    the network in the message."""
+    for row in rows:
+        for key in ("activation_rms", "attention_logit"):
+            seen, bound = row[f"{key}_observed"], row[f"{key}_certified"]
+            # the observations are float32 activations: allow their rounding, nothing more
+            if seen > bound * (1 + 1e-4):
+                raise CertificateBroken(
+                    f"certificate broken: {where}: block {row['block']} reached {key.replace('_', ' ')} {seen:.6g} on the validation data, "
+                    f"above its certified bound {bound:.6g}"
+                )
+
+
+@torch.no_grad()
+def next_tokens_at_radius(net: nn.Module, batches, radius: float, max_batches: int) -> dict:
+    """The next-token predictions of at most ``max_batches`` validation batches that no input within
+    token-RMS distance ``radius`` of the embedded text can change (margin > sqrt(2) L_l2 radius, with
+    L_l2 from the certificate of the ball of radius R + radius those inputs fill)."""
+    enlarged = net.certificate(perturbation=radius)
+    margin = math.sqrt(2) * net.logit_l2_bound(radius) * radius
+    correct = certified_count = total = 0
+    window = net.window_blocks(1.0)
+    for index, (tokens, targets) in enumerate(batches):
+        if index >= max_batches:
+            break
+        counts = net.next_token_loss(net.features(tokens, window=window), targets, margin=margin)
+        correct, certified_count, total = correct + int(counts.correct), certified_count + int(counts.certified), total + targets.numel()
+    return {"radius": radius, "bound": enlarged.bound, "input_radius": enlarged.input_radius, "margin": float(margin),
+            "accuracy": correct / total, "certified_acc": certified_count / total, "positions": total}

@@ -29,8 +29,9 @@ network after it. With ``E_i = W~_i - W_i`` and all norms RMS->RMS (SPEC §2):
   norm and error grow by the rounding of its input (``activation_rounded``).
 
 Both every-input bounds speak of the rounded network in exact arithmetic (its float32 arithmetic,
-like the certificate's, is outside them); the command checks them against the rounded network
-evaluated in float64 (``Fp8Linear`` runs in float64 too).
+like the certificate's, is outside them); ``classifier_rounding`` and ``language_model_rounding``
+(what ``quantize`` runs) check them on data against the rounded network evaluated in float64
+(``Fp8Linear`` runs in float64 too).
 
 ``*_per_input`` replace every worst case of a layer's error by the difference the deployed network
 actually made on an input (computed in float64 beside the float network): a certificate for that
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -58,7 +60,9 @@ from lipschitz_lightning.core.bounds import (
     gpt_certificate,
     rms_norm,
 )
-from lipschitz_lightning.robustness.precision import FLOAT8_MAX, cast_tensor
+from lipschitz_lightning.errors import CertificateBroken, DataError
+from lipschitz_lightning.robustness.certified import SLACK
+from lipschitz_lightning.robustness.precision import FLOAT8_MAX, cast_tensor, frozen
 
 FP8 = torch.float8_e4m3fn
 TINY = torch.finfo(torch.float32).tiny
@@ -486,3 +490,194 @@ def gpt_per_input(net64: nn.Module, deployed: nn.Module, tokens: Tensor, window=
         bound += lipschitz(l + 1, out.double(), float_block) * token_rms_max(out.double() - float_block)
     bound += token_rms_max(logits.double() - net64.logits(features.double()))
     return logits, bound
+
+
+# ----------------------------------------------------------------------------- on data (quantize)
+#
+# Every scheme of a network on validation data: loss and accuracy, rounded against float32, and the
+# certificate's promises checked input by input. A promise broken raises ``errors.CertificateBroken``.
+
+
+def top_two_margin(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """The prediction and its margin over the runner-up (what a certified-unchanged prediction must clear)."""
+    top = logits.topk(2, dim=-1).values
+    return logits.argmax(dim=-1), top[..., 0] - top[..., 1]
+
+
+class Tally:
+    """One scheme's sums over the evaluated inputs (examples or positions)."""
+
+    def __init__(self):
+        self.count = self.loss = self.correct = self.changed = 0.0
+        self.certified = self.certified_global = 0.0
+        self.per_input: list[Tensor] = []
+        self.observed_max = self.observed_over_bound = 0.0
+
+    def add(self, logits: Tensor, targets: Tensor, reference_prediction: Tensor) -> None:
+        flat = logits.reshape(-1, logits.shape[-1])
+        self.count += targets.numel()
+        self.loss += float(F.cross_entropy(flat.float(), targets.reshape(-1), reduction="sum"))
+        prediction = flat.argmax(dim=-1)
+        self.correct += int((prediction == targets.reshape(-1)).sum())
+        self.changed += int((prediction != reference_prediction.reshape(-1)).sum())
+
+    def row(self) -> dict:
+        return {"loss": self.loss / self.count, "accuracy": self.correct / self.count, "changed": self.changed / self.count}
+
+
+def check_per_input(where: str, scheme: str, observed: Tensor, bound: Tensor, certified: Tensor, prediction: Tensor,
+                    exact_prediction: Tensor) -> None:
+    """The certificate's promises on this batch: no change above its per-input bound, no certified
+    prediction changed (float64 on the exact side, the deployed network as it runs)."""
+    over = observed > bound * (1 + SLACK)
+    if over.any():
+        i = int(over.nonzero()[0, 0])
+        raise CertificateBroken(f"certificate broken: {where}: {scheme}: input {i} moved the logits by {float(observed[i]):.6g} "
+                                f"(RMS), above its certified bound {float(bound[i]):.6g}")
+    flipped = certified & (prediction != exact_prediction)
+    if flipped.any():
+        raise CertificateBroken(f"certificate broken: {where}: {scheme}: {int(flipped.sum())} predictions certified "
+                                f"unchanged by rounding changed")
+
+
+def check_every_input(where: str, scheme: str, observed: Tensor, bound: Tensor, certified: Tensor, prediction: Tensor,
+                      exact_prediction: Tensor) -> None:
+    """The every-input bound's promises on this batch, for the rounded network in exact arithmetic (its
+    float64 evaluation, which is what the bound speaks of): no change above it, no prediction it
+    certifies unchanged changed."""
+    over = observed > bound * (1 + SLACK)
+    if over.any():
+        i = int(over.nonzero()[0, 0])
+        raise CertificateBroken(f"certificate broken: {where}: {scheme}: input {i} moved the logits by {float(observed[i]):.6g} "
+                                f"(RMS, rounded network in float64), above the every-input bound {float(bound[i]):.6g} there")
+    flipped = certified & (prediction != exact_prediction)
+    if flipped.any():
+        raise CertificateBroken(f"certificate broken: {where}: {scheme}: {int(flipped.sum())} predictions certified "
+                                f"unchanged for every input changed (rounded network in float64)")
+
+
+def scheme_row(scheme: Scheme, tally: Tally, bound: float, covers: str, terms: dict, kernels: list[str], seconds: float,
+               errors: dict) -> dict:
+    """One scheme's row of ``quantize.json``."""
+    per_input = torch.cat(tally.per_input)
+    return tally.row() | {
+        "description": scheme.description,
+        "bound": bound, "bound_covers": covers, "bound_terms": terms,
+        "per_input_median": float(per_input.median()), "per_input_max": float(per_input.max()),
+        "observed_max": tally.observed_max, "observed_over_bound_max": tally.observed_over_bound,
+        "certified_unchanged": tally.certified / tally.count, "certified_unchanged_by_bound": tally.certified_global / tally.count,
+        "error_norms": errors, "activation_kernel": kernels[0] if len(kernels) == 1 else (kernels or None),
+        "seconds": seconds,
+    }
+
+
+def classifier_rounding(net: nn.Module, x: Tensor, y: Tensor, chosen: Mapping[str, Scheme], batch: int, where: str) -> dict:
+    """The MLP on the images ``x`` (``batch`` at a time): every scheme's accuracy, loss, bounds and
+    certified fraction. ``where`` names the network in a ``CertificateBroken`` message."""
+    net, net64 = frozen(net), frozen(net, torch.float64)
+    classes = net.config["num_classes"]
+    to_l2 = math.sqrt(2 * classes)  # a margin moves by at most sqrt(2) ||dz||_2 = sqrt(2 classes) rms(dz)
+    deployed = {name: quantized(net, scheme) for name, scheme in chosen.items()}
+    deployed64 = {name: frozen(rounded, torch.float64) for name, rounded in deployed.items()}
+    # per unit RMS of what the first layer sees (the bound is linear in it: docs/quantization.md §2)
+    bounds = {name: mlp_rounding_bound_of(net, deployed[name], scheme) for name, scheme in chosen.items()}
+    reference, tallies, seconds = Tally(), {name: Tally() for name in chosen}, dict.fromkeys(chosen, 0.0)
+    for xs, ys in zip(x.split(batch), y.split(batch)):
+        with torch.no_grad():
+            logits = net(xs)
+            exact = net64(xs.double())
+        exact_prediction, margin = top_two_margin(exact)
+        prediction = logits.argmax(dim=-1)
+        reference.add(logits, ys, prediction)
+        input_rms = rms(first_layer_input(net64, xs))
+        for name in chosen:
+            started = time.perf_counter()
+            rounded, per_input = mlp_per_input(net64, deployed[name], xs)
+            seconds[name] += time.perf_counter() - started
+            observed = rms(rounded.double() - exact)
+            certified = margin > to_l2 * per_input
+            check_per_input(where, name, observed, per_input, certified, rounded.argmax(dim=-1), exact_prediction)
+            every_input = bounds[name].bound * input_rms
+            certified_by_bound = margin > to_l2 * every_input * (1 + SLACK)
+            with torch.no_grad():
+                rounded64 = deployed64[name](xs.double())
+            check_every_input(where, name, rms(rounded64 - exact), every_input, certified_by_bound, rounded64.argmax(dim=-1),
+                              exact_prediction)
+            tally = tallies[name]
+            tally.add(rounded, ys, prediction)
+            tally.certified += int(certified.sum())
+            tally.certified_global += int(certified_by_bound.sum())
+            tally.per_input.append(per_input)
+            tally.observed_max = max(tally.observed_max, float(observed.max()))
+            tally.observed_over_bound = max(tally.observed_over_bound, float((observed / every_input.clamp(min=1e-300)).max()))
+    shift = net.input_shift
+    domain = (f"every image in [0, 1]^{net.config['input_dim']}: the first layer sees x - {shift:g}, of RMS <= "
+              f"{first_layer_input_rms_max(net):g}; per image, the bound times rms(x - {shift:g})") if shift else \
+             f"every image in [0, 1]^{net.config['input_dim']} (RMS <= 1); per image, the bound times its RMS"
+    return {
+        "domain": domain,
+        "float32": reference.row() | {"changed": 0.0},
+        "schemes": {name: scheme_row(chosen[name], tallies[name], bounds[name].bound, bounds[name].covers, bounds[name].terms,
+                                     kernels(deployed[name]), seconds[name],
+                                     {f"layers.{i}": error_norm(a.weight, b.weight) for i, (a, b) in enumerate(zip(net.layers, deployed[name].layers))})
+                    for name in chosen},
+    }
+
+
+def language_model_rounding(net: nn.Module, batches, chosen: Mapping[str, Scheme], max_batches: int, where: str) -> dict:
+    """The GPT on at most ``max_batches`` of ``batches`` (``(tokens, targets)``): every position's
+    next-token prediction. ``where`` names the network in an error's message."""
+    net, net64 = frozen(net), frozen(net, torch.float64)
+    window = net.window_blocks(1.0)
+    to_l2 = math.sqrt(2 * net.config.vocab_size)
+    deployed = {name: quantized(net, scheme) for name, scheme in chosen.items()}
+    deployed64 = {name: frozen(rounded, torch.float64) for name, rounded in deployed.items()}
+    bounds = {name: gpt_rounding_bound_of(net, deployed[name], scheme.activations) for name, scheme in chosen.items()}
+    reference, tallies, seconds = Tally(), {name: Tally() for name in chosen}, dict.fromkeys(chosen, 0.0)
+    evaluated = 0
+    for index, (tokens, targets) in enumerate(batches):
+        if index >= max_batches:
+            break
+        evaluated += 1
+        with torch.no_grad():
+            logits = net(tokens, window=window)
+            exact = net64(tokens, window=window)
+        exact_prediction, margin = top_two_margin(exact)
+        prediction = logits.argmax(dim=-1)
+        reference.add(logits, targets, prediction)
+        for name in chosen:
+            started = time.perf_counter()
+            rounded, per_input = gpt_per_input(net64, deployed[name], tokens, window)
+            seconds[name] += time.perf_counter() - started
+            change = rms(rounded.double() - exact)  # (batch, seq): each position's logits
+            observed = change.amax(dim=-1)
+            certified = margin > to_l2 * per_input[:, None]
+            check_per_input(where, name, observed, per_input, certified, rounded.argmax(dim=-1), exact_prediction)
+            every_input = torch.full_like(per_input, bounds[name].bound)
+            certified_by_bound = margin > to_l2 * bounds[name].bound * (1 + SLACK)
+            with torch.no_grad():
+                rounded64 = deployed64[name](tokens, window=window)
+            check_every_input(where, name, rms(rounded64 - exact).amax(dim=-1), every_input, certified_by_bound,
+                              rounded64.argmax(dim=-1), exact_prediction)
+            tally = tallies[name]
+            tally.add(rounded, targets, prediction)
+            tally.certified += int(certified.sum())
+            tally.certified_global += int(certified_by_bound.sum())
+            tally.per_input.append(per_input)
+            tally.observed_max = max(tally.observed_max, float(observed.max()))
+            tally.observed_over_bound = max(tally.observed_over_bound, float(observed.max()) / bounds[name].bound)
+    if not evaluated:
+        raise DataError(f"{where}: the validation split gave no batch")
+    rows = {}
+    for name in chosen:
+        b = bounds[name]
+        terms = {"embedding": b.embedding, **{f"block{l}": t for l, t in enumerate(b.blocks)}, "head": b.head}
+        errors = gpt_norms(net, deployed[name])[2]
+        rows[name] = scheme_row(chosen[name], tallies[name], b.bound, b.covers, terms, kernels(deployed[name]), seconds[name], errors)
+    return {
+        "batches": evaluated, "positions": int(reference.count),
+        "domain": f"every token sequence (inputs after the embedding of token RMS <= {bounds[next(iter(chosen))].input_radius:.4g})",
+        "certified_lipschitz_bound": net.certified_bound(),
+        "float32": reference.row() | {"changed": 0.0},
+        "schemes": rows,
+    }

@@ -36,13 +36,13 @@ from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from lipschitz_lightning import CONF_DIR
-from lipschitz_lightning.commands.tradeoff import constraint_name
-from lipschitz_lightning.core.losses import Radius
+from lipschitz_lightning.config.tradeoff import constraint_name
 from lipschitz_lightning.core.types import (
     NonNegative,
     NonNegativeInt,
     Positive,
     PositiveInt,
+    Radius,
     describe,
 )
 from lipschitz_lightning.errors import ConfigError
@@ -374,12 +374,16 @@ def command_settings(model: type[Settings], cfg: DictConfig, command: str) -> Se
 
 
 def target_settings(target: str) -> dict[str, Any] | None:
-    """Parameter name -> type hint of a ``_target_`` of this package (None for other libraries').
+    """Parameter name -> type hint of a ``_target_`` of this package, or of a user's class built on
+    one of this package's (a constraint of their own, docs/constraints.md: its inherited ``w_max`` is
+    checked as ours is); None for other libraries'.
 
     A target that takes ``**config`` names its schema in ``config_schema`` (a dataclass)."""
-    if not target.startswith(PACKAGE):
-        return None
     obj = get_object(target)
+    ours = target.startswith(PACKAGE) or (inspect.isclass(obj) and any(
+        base.__module__.startswith(PACKAGE) for base in obj.__mro__[1:]))
+    if not ours:
+        return None
     schema = getattr(obj, "config_schema", None)
     if schema is not None:
         return typing.get_type_hints(schema, include_extras=True)
