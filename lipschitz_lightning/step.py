@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from lipschitz_lightning.core.losses import CrossEntropy, LossCounts
-from lipschitz_lightning.models.protocol import ClipsAttentionLogits, NextTokenModel
+from lipschitz_lightning.models.protocol import ClipsAttentionLogits, NextTokenModel, PairwiseCertificate
 
 
 @dataclass
@@ -36,8 +36,13 @@ def flatten_positions(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
 def training_margin(net: nn.Module, loss: CrossEntropy) -> Tensor | None:
     """The logit margin that certifies ``loss.radius`` with the weights this step's forward pass uses:
     their bound on the domain the radius needs (docs/certified_training.md), a tensor left on the
-    device. None for a loss without a radius."""
-    return loss.margin(net.logit_l2_bound(loss.radius)) if loss.radius > 0 else None
+    device: per pair of classes ``(classes, classes)`` where the loss asks for it and the network
+    has that bound, else one number. None for a loss without a radius."""
+    if loss.radius <= 0:
+        return None
+    if loss.pairwise and isinstance(net, PairwiseCertificate):
+        return net.pairwise_l2_bound(loss.radius) * loss.radius
+    return loss.margin(net.logit_l2_bound(loss.radius))
 
 
 def batch_loss(net: nn.Module, forward: Callable, x: Tensor, y: Tensor, loss: CrossEntropy, margin: Tensor | None,

@@ -69,7 +69,7 @@ def run(args: list[str]) -> None:
     def job(cfg: DictConfig) -> float | None:
         # torch and Lightning load here, not at import: --cfg job, --help and Hydra's errors stay
         # quick, and Lightning's notices find Hydra's logging already set up (so they reach train.log)
-        from lipschitz_lightning.commands.allocator import keep_freed_memory
+        from lipschitz_lightning.commands.allocator import flush_subnormals, keep_freed_memory
         from lipschitz_lightning.commands.train import (
             build,
             in_multirun,
@@ -86,6 +86,8 @@ def run(args: list[str]) -> None:
             OmegaConf.resolve(cfg)  # once, now that the run's directory is known (${hydra:...})
             if cfg.get("keep_freed_memory"):
                 keep_freed_memory()
+            if cfg.get("flush_subnormals"):
+                flush_subnormals()
             built = build(cfg, checked=single)  # resume and data checks: nothing trained yet
             summary = train(cfg, built)
             if cfg.get("optimized_metrics"):  # a sweeper's objectives (a search's), in its order

@@ -433,7 +433,7 @@ def test_the_margin_loss_reads_no_value_back_from_the_device(monkeypatch, model)
         for name in ("item", "tolist", "__float__", "__int__", "__bool__", "__index__"):
             patched.setattr(torch.Tensor, name, read_back)
         result = train_step(net, *batch, CertifiedMargin(radius=0.05), optimizer, forward=forward, loss_chunk=5)
-    assert isinstance(result.margin, torch.Tensor) and float(result.margin) > 0
+    assert isinstance(result.margin, torch.Tensor) and float(result.margin.max()) > 0  # per pair of classes for the MLP
     assert int(result.certified) <= int(result.correct) and math.isfinite(float(result.loss))
 
 

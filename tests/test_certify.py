@@ -196,13 +196,20 @@ def test_certified_never_exceeds_attacked_point_by_point(tiny_classifier, tmp_pa
     net = precision.frozen(loaded.saved.net)
     x, y = evaluation_examples(loaded.datamodule, None)
     with torch.no_grad():
-        margin = cert.margins(net(x), y)
+        logits = net(x)
+    margin = cert.margins(logits, y)
     bound_l2 = cert.l2_bound(net.certified_bound(), 3072, 10)
+    assert result["certificate"] == "per pair of classes"
+    pairs = cert.PairCertificate.of(net, 10)
     for eps in cfg.radii:
         broken, delta = attacks.pgd_l2(net, x, y, eps, steps=20, restarts=2, generator=torch.Generator().manual_seed(1))
-        safe = cert.certified(margin, bound_l2, eps)
+        row = next(r for r in result["radii"] if r["radius"] == eps)
+        every = cert.certified(margin, bound_l2, eps)  # the global certificate, sqrt(2) L_l2 for every pair
+        safe = pairs.certified(logits, y, eps)
         assert not (safe & broken).any(), eps
-        assert float(safe.float().mean()) == pytest.approx(next(r["certified_acc"] for r in result["radii"] if r["radius"] == eps))
+        assert torch.all(every <= safe)  # never looser
+        assert float(safe.float().mean()) == pytest.approx(row["certified_acc"])
+        assert float(every.float().mean()) == pytest.approx(row["certified_acc_global"])
 
     # the lower bound: above 0, below the certificate, and it is what the Jacobians give at least
     assert 0 < result["lower_bound_jacobian"] <= result["lower_bound"] <= result["bound_rms"]
@@ -225,6 +232,8 @@ def test_the_files_and_the_default_output_folder(tiny_classifier):
 
 def test_a_bound_that_is_too_small_is_caught_by_the_attack(tiny_classifier, tmp_path, monkeypatch):
     monkeypatch.setattr(MLP, "certified_bound", lambda self, norms=None: 1e-3)  # a wrong certificate
+    wrong = 1e-4 * (1 - torch.eye(10, dtype=torch.float64))  # and per pair of classes, what certify checks with
+    monkeypatch.setattr(MLP, "pairwise_l2_bound", lambda self, radius=0.0: wrong)
     with pytest.raises(CertificateBroken) as error:
         C.certify(settings(tiny_classifier, tmp_path))
     message = str(error.value)
@@ -271,6 +280,7 @@ def run_command(monkeypatch, capsys, *overrides) -> tuple[int, str]:
 
 def test_a_broken_certificate_exits_2_with_one_line(tiny_classifier, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(MLP, "certified_bound", lambda self, norms=None: 1e-3)
+    monkeypatch.setattr(MLP, "pairwise_l2_bound", lambda self, radius=0.0: 1e-4 * (1 - torch.eye(10, dtype=torch.float64)))
     monkeypatch.delenv("LIPSCHITZ_DATA_DIR", raising=False)
     status, err = run_command(monkeypatch, capsys, f"ckpt_path={tiny_classifier}", f"out_dir={tmp_path}", "radii=[2.0,4.0,8.0]", "attack.steps=5",
                            "lower_bound.points=8", "lower_bound.pairs=4", "lower_bound.steps=5")

@@ -1,4 +1,7 @@
-"""Host memory that stays with the process between steps.
+"""What a run sets process-wide for the CPU's speed, from its entry point: host memory that stays with
+the process between steps (``keep_freed_memory``), subnormal floats flushed (``flush_subnormals``).
+
+Host memory.
 
 glibc's malloc serves every block above its mmap threshold (128 KiB at start, raised on the fly
 at most to 32 MiB) with a fresh ``mmap`` and unmaps it on free, and returns the freed top of its
@@ -42,3 +45,21 @@ def keep_freed_memory() -> bool:
     # glibc still maps memory where the heap cannot grow, so no allocation fails for this.
     applied = [mallopt(M_MMAP_MAX, 0), mallopt(M_TRIM_THRESHOLD, NO_TRIMMING)]
     return all(result == 1 for result in applied)
+
+
+def flush_subnormals() -> bool:
+    """Floats below float32's (float64's) smallest normal number become 0, in every operation of this
+    process (the CPU's flush-to-zero and denormals-are-zero modes, ``torch.set_flush_denormal``).
+
+    Why: x86 cores compute with subnormal operands many times slower. Newton-Schulz raises
+    Frobenius-normalised matrices to the fifth power, so small entries of a momentum buffer or a
+    weight underflow into the subnormal range: the certified MLP (``experiment=cifar_mlp_certified``)
+    ran its first 1000 steps at 14-16 steps/s and then about 2.5 (measured by the issue's profile;
+    docs/speed.md has this machine's numbers). Flushed, it keeps its speed. Safe for the guarantees:
+    a flushed value is below 1.2e-38 (2.2e-308 in float64), and every bound is computed from the
+    weights as they are (exact norms, in float64), so a flush cannot make one wrong; Newton-Schulz's
+    proven largest singular value is unaffected by setting tiny entries to 0 up to that size.
+    Returns whether the CPU supports it (True on x86 with SSE3)."""
+    import torch
+
+    return bool(torch.set_flush_denormal(True))

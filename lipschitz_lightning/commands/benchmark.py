@@ -64,7 +64,7 @@ def measure(parser: OneLineParser, args: Namespace) -> dict:
 
     from lipschitz_lightning import CONF_DIR
     from lipschitz_lightning.commands import timing as T
-    from lipschitz_lightning.commands.allocator import keep_freed_memory
+    from lipschitz_lightning.commands.allocator import flush_subnormals, keep_freed_memory
     from lipschitz_lightning.config.settings import validate_config
     from lipschitz_lightning.config.tradeoff import constraint_name
 
@@ -85,6 +85,8 @@ def measure(parser: OneLineParser, args: Namespace) -> dict:
             validate_config(checked)  # a bad setting is one line before any data is read
         if cfg.get("keep_freed_memory"):
             keep_freed_memory()  # as train.py does, before either loop runs
+        if cfg.get("flush_subnormals"):
+            flush_subnormals()
         datamodule = T.load_train_data(cfg)
         sample_x, _ = next(iter(datamodule.train_dataloader()))
         language_model = sample_x.ndim == 2

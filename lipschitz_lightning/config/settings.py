@@ -192,6 +192,7 @@ class TrainSettings(Settings):
     tags: list[str]
     seed: int
     keep_freed_memory: bool
+    flush_subnormals: bool = True
     ckpt_path: str | None = None
     resume: str | None = None
     data: dict
@@ -500,6 +501,11 @@ def _window_in_whole_blocks(cfg: DictConfig) -> tuple[bool, str]:
     return ok, f"a multiple of 128 tokens at least model.net.window_min={net.window_min} (the window counts whole blocks of 128)"
 
 
+def _maxmin_pairs_the_features(cfg: DictConfig) -> tuple[bool, str]:
+    width = cfg.model.net.width
+    return cfg.model.net.activation != "maxmin" or width % 2 == 0, f"relu with model.net.width={width} (maxmin sorts pairs of features: an even width)"
+
+
 def _level_in_grid(cfg: DictConfig) -> tuple[bool, str]:
     sizes = {len(values) for values in (cfg.tradeoff.get("grid") or {}).values()}
     levels = range(min(sizes)) if sizes else range(0)
@@ -562,6 +568,7 @@ RELATIONS: dict[str, tuple[tuple[str, ...], Callable[[DictConfig], tuple[bool, s
     "model.net.window_pattern": (("model.net.window_pattern", "model.net.num_blocks"), _window_pattern_fits_the_blocks),
     "model.net.window_max": (("model.net.window_pattern", "model.net.window_min", "model.net.window_max"), _window_in_whole_blocks),
     "tradeoff.level": (("tradeoff.level",), _level_in_grid),
+    "model.net.activation": (("model.net.activation", "model.net.width"), _maxmin_pairs_the_features),
 }
 
 

@@ -72,8 +72,18 @@ def embedding_norm_on_device(E: Tensor) -> Tensor:
 
 
 def mlp_bound(norms: Mapping[str, float], final_scale: float = 1.0) -> float:
-    """Product of the layers' RMS->RMS norms: ReLU is 1-Lipschitz and there are no residuals."""
+    """Product of the layers' RMS->RMS norms: ReLU (and MaxMin) is 1-Lipschitz and there are no residuals."""
     return abs(final_scale) * math.prod(norms.values())
+
+
+@torch.no_grad()
+def head_row_distances(head: Tensor) -> Tensor:
+    """``||W_y - W_j||_2`` for every pair of rows of a ``(classes, width)`` head, in float64 (where the
+    difference of two float32 rows is exact): how far the logit difference ``f_y - f_j = W_y h - W_j h``
+    moves per unit l2 of the head's input ``h`` (docs/certified_training.md, the per-pair certificate).
+    At most ``sqrt(2) sigma_max(W)``, what the global bound gives every pair."""
+    W = head.detach().double()
+    return (W[:, None, :] - W[None, :, :]).norm(dim=-1)
 
 
 # --------------------------------------------------------------------------------------------

@@ -64,6 +64,7 @@ class CrossEntropy:
     above 1 lets its softmax become confident anyway (docs/certified_training.md)."""
 
     radius = 0.0
+    pairwise = False
 
     def __init__(self, temperature: Positive = 1.0):
         self.temperature = float(temperature)
@@ -74,10 +75,15 @@ class CrossEntropy:
 
     def __call__(self, logits: Tensor, targets: Tensor, margin: float | Tensor | None = None) -> LossCounts:
         """Mean loss, the correctly classified points, and those whose margin exceeds ``margin``
-        (a number, or a 0-d tensor left on the device; None: no margin)."""
+        (a number, or a 0-d tensor left on the device; None: no margin). A ``(classes, classes)``
+        margin is per pair of classes: ``margin[y, j]`` is added to class ``j``'s logit of a point of
+        class ``y`` (zero diagonal), and a point counts as certified when the true class stays first."""
         correct = (logits.detach().argmax(dim=-1) == targets).sum()
         if margin is None:
             offset, certified = logits, correct
+        elif isinstance(margin, Tensor) and margin.ndim == 2:
+            offset = logits + margin[targets].to(logits.dtype)
+            certified = (margins(offset.detach(), targets) > 0).sum()
         else:
             shift = torch.as_tensor(margin, dtype=logits.dtype, device=logits.device).neg().expand(len(targets), 1)
             offset = logits.scatter_add(1, targets[:, None], shift)
@@ -94,17 +100,21 @@ class CertifiedMargin(CrossEntropy):
 
     ``radius`` is an l2 distance in the input's units: pixels in [0, 1] for the CIFAR-10 MLP (as
     ``certify`` reports it, e.g. ``36/255``), token RMS of the embedded sequence for the GPT.
+    ``pairwise``: where the network knows its bound per pair of classes (``pairwise_l2_bound``, never
+    looser), each other class gets its own margin ``K[y, j] * radius`` (``step.training_margin``);
+    else every class gets ``sqrt(2) L_l2 radius``.
     """
 
-    def __init__(self, radius: Radius = "36/255", temperature: Positive = 10.0):
+    def __init__(self, radius: Radius = "36/255", temperature: Positive = 10.0, pairwise: bool = True):
         super().__init__(temperature)
         self.radius = parse_radius(radius)
+        self.pairwise = pairwise
 
     def margin(self, logit_l2_bound: float | Tensor) -> float | Tensor:
         return math.sqrt(2) * logit_l2_bound * self.radius
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(radius={self.radius:.6g}, temperature={self.temperature:g})"
+        return f"{type(self).__name__}(radius={self.radius:.6g}, temperature={self.temperature:g}, pairwise={self.pairwise})"
 
 
 def _chunked(features: Tensor, weight: Tensor, targets: Tensor, scale: float, chunk: int,

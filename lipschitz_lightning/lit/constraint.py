@@ -67,6 +67,7 @@ class WeightConstraint(Callback):
         self.projection = Projection(constraint)
         self.last_validated_step: int | None = None
         self._certified: LipschitzNetwork | None = None
+        self._validated: dict | None = None  # this validation's norms and bound, once its first batch ran
 
     @property
     def state_key(self) -> str:
@@ -124,6 +125,25 @@ class WeightConstraint(Callback):
 
     # ------------------------------------------------------------------ what it logs
 
+    def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int,
+                                  dataloader_idx: int = 0) -> None:
+        # The norms of the weights this validation runs with, taken at its first batch: by then a
+        # weight-averaging callback (EMA) has swapped its weights in, whatever the callbacks' order.
+        if self._validated is not None or trainer.sanity_checking:
+            return
+        certified = self._certified if self._certified is not None else _certifiable(self.network_of(pl_module))
+        if certified is None or not trainer.is_global_zero:
+            # the weights are identical on every rank: at NanoGPT scale 73 exact norms are worth computing once
+            self._validated = {}
+            return
+        norms = certified.layer_norms()
+        self._validated = {f"norm/{name}": value for name, value in norms.items()}
+        paper_formula = getattr(certified, "paper_formula_bound", None)
+        if paper_formula is not None:
+            # SPEC §7's formula, for comparison with the paper's numbers: not a certificate
+            self._validated["lipschitz/bound_paper_formula"] = paper_formula(norms)
+        self._validated["lipschitz/bound"] = certified.certified_bound(norms)
+
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
@@ -132,18 +152,10 @@ class WeightConstraint(Callback):
             # every rank calls the reduction; the guards' fallbacks are counted where they were decided
             count = torch.tensor(float(self.projection.fallback_count()), device=pl_module.device)
             pl_module.log("constraint/guard_fallbacks", trainer.strategy.reduce(count, reduce_op="sum"), rank_zero_only=True)
-        certified = self._certified if self._certified is not None else _certifiable(self.network_of(pl_module))
-        if certified is None or not trainer.is_global_zero:
-            # the weights are identical on every rank: at NanoGPT scale 73 exact norms are worth computing once
-            return
-        norms = certified.layer_norms()
-        metrics = {f"norm/{name}": value for name, value in norms.items()}
-        paper_formula = getattr(certified, "paper_formula_bound", None)
-        if paper_formula is not None:
-            # SPEC §7's formula, for comparison with the paper's numbers: not a certificate
-            metrics["lipschitz/bound_paper_formula"] = paper_formula(norms)
-        pl_module.log("lipschitz/bound", certified.certified_bound(norms), rank_zero_only=True, prog_bar=True)
-        pl_module.log_dict(metrics, rank_zero_only=True)
+        metrics, self._validated = self._validated or {}, None
+        if "lipschitz/bound" in metrics:
+            pl_module.log("lipschitz/bound", metrics.pop("lipschitz/bound"), rank_zero_only=True, prog_bar=True)
+            pl_module.log_dict(metrics, rank_zero_only=True)
 
     # ------------------------------------------------------------------ state
 

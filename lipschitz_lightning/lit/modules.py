@@ -21,7 +21,7 @@ from lipschitz_lightning.core.roles import param_groups
 from lipschitz_lightning.core.types import PositiveInt, Radius, parse_radius
 from lipschitz_lightning.errors import TrainingDiverged
 from lipschitz_lightning.lit.checkpoints import network_record
-from lipschitz_lightning.robustness.certified import certified, margins
+from lipschitz_lightning.robustness.certified import PairCertificate
 from lipschitz_lightning.step import batch_loss, flatten_positions, training_margin
 
 # Mixed precisions whose forward runs in 16 bits: margins of 16-bit logits certify nothing, so the
@@ -105,7 +105,10 @@ class ClassificationModule(L.LightningModule):
         self.test_loss = MeanMetric()
         self.certified_radius = parse_radius(certified_radius)
         self.certified_fraction = {"val": CorrectFraction(), "test": CorrectFraction()}
-        self._margins: dict[str, list[torch.Tensor]] = {"val": [], "test": []}
+        # per split, the certificate of the weights this validation runs with (taken at its first batch,
+        # after any weight-averaging callback has swapped its weights in): the margins and the bound
+        # they are checked against come from the same weights
+        self._certificate: dict[str, PairCertificate | None] = {"val": None, "test": None}
         self._unchecked_losses: list[tuple[int, torch.Tensor]] = []
         self.loss_spikes = LossSpikes(loss_spike_factor)
         # the run's resolved config, set by commands.train.build: checkpoints carry it, so that a
@@ -158,7 +161,7 @@ class ClassificationModule(L.LightningModule):
                 estimate = str(self.trainer.precision) in SIXTEEN_BIT_FORWARD
                 key = "train/certified_estimate" if estimate else "train/certified"
                 self.log(key, torch.as_tensor(self._train_certified).float() / float(self._train_count))
-                self.log("train/margin", margin.float())
+                self.log("train/margin", margin.float().max())  # per pair of classes: the largest
             self._train_correct, self._train_certified, self._train_count = 0, 0, 0
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
             self.log("stability/loss_spikes", float(self.loss_spikes.count))
@@ -198,17 +201,20 @@ class ClassificationModule(L.LightningModule):
         mean_loss, accuracy = (self.val_loss, self.val_acc) if split == "val" else (self.test_loss, self.test_acc)
         mean_loss(F.cross_entropy(logits, y, reduction="none"))
         accuracy(logits, y)
-        self._margins[split].append(margins(logits.detach().float(), y))
+        if self._certificate[split] is None:
+            self._certificate[split] = PairCertificate.of(self.net, logits.shape[-1])
+        safe = self._certificate[split].certified(logits.detach(), y, self.certified_radius)
+        self.certified_fraction[split].to(self.device).update(safe.sum(), safe.numel())
         self.log(f"{split}/loss", mean_loss, prog_bar=True)
         self.log(f"{split}/acc", accuracy, prog_bar=True)
 
     def _log_certified(self, split: str) -> None:
-        collected, self._margins[split] = self._margins[split], []
-        if not collected:
+        """The fraction of the split certified at ``certified_radius``, per pair of classes where the
+        network has that certificate (``robustness.certified.PairCertificate``)."""
+        if self._certificate[split] is None:
             return
-        safe = certified(torch.cat(collected), self.net.logit_l2_bound(self.certified_radius), self.certified_radius)
+        self._certificate[split] = None
         fraction = self.certified_fraction[split].to(self.device)
-        fraction.update(safe.sum(), safe.numel())
         self.log(f"{split}/certified_acc", fraction.compute())
         fraction.reset()
 

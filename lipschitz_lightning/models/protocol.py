@@ -17,7 +17,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from lipschitz_lightning.core.bounds import GELU_MAX_SLOPE, rms_norm, rms_norm_on_device
+from lipschitz_lightning.core.bounds import GELU_MAX_SLOPE, head_row_distances, rms_norm, rms_norm_on_device
 from lipschitz_lightning.core.losses import CrossEntropy, LossCounts
 from lipschitz_lightning.core.roles import ParamSpec, Role
 
@@ -47,6 +47,17 @@ class LipschitzNetwork(Protocol):
 
     def config_dict(self) -> dict:
         """The constructor's arguments: a checkpoint stores them to rebuild the network."""
+
+
+@runtime_checkable
+class PairwiseCertificate(Protocol):
+    """A classifier whose bound is known per pair of classes (its head's rows apart): never looser
+    than ``sqrt(2) * logit_l2_bound``, and what ``certify``, the validation's ``certified_acc`` and the
+    margin loss use where a network has it (docs/certified_training.md)."""
+
+    def pairwise_l2_bound(self, radius: float = 0.0) -> Tensor:
+        """``(classes, classes)``: ``K[y, j]`` bounds how far ``f_y - f_j`` moves per unit l2 of the input,
+        a float64 tensor on the weights' device, computed without a host sync."""
 
 
 @runtime_checkable
@@ -116,7 +127,9 @@ class PlainNetwork:
         self.net = net
         self.layers: list[tuple[str, nn.Linear]] = []
         self.slope = 1.0
+        self.ends_with_linear = False  # the logits are a linear layer's outputs: the per-pair bound applies
         for name, module in _leaves(net):
+            self.ends_with_linear = isinstance(module, nn.Linear)
             if isinstance(module, nn.Linear):
                 self.layers.append((name, module))
                 continue
@@ -143,6 +156,16 @@ class PlainNetwork:
         """RMS->RMS times ``sqrt(outputs / inputs)`` (robustness/certified.py): it holds for every pair."""
         bound = self.slope * math.prod(rms_norm_on_device(layer.weight) for _, layer in self.layers)
         return bound * math.sqrt(self.layers[-1][1].out_features / self.layers[0][1].in_features)
+
+    def pairwise_l2_bound(self, radius: float = 0.0) -> Tensor:
+        """The head's rows apart times the l2 bound below it (``models.mlp.MLP.pairwise_l2_bound``); the
+        last layer's bias shifts a logit difference and never stretches it."""
+        *below, (_, head) = [layer for _, layer in self.layers]
+        if not self.ends_with_linear:  # an activation after the head: every pair gets the global bound
+            return math.sqrt(2) * self.logit_l2_bound() * (1 - torch.eye(head.out_features, dtype=torch.float64,
+                                                                               device=head.weight.device))
+        bound = self.slope * math.prod(rms_norm_on_device(layer.weight) for layer in below)
+        return head_row_distances(head.weight) * bound * math.sqrt(head.in_features / self.layers[0][1].in_features)
 
     def config_dict(self) -> dict:
         raise NotCertifiable("a plain network has no constructor arguments to store: save its state_dict")

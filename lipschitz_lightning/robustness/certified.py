@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor
 
 from lipschitz_lightning.core.losses import margins  # noqa: F401  (the margin the checks below take; attacks use it too)
+from lipschitz_lightning.models.protocol import PairwiseCertificate, lipschitz_network
 
 # Relative slack for comparing a value found in float64 with a bound computed from float64 norms:
 # far above the rounding of either, far below anything a wrong bound would show.
@@ -55,3 +57,67 @@ def certified_radius(margin: Tensor, bound_l2: float) -> Tensor:
 def certified(margin: Tensor, bound_l2: float, eps: float) -> Tensor:
     """Points that no input within l2 distance ``eps`` can misclassify: ``margin > sqrt(2) L_l2 eps``."""
     return margin > math.sqrt(2) * bound_l2 * eps
+
+
+# ----------------------------------------------------------------------------- per pair of classes
+
+
+class PairCertificate:
+    """What a classifier's bound certifies, pair of classes by pair: ``pairs[y, j]`` bounds how far the
+    logit difference ``f_y - f_j`` moves per unit l2 of the input. A point of class ``y`` keeps it for
+    every input within ``eps`` when ``f_y - f_j > pairs[y, j] eps`` for every ``j != y``.
+
+    From the global bound every pair gets ``sqrt(2) L_l2`` (``global_bound``: the check above is then
+    ``certified``'s); a network with a head of known rows gives ``|c| ||W_y - W_j|| L_below``
+    (``models.protocol.PairwiseCertificate``), never more (docs/certified_training.md)."""
+
+    def __init__(self, pairs: Tensor, kind: str):
+        self.pairs = pairs.detach().double()  # where it was computed: a validation step checks on its device
+        self.kind = kind  # "per pair of classes" or "global"
+
+    @classmethod
+    def global_bound(cls, bound_l2: float, classes: int) -> PairCertificate:
+        return cls(math.sqrt(2) * bound_l2 * (1 - torch.eye(classes, dtype=torch.float64)), "global")
+
+    @classmethod
+    def of(cls, net, classes: int) -> PairCertificate:
+        """``net``'s per-pair bound where it has one, else its global ``logit_l2_bound``."""
+        net = lipschitz_network(net)
+        if isinstance(net, PairwiseCertificate):
+            return cls(net.pairwise_l2_bound(), "per pair of classes")
+        return cls.global_bound(float(net.logit_l2_bound(0.0)), classes)
+
+    def differences(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """``f_y - f_j`` for every class ``j`` (``inf`` at ``j = y``), in float64."""
+        logits = logits.double()
+        differences = logits.gather(1, labels[:, None]) - logits
+        return differences.scatter(1, labels[:, None], math.inf)
+
+    def certified(self, logits: Tensor, labels: Tensor, eps: float) -> Tensor:
+        """Points no input within l2 distance ``eps`` can move to another class."""
+        pairs = self.pairs.to(logits.device)
+        return (self.differences(logits, labels) > pairs[labels] * eps).all(dim=1)
+
+    def radii(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Each point's certified l2 radius, ``min_j (f_y - f_j) / pairs[y, j]`` (0 when misclassified)."""
+        differences = self.differences(logits, labels)
+        ratio = torch.where(differences > 0, differences / self.pairs.to(logits.device)[labels], torch.zeros_like(differences))
+        return torch.where((differences > 0).all(dim=1), ratio.amin(dim=1), torch.zeros_like(ratio[:, 0]))
+
+    def violation(self, net64, x: Tensor, delta: Tensor, label: Tensor) -> dict | None:
+        """Whether ``x`` and ``x + delta`` contradict the bound (float64): some ``f_y - f_j`` fell by more
+        than ``pairs[y, j] ||delta||``. The numbers of the worst pair when it did, else None (a float32
+        artefact of the attack)."""
+        x64, d64 = x.double()[None], delta.double()[None]
+        labels = label.view(1)
+        with torch.no_grad():
+            before, after = (self.differences(net64(point), labels)[0] for point in (x64, x64 + d64))
+        distance = float(d64.norm())
+        allowed = self.pairs[int(label)].to(before.device) * distance
+        finite = torch.isfinite(before)
+        excess = torch.where(finite, (before - after) - allowed * (1 + SLACK), torch.full_like(before, -math.inf))
+        j = int(excess.argmax())
+        if excess[j] > 0:
+            return {"margin_before": float(before[j]), "margin_after": float(after[j]), "l2_distance": distance,
+                    "allowed_drop": float(allowed[j]), "against_class": j}
+        return None

@@ -27,14 +27,12 @@ from lipschitz_lightning.models.protocol import lipschitz_network
 from lipschitz_lightning.robustness.attacks import (
     autoattack_l2,
     jacobian_norms,
-    lipschitz_violation,
     pair_search,
     pgd_l2,
 )
 from lipschitz_lightning.robustness.certified import (
     SLACK,
-    certified,
-    certified_radius,
+    PairCertificate,
     l2_bound,
     margins,
 )
@@ -54,19 +52,21 @@ def certify_classifier(net: nn.Module, x: Tensor, y: Tensor, radius: float, *, p
                        seed: int = 0) -> ClassifierCertificate:
     """Clean, certified and PGD-attacked accuracy of ``net`` on ``(x, y)`` at l2 ``radius``.
 
-    The margins are the float64 network's and the bound the exact norms' (``logit_l2_bound``); a point
-    is certified when its margin exceeds ``sqrt(2) L_l2 radius`` (``robustness.certified``). PGD attacks
+    The logits are the float64 network's and the bound the exact norms': per pair of classes where the
+    network has it (``robustness.certified.PairCertificate``), else ``sqrt(2) L_l2`` for every pair. PGD attacks
     the float32 network; a certified point it breaks is re-checked in float64 and, if the drop is
     real, raises ``errors.CertificateBroken`` (as the ``certify`` command does)."""
     bound_l2 = float(lipschitz_network(net).logit_l2_bound(radius))
     with torch.no_grad():
         net32, net64 = frozen(net, torch.float32), frozen(net, torch.float64)
-        margin = margins(net64(x.double()), y)
-    safe = certified(margin, bound_l2, radius)
+        logits = net64(x.double())
+    margin = margins(logits, y)
+    certificate = PairCertificate.of(net64, logits.shape[1])
+    safe = certificate.certified(logits, y, radius)
     broken, delta = pgd_l2(net32, x.float(), y, radius, steps=pgd_steps, restarts=restarts,
                            generator=torch.Generator().manual_seed(seed))
     for i in (safe & broken).nonzero()[:, 0].tolist():
-        violation = lipschitz_violation(net64, x[i], delta[i], y[i], bound_l2)
+        violation = certificate.violation(net64, x[i], delta[i], y[i])
         if violation is not None:
             raise CertificateBroken(f"point {i}, certified at l2 radius {radius:.6g}, was broken: {violation}")
     correct = margin > 0
@@ -126,20 +126,24 @@ def classifier_report(net: nn.Module, x: Tensor, y: Tensor, *, radii, attack: At
     bound_l2 = l2_bound(bound, inputs, outputs)
     margin = margins(logits, y)
     accuracy = float((margin > 0).float().mean())
+    certificate = PairCertificate.of(net64, outputs)
+    global_certificate = PairCertificate.global_bound(bound_l2, outputs)
 
     started = time.perf_counter()
-    rows, rounding_only, survived = attack_radius_by_radius(net, net64, x, y, margin, bound, bound_l2, radii, attack, seed, where)
+    rows, rounding_only, survived = attack_radius_by_radius(net, net64, x, y, logits, certificate, bound, radii, attack, seed, where)
+    for row in rows:  # what the global bound alone certifies, beside it
+        row["certified_acc_global"] = float(global_certificate.certified(logits, y, row["radius"]).float().mean())
     attack_s = time.perf_counter() - started
     autoattack_row = None
     if autoattack is not None:  # at the first radius
-        autoattack_row = autoattack_beside_pgd(autoattack, net, net64, x, y, margin, bound, bound_l2, survived,
+        autoattack_row = autoattack_beside_pgd(autoattack, net, net64, x, y, logits, certificate, bound, survived,
                                                min(float(r) for r in radii), attack.batch, seed, where)
     started = time.perf_counter()
     lower = search_lower_bound(net, net64, x, bound, lower_bound, where)
     lower_bound_s = time.perf_counter() - started
 
     grid = torch.linspace(0, curve_max_radius, 201)
-    radius = certified_radius(margin, bound_l2)
+    radius = certificate.radii(logits, y)
     curve = [float(((margin > 0) & (radius > eps)).float().mean()) for eps in grid.tolist()]
     return {
         "examples": len(x),
@@ -147,6 +151,7 @@ def classifier_report(net: nn.Module, x: Tensor, y: Tensor, *, radii, attack: At
         "outputs": outputs,
         "bound_rms": bound,
         "bound_l2": bound_l2,
+        "certificate": certificate.kind,
         "layer_norms": {k: float(v) for k, v in net.layer_norms().items()} if hasattr(net, "layer_norms") else {},
         "accuracy": accuracy,
         "median_certified_radius": float(radius.median()),
@@ -161,23 +166,23 @@ def classifier_report(net: nn.Module, x: Tensor, y: Tensor, *, radii, attack: At
     }
 
 
-def attack_radius_by_radius(net, net64, x, y, margin, bound: float, bound_l2: float, radii, attack: Attack, seed: int,
+def attack_radius_by_radius(net, net64, x, y, logits, certificate: PairCertificate, bound: float, radii, attack: Attack, seed: int,
                             where: str) -> tuple[list[dict], int, dict]:
     """Certified against attacked accuracy at each radius, ascending: a point broken at a radius is
     broken at every larger one. A certified point that PGD flips raises, unless float64 says the
     flip is float32's rounding; such flips are counted (the second value). The third: the points PGD
     left correctly classified, per radius."""
     generator = torch.Generator().manual_seed(seed)
-    broken = ~(margin > 0)  # a misclassified point needs no attack (nor does a NaN margin)
+    broken = ~(margins(logits, y) > 0)  # a misclassified point needs no attack (nor does a NaN margin)
     rows, rounding_only, survived = [], 0, {}
     for eps in sorted(set(float(r) for r in radii)):
-        safe = certified(margin, bound_l2, eps)
+        safe = certificate.certified(logits, y, eps)
         for part in (~broken).nonzero()[:, 0].split(attack.batch):
             hit, delta = pgd_l2(net, x[part], y[part], eps, steps=attack.steps, restarts=attack.restarts,
                                 step_size=attack.step_size, generator=generator)
             for i in (safe[part] & hit).nonzero()[:, 0].tolist():
                 index = int(part[i])
-                if confirmed_break(net64, x, delta[i], y, index, eps, bound, bound_l2, where, "PGD"):
+                if confirmed_break(net64, x, delta[i], y, index, eps, bound, certificate, where, "PGD"):
                     continue
                 rounding_only += 1  # flipped in float32 only; float64 says the bound holds
                 hit[i] = False
@@ -191,10 +196,11 @@ def attack_radius_by_radius(net, net64, x, y, margin, bound: float, bound_l2: fl
     return rows, rounding_only, survived
 
 
-def confirmed_break(net64, x, delta, y, index: int, eps: float, bound: float, bound_l2: float, where: str, attack: str) -> bool:
+def confirmed_break(net64, x, delta, y, index: int, eps: float, bound: float, certificate: PairCertificate, where: str,
+                    attack: str) -> bool:
     """A certified point an attack flipped: re-checked in float64, it raises ``CertificateBroken`` with
     the numbers, or it was float32's rounding (False)."""
-    violation = lipschitz_violation(net64, x[index], delta, y[index], bound_l2)
+    violation = certificate.violation(net64, x[index], delta, y[index])
     if violation is None:
         return False
     raise CertificateBroken(
@@ -205,8 +211,8 @@ def confirmed_break(net64, x, delta, y, index: int, eps: float, bound: float, bo
     )
 
 
-def autoattack_beside_pgd(autoattack: AutoAttack, net, net64, x, y, margin, bound: float, bound_l2: float, survived: dict,
-                          eps: float, batch: int, seed: int, where: str) -> dict | None:
+def autoattack_beside_pgd(autoattack: AutoAttack, net, net64, x, y, logits, certificate: PairCertificate, bound: float,
+                          survived: dict, eps: float, batch: int, seed: int, where: str) -> dict | None:
     """AutoAttack (l2, ``autoattack.version``) at radius ``eps`` on the first ``autoattack.examples``
     points, beside PGD's result on the same points (``survived[eps]``): where AutoAttack breaks points
     PGD left standing, our attack is weak. A certified point it flips raises, as for PGD."""
@@ -214,13 +220,13 @@ def autoattack_beside_pgd(autoattack: AutoAttack, net, net64, x, y, margin, boun
     if count == 0:
         return None
     points = torch.arange(count)
-    correct = points[margin[:count] > 0]
+    correct = points[margins(logits[:count], y[:count]) > 0]
     started = time.perf_counter()
     hit, delta = autoattack_l2(autoattack.attack, net, x[correct], y[correct], eps, version=autoattack.version, seed=seed,
                                batch=batch)
-    safe = certified(margin[:count], bound_l2, eps)
+    safe = certificate.certified(logits[:count], y[:count], eps)
     for i in (safe[correct] & hit).nonzero()[:, 0].tolist():
-        if not confirmed_break(net64, x, delta[i], y, int(correct[i]), eps, bound, bound_l2, where, "AutoAttack"):
+        if not confirmed_break(net64, x, delta[i], y, int(correct[i]), eps, bound, certificate, where, "AutoAttack"):
             hit[i] = False  # float32's rounding, as for PGD
     autoattack_survivors = torch.zeros(count, dtype=torch.bool)
     autoattack_survivors[correct] = ~hit
