@@ -1,7 +1,7 @@
 """Training with enforced Lipschitz constants: Hydra configs, PyTorch Lightning, pure-torch math.
 
 Importing the package changes nothing outside it. The entry points (``train.py``, the commands)
-register the config resolvers (``cli.register_resolvers``) and set what is process-wide.
+register the config resolvers (``config.compose.register_resolvers``) and set what is process-wide.
 """
 
 from pathlib import Path

@@ -158,3 +158,17 @@ def test_the_module_reports_validation_certified_per_pair(make_config):
     net = run.module.net
     assert 0 <= summary["val/certified_acc"] <= summary["val/acc"]
     assert PairCertificate.of(net, 10).kind == "per pair of classes"
+
+
+def test_under_mixed_precision_the_training_count_is_labelled_an_estimate(make_config):
+    # margins of bf16 logits certify nothing: the metric says so in its name
+    import csv
+    from pathlib import Path
+
+    from lipschitz_lightning.commands.train import build, train
+
+    cfg = make_config("loss=certified_margin", "loss.radius=0.02", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                      "trainer.precision=bf16-mixed", "trainer.log_every_n_steps=1")
+    train(cfg, build(cfg))
+    header = next(csv.reader(open(Path(cfg.paths.output_dir) / "csv" / "metrics.csv")))
+    assert "train/certified_estimate" in header and "train/certified" not in header

@@ -1,6 +1,6 @@
 """A constraint of the user's own (docs/constraints.md, "Adding a constraint") is found wherever a
 user would put it: its module in the working folder, or beside the yaml files of the config folder
-named by ``hydra.searchpath`` (``cli.user_code_on_path``, which the train command calls first); a
+named by ``hydra.searchpath`` (``config.compose.user_code_on_path``, which the train command calls first); a
 module that is nowhere is one line naming ``constraint._target_`` and what to do. Composed and
 checked only, nothing trained (tests/test_constraints.py trains with one)."""
 
@@ -11,24 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from test_constraints import TOY_CONSTRAINT
 from lipschitz_lightning.config.compose import check_composition, user_code_on_path
 from lipschitz_lightning.config.settings import validate_config
 from lipschitz_lightning.errors import ConfigError
 
-USER_CONSTRAINT = """
-import torch
-from lipschitz_lightning.core.constraints import Constraint
-
-
-class SpectralClip(Constraint):
-    \"\"\"Every singular value above w_max set to w_max, exactly.\"\"\"
-
-    caps_at_one = True  # project() sees W / (scale * w_max): cap at 1
-
-    def project(self, M, step):
-        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
-        return (U * S.clamp(max=1.0).unsqueeze(-2)) @ Vh
-"""
+# docs/constraints.md's class, as the other tests of a user's constraint write it (there: ToyClip)
+USER_CONSTRAINT = TOY_CONSTRAINT.replace("ToyClip", "SpectralClip")
 
 
 @pytest.fixture

@@ -85,6 +85,14 @@ class Timing:
     final_loss: float = float("nan")
     fit_s: float = float("nan")  # the whole trainer.fit call, setup and teardown included
     peak_memory_gib: float = float("nan")  # the device's peak allocated memory (CUDA only)
+    subnormals: int = 0  # subnormal floats in the weights and the optimizer's state after the last step
+
+    def quarter_steps(self) -> tuple[float, float]:
+        """The median step of the first and of the last quarter of the loop (warm-up left out): a step
+        that slows down as training goes on (subnormal floats) shows here."""
+        times = self.step_times()
+        quarter = max(1, len(times) // 4)
+        return statistics.median(times[:quarter]), statistics.median(times[-quarter:])
 
     def step_times(self) -> list[float]:
         gaps = [b - a for a, b in zip(self.stamps[:-1], self.stamps[1:])]
@@ -242,7 +250,16 @@ def run_plain(cfg: DictConfig, datamodule, device: torch.device, sync, time_proj
         run.scheduler.step()
     sync()
     stamps.append(time.perf_counter())
-    return Timing(stamps, projection_s, final_loss=result.loss.item(), peak_memory_gib=peak_memory_gib(device))
+    return Timing(stamps, projection_s, final_loss=result.loss.item(), peak_memory_gib=peak_memory_gib(device),
+                  subnormals=subnormal_count(run.net, run.optimizer))
+
+
+def subnormal_count(net: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Floats of the weights and the optimizer's state below the smallest normal number of their
+    dtype (and not 0): what makes an x86 core's step several times slower (``flush_subnormals``)."""
+    tensors = [p.detach() for p in net.parameters()]
+    tensors += [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v) and v.is_floating_point()]
+    return sum(int(((t.abs() > 0) & (t.abs() < torch.finfo(t.dtype).tiny)).sum()) for t in tensors)
 
 
 # ---------------------------------------------------------------------------------- (c) communication
@@ -416,6 +433,10 @@ def framework_overhead(cfg: DictConfig, datamodule, device: torch.device, sync, 
         # the same seed, batches and steps: these should agree, or the comparison is unfair
         "pipeline_final_loss": pipeline[0].final_loss,
         "plain_final_loss": plain[0].final_loss,
+        # a step that slows down as training goes on (subnormal floats: flush_subnormals) shows here
+        "plain_first_quarter_s_per_step": plain[0].quarter_steps()[0],
+        "plain_last_quarter_s_per_step": plain[0].quarter_steps()[1],
+        "plain_subnormals_at_the_end": plain[0].subnormals,
     }
 
 

@@ -16,7 +16,7 @@ for a number, no boolean for an integer, no inf or nan):
   data, the trainer's precision keeps projected weights exact, the window pattern fits the blocks...
 
 Hydra's own composition errors (an unknown option, a key no yaml file has) become the same one line
-(``cli.check_composition``), before torch or Lightning is imported. The targets' signatures need
+(``config.compose.check_composition``), before torch or Lightning is imported. The targets' signatures need
 their modules, so their values are checked once those are imported (a few seconds).
 """
 
@@ -395,7 +395,7 @@ def target_settings(target: str) -> dict[str, Any] | None:
 
 def import_target(section: str, target: str) -> Any:
     """``<section>._target_``'s object, imported as ``instantiate`` will import it; one ``ConfigError``
-    line when it cannot be: a module of the user's own goes where ``cli.user_code_on_path`` looks."""
+    line when it cannot be: a module of the user's own goes where ``config.compose.user_code_on_path`` looks."""
     from hydra._internal.utils import _locate  # hydra.utils.get_object, without its multi-line log
 
     try:

@@ -525,35 +525,22 @@ class Tally:
         return {"loss": self.loss / self.count, "accuracy": self.correct / self.count, "changed": self.changed / self.count}
 
 
-def check_per_input(where: str, scheme: str, observed: Tensor, bound: Tensor, certified: Tensor, prediction: Tensor,
-                    exact_prediction: Tensor) -> None:
-    """The certificate's promises on this batch: no change above its per-input bound, no certified
-    prediction changed (float64 on the exact side, the deployed network as it runs)."""
+def check_promises(where: str, scheme: str, observed: Tensor, bound: Tensor, certified: Tensor, prediction: Tensor,
+                   exact_prediction: Tensor, which: str = "per-input") -> None:
+    """A certificate's promises on this batch: no change above its bound, no prediction it certifies
+    unchanged changed. ``which="per-input"``: the deployed network as it runs against the float64
+    one; ``"every-input"``: the rounded network evaluated in float64, the exact arithmetic that bound
+    speaks of."""
+    of = "" if which == "per-input" else ", rounded network in float64"
     over = observed > bound * (1 + SLACK)
     if over.any():
         i = int(over.nonzero()[0, 0])
         raise CertificateBroken(f"certificate broken: {where}: {scheme}: input {i} moved the logits by {float(observed[i]):.6g} "
-                                f"(RMS), above its certified bound {float(bound[i]):.6g}")
+                                f"(RMS{of}), above its certified bound {float(bound[i]):.6g} ({which})")
     flipped = certified & (prediction != exact_prediction)
     if flipped.any():
         raise CertificateBroken(f"certificate broken: {where}: {scheme}: {int(flipped.sum())} predictions certified "
-                                f"unchanged by rounding changed")
-
-
-def check_every_input(where: str, scheme: str, observed: Tensor, bound: Tensor, certified: Tensor, prediction: Tensor,
-                      exact_prediction: Tensor) -> None:
-    """The every-input bound's promises on this batch, for the rounded network in exact arithmetic (its
-    float64 evaluation, which is what the bound speaks of): no change above it, no prediction it
-    certifies unchanged changed."""
-    over = observed > bound * (1 + SLACK)
-    if over.any():
-        i = int(over.nonzero()[0, 0])
-        raise CertificateBroken(f"certificate broken: {where}: {scheme}: input {i} moved the logits by {float(observed[i]):.6g} "
-                                f"(RMS, rounded network in float64), above the every-input bound {float(bound[i]):.6g} there")
-    flipped = certified & (prediction != exact_prediction)
-    if flipped.any():
-        raise CertificateBroken(f"certificate broken: {where}: {scheme}: {int(flipped.sum())} predictions certified "
-                                f"unchanged for every input changed (rounded network in float64)")
+                                f"unchanged by rounding changed ({which} bound{of})")
 
 
 def scheme_row(scheme: Scheme, tally: Tally, bound: float, covers: str, terms: dict, kernels: list[str], seconds: float,
@@ -596,13 +583,13 @@ def classifier_rounding(net: nn.Module, x: Tensor, y: Tensor, chosen: Mapping[st
             seconds[name] += time.perf_counter() - started
             observed = rms(rounded.double() - exact)
             certified = margin > to_l2 * per_input
-            check_per_input(where, name, observed, per_input, certified, rounded.argmax(dim=-1), exact_prediction)
+            check_promises(where, name, observed, per_input, certified, rounded.argmax(dim=-1), exact_prediction)
             every_input = bounds[name].bound * input_rms
             certified_by_bound = margin > to_l2 * every_input * (1 + SLACK)
             with torch.no_grad():
                 rounded64 = deployed64[name](xs.double())
-            check_every_input(where, name, rms(rounded64 - exact), every_input, certified_by_bound, rounded64.argmax(dim=-1),
-                              exact_prediction)
+            check_promises(where, name, rms(rounded64 - exact), every_input, certified_by_bound, rounded64.argmax(dim=-1),
+                           exact_prediction, which="every-input")
             tally = tallies[name]
             tally.add(rounded, ys, prediction)
             tally.certified += int(certified.sum())
@@ -652,13 +639,13 @@ def language_model_rounding(net: nn.Module, batches, chosen: Mapping[str, Scheme
             change = rms(rounded.double() - exact)  # (batch, seq): each position's logits
             observed = change.amax(dim=-1)
             certified = margin > to_l2 * per_input[:, None]
-            check_per_input(where, name, observed, per_input, certified, rounded.argmax(dim=-1), exact_prediction)
+            check_promises(where, name, observed, per_input, certified, rounded.argmax(dim=-1), exact_prediction)
             every_input = torch.full_like(per_input, bounds[name].bound)
             certified_by_bound = margin > to_l2 * bounds[name].bound * (1 + SLACK)
             with torch.no_grad():
                 rounded64 = deployed64[name](tokens, window=window)
-            check_every_input(where, name, rms(rounded64 - exact).amax(dim=-1), every_input, certified_by_bound,
-                              rounded64.argmax(dim=-1), exact_prediction)
+            check_promises(where, name, rms(rounded64 - exact).amax(dim=-1), every_input, certified_by_bound,
+                           rounded64.argmax(dim=-1), exact_prediction, which="every-input")
             tally = tallies[name]
             tally.add(rounded, targets, prediction)
             tally.certified += int(certified.sum())
