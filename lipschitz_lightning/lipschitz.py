@@ -13,6 +13,7 @@ from lipschitz_lightning.core.bounds import (
     embedding_norm_on_device,
     gpt_bound_paper_formula,
     gpt_certificate,
+    head_row_distances,
     mlp_bound,
     rms_norm,
     rms_norm_on_device,
@@ -20,6 +21,6 @@ from lipschitz_lightning.core.bounds import (
 
 __all__ = [
     "rms_norm", "rms_norm_on_device", "embedding_norm", "embedding_norm_on_device", "SYNC_FREE_SQUARINGS",
-    "mlp_bound", "GPTCertificate", "gpt_certificate", "gpt_bound_paper_formula", "at_least", "at_most",
+    "mlp_bound", "head_row_distances", "GPTCertificate", "gpt_certificate", "gpt_bound_paper_formula", "at_least", "at_most",
     "GELU_DIVISOR", "GELU_MAX_SLOPE", "UNCERTIFIABLE_SUBSTITUTES",
 ]

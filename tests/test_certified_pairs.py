@@ -131,6 +131,22 @@ def test_maxmin_is_1_lipschitz_keeps_the_gradient_norm_and_a_search_reaches_1():
     assert plain.certified_bound() == pytest.approx(math.prod(plain.layer_norms().values()))
 
 
+def test_a_plain_sequential_gets_the_same_pair_bound_as_our_mlp_with_its_weights():
+    net = random_mlp(7, "maxmin")
+    plain = nn.Sequential(nn.Linear(24, 16, bias=False), MaxMin(), nn.Linear(16, 16, bias=False), MaxMin(),
+                          nn.Linear(16, 5)).double()  # a bias on the head shifts the logits, stretches no difference
+    with torch.no_grad():
+        for mine, ours in zip(plain[::2], net.layers):
+            mine.weight.copy_(ours.weight * (net.final_scale if ours is net.layers[-1] else 1.0))
+    plain = frozen64(plain)
+    x = torch.rand(8, 24, dtype=torch.float64)
+    assert torch.allclose(plain(x) - plain[-1].bias, net(x))
+    assert torch.allclose(PlainNetwork(plain).pairwise_l2_bound(), net.pairwise_l2_bound(), rtol=1e-12)
+    # an activation after the head: every pair gets the global bound, sqrt(2) times the l2 one
+    capped = PlainNetwork(nn.Sequential(*plain, nn.Tanh()))
+    assert torch.allclose(capped.pairwise_l2_bound().max(), math.sqrt(2) * capped.logit_l2_bound())
+
+
 def test_the_per_pair_margin_loss_is_the_formula_in_plain_pytorch_and_counts_certified_points():
     net = random_mlp(6).float()
     loss_fn = CertifiedMargin(radius=0.05, temperature=4.0)

@@ -160,7 +160,7 @@ class PlainNetwork:
     def pairwise_l2_bound(self, radius: float = 0.0) -> Tensor:
         """The head's rows apart times the l2 bound below it (``models.mlp.MLP.pairwise_l2_bound``); the
         last layer's bias shifts a logit difference and never stretches it."""
-        *below, (_, head) = [layer for _, layer in self.layers]
+        *below, head = [layer for _, layer in self.layers]
         if not self.ends_with_linear:  # an activation after the head: every pair gets the global bound
             return math.sqrt(2) * self.logit_l2_bound() * (1 - torch.eye(head.out_features, dtype=torch.float64,
                                                                                device=head.weight.device))
