@@ -521,6 +521,14 @@ class Tally:
         self.correct += int((prediction == targets.reshape(-1)).sum())
         self.changed += int((prediction != reference_prediction.reshape(-1)).sum())
 
+    def add_certificates(self, certified: Tensor, certified_by_bound: Tensor, per_input: Tensor, observed: Tensor,
+                         observed_over_bound: float) -> None:
+        self.certified += int(certified.sum())
+        self.certified_global += int(certified_by_bound.sum())
+        self.per_input.append(per_input)
+        self.observed_max = max(self.observed_max, float(observed.max()))
+        self.observed_over_bound = max(self.observed_over_bound, observed_over_bound)
+
     def row(self) -> dict:
         return {"loss": self.loss / self.count, "accuracy": self.correct / self.count, "changed": self.changed / self.count}
 
@@ -590,13 +598,9 @@ def classifier_rounding(net: nn.Module, x: Tensor, y: Tensor, chosen: Mapping[st
                 rounded64 = deployed64[name](xs.double())
             check_promises(where, name, rms(rounded64 - exact), every_input, certified_by_bound, rounded64.argmax(dim=-1),
                            exact_prediction, which="every-input")
-            tally = tallies[name]
-            tally.add(rounded, ys, prediction)
-            tally.certified += int(certified.sum())
-            tally.certified_global += int(certified_by_bound.sum())
-            tally.per_input.append(per_input)
-            tally.observed_max = max(tally.observed_max, float(observed.max()))
-            tally.observed_over_bound = max(tally.observed_over_bound, float((observed / every_input.clamp(min=1e-300)).max()))
+            tallies[name].add(rounded, ys, prediction)
+            tallies[name].add_certificates(certified, certified_by_bound, per_input, observed,
+                                           float((observed / every_input.clamp(min=1e-300)).max()))
     shift = net.input_shift
     domain = (f"every image in [0, 1]^{net.config['input_dim']}: the first layer sees x - {shift:g}, of RMS <= "
               f"{first_layer_input_rms_max(net):g}; per image, the bound times rms(x - {shift:g})") if shift else \
@@ -646,13 +650,9 @@ def language_model_rounding(net: nn.Module, batches, chosen: Mapping[str, Scheme
                 rounded64 = deployed64[name](tokens, window=window)
             check_promises(where, name, rms(rounded64 - exact).amax(dim=-1), every_input, certified_by_bound,
                            rounded64.argmax(dim=-1), exact_prediction, which="every-input")
-            tally = tallies[name]
-            tally.add(rounded, targets, prediction)
-            tally.certified += int(certified.sum())
-            tally.certified_global += int(certified_by_bound.sum())
-            tally.per_input.append(per_input)
-            tally.observed_max = max(tally.observed_max, float(observed.max()))
-            tally.observed_over_bound = max(tally.observed_over_bound, float(observed.max()) / bounds[name].bound)
+            tallies[name].add(rounded, targets, prediction)
+            tallies[name].add_certificates(certified, certified_by_bound, per_input, observed,
+                                           float(observed.max()) / bounds[name].bound)
     if not evaluated:
         raise DataError(f"{where}: the validation split gave no batch")
     rows = {}
