@@ -262,3 +262,31 @@ def test_no_perturbation_within_the_radius_moves_a_position_s_logits_past_the_ma
     bound = float(net.logit_l2_bound(radius))
     print(f"\nradius {radius}: largest logit move per unit radius {found:.4g}, bound {bound:.4g}")
     assert found <= bound
+
+
+@pytest.mark.parametrize("radius", [0.02, 0.1])
+def test_no_perturbation_within_the_radius_moves_a_position_past_its_local_bound(radius):
+    """The local certificate of the causal GPT (robustness/local.py, docs/certificate.md §9): around
+    given tokens, a float64 search over perturbations of token RMS at most ``radius`` never moves a
+    position's last features by more than its local bound, and reaches a fifth of it."""
+    from lipschitz_lightning.robustness.local import gpt_reach
+
+    net = random_gpt(3, gain=1.0, softmax_scale=4.0)
+    tokens = torch.randint(0, 11, (4, 8), generator=torch.Generator().manual_seed(6))
+    logits, bound = gpt_reach(net, tokens, radius)
+    torch.testing.assert_close(logits, net(tokens), rtol=1e-12, atol=1e-12)
+    x = net.embed(tokens)
+    generator = torch.Generator().manual_seed(7)
+    p = into_ball(torch.randn(x.shape, generator=generator, dtype=torch.float64), radius).requires_grad_(True)
+    search = torch.optim.Adam([p], lr=radius / 10)
+    found = torch.zeros_like(bound)
+    for _ in range(150):
+        move = (net.features_embedded(x + p) - net.features_embedded(x)).norm(dim=-1)
+        found = torch.maximum(found, move.detach())
+        search.zero_grad()
+        (-move.sum()).backward()
+        search.step()
+        with torch.no_grad():
+            p.copy_(into_ball(p, radius))
+    print(f"\nradius {radius}: the search reaches {float((found / bound).max()):.2f} of the local bound")
+    assert torch.all(found <= bound * (1 + 1e-6)) and float((found / bound).max()) > 0.2

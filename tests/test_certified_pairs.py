@@ -94,7 +94,7 @@ def test_the_pair_certificate_certifies_what_the_global_one_does_and_more_and_bo
     logits = net(x)
     y = logits.argmax(1)
     y[:50] = (y[:50] + 1) % 5  # some misclassified points
-    pair = PairCertificate.of(net, 5)
+    pair = PairCertificate.of(net, 5, 0.0)
     every = PairCertificate.global_bound(l2_bound(net.certified_bound(), 24, 5), 5)
     assert pair.kind == "per pair of classes" and every.kind == "global"
     radius = float(pair.radii(logits, y).median())
@@ -173,7 +173,7 @@ def test_the_module_reports_validation_certified_per_pair(make_config):
     summary = train(cfg, run)
     net = run.module.net
     assert 0 <= summary["val/certified_acc"] <= summary["val/acc"]
-    assert PairCertificate.of(net, 10).kind == "per pair of classes"
+    assert PairCertificate.of(net, 10, 0.0).kind == "per pair of classes"
 
 
 def test_under_mixed_precision_the_training_count_is_labelled_an_estimate(make_config):

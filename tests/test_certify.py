@@ -200,7 +200,7 @@ def test_certified_never_exceeds_attacked_point_by_point(tiny_classifier, tmp_pa
     margin = cert.margins(logits, y)
     bound_l2 = cert.l2_bound(net.certified_bound(), 3072, 10)
     assert result["certificate"] == "per pair of classes"
-    pairs = cert.PairCertificate.of(net, 10)
+    pairs = cert.PairCertificate.of(net, 10, 0.0)
     for eps in cfg.radii:
         broken, delta = attacks.pgd_l2(net, x, y, eps, steps=20, restarts=2, generator=torch.Generator().manual_seed(1))
         row = next(r for r in result["radii"] if r["radius"] == eps)

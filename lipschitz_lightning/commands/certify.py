@@ -228,6 +228,13 @@ def markdown(results: dict[str, dict]) -> str:
                       "| --- | --- | --- | --- | --- | --- | --- |"]
             lines += [f"| {name} | {a['examples']} | {a['radius_x255']:.4g}/255 | {a['certified_acc']:.1%} | {a['pgd_acc']:.1%} | "
                       f"{a['autoattack_acc']:.1%} | {a['broken_by_autoattack_only']} / {a['broken_by_pgd_only']} |" for name, a in attacked.items()]
+        local = {name: r for name, r in classifiers.items() if "certified_acc_local" in r["radii"][0]}
+        if local:  # a network with a local certificate (the ViT's): docs/certificate.md §9
+            lines += ["", "| checkpoint | radius | certified: pair bound / local | local drop smaller than the global, median / least |",
+                      "| --- | --- | --- | --- |"]
+            lines += [f"| {name} | {row['radius_x255']:.4g}/255 | {row['certified_acc']:.1%} / {row['certified_acc_local']:.1%} | "
+                      f"{row['local_tightness']['median']:.3g}x / {row['local_tightness']['min']:.3g}x |"
+                      for name, r in local.items() for row in r["radii"]]
     for name, r in results.items():
         if r["kind"] != "language_model":
             continue
@@ -245,6 +252,8 @@ def markdown(results: dict[str, dict]) -> str:
             lines += ["", f"at token-RMS radius {at['radius']:.4g} around the embedded text: certified bound {at['bound']:.4g} for "
                           f"inputs of token RMS <= {at['input_radius']:.4g}; {at['certified_acc']:.2%} of {at['positions']} "
                           f"next-token predictions certified (margin > {at['margin']:.4g}), {at['accuracy']:.2%} correct"]
+            if at.get("certified_acc_local") is not None:
+                lines[-1] += f"; {at['certified_acc_local']:.2%} by the local certificate (docs/certificate.md §9)"
     return "\n".join(lines)
 
 

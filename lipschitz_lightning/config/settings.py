@@ -506,6 +506,11 @@ def _maxmin_pairs_the_features(cfg: DictConfig) -> tuple[bool, str]:
     return cfg.model.net.activation != "maxmin" or width % 2 == 0, f"relu with model.net.width={width} (maxmin sorts pairs of features: an even width)"
 
 
+def _patches_tile_the_image(cfg: DictConfig) -> tuple[bool, str]:
+    size = cfg.model.net.image_size
+    return size % cfg.model.net.patch_size == 0, f"a divisor of model.net.image_size={size}"
+
+
 def _level_in_grid(cfg: DictConfig) -> tuple[bool, str]:
     sizes = {len(values) for values in (cfg.tradeoff.get("grid") or {}).values()}
     levels = range(min(sizes)) if sizes else range(0)
@@ -569,6 +574,7 @@ RELATIONS: dict[str, tuple[tuple[str, ...], Callable[[DictConfig], tuple[bool, s
     "model.net.window_max": (("model.net.window_pattern", "model.net.window_min", "model.net.window_max"), _window_in_whole_blocks),
     "tradeoff.level": (("tradeoff.level",), _level_in_grid),
     "model.net.activation": (("model.net.activation", "model.net.width"), _maxmin_pairs_the_features),
+    "model.net.patch_size": (("model.net.patch_size", "model.net.image_size"), _patches_tile_the_image),
 }
 
 

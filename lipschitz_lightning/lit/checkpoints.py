@@ -44,7 +44,7 @@ def network_record(net: nn.Module, vocab: str | None = None, tokenizer: str | No
 # What a checkpoint may name. A record or run config is data read from a file: a name outside
 # these lists is refused before anything is imported or built, or a checkpoint whose record said
 # "subprocess.Popen" would run a command when opened.
-NETWORKS = ("lipschitz_lightning.models.mlp.MLP", "lipschitz_lightning.models.gpt.GPT")
+NETWORKS = ("lipschitz_lightning.models.mlp.MLP", "lipschitz_lightning.models.gpt.GPT", "lipschitz_lightning.models.vit.ViT")
 CONF_DIRS = (CONF_DIR, SWEEPS_DIR)
 
 

@@ -202,7 +202,7 @@ class ClassificationModule(L.LightningModule):
         mean_loss(F.cross_entropy(logits, y, reduction="none"))
         accuracy(logits, y)
         if self._certificate[split] is None:
-            self._certificate[split] = PairCertificate.of(self.net, logits.shape[-1])
+            self._certificate[split] = PairCertificate.of(self.net, logits.shape[-1], self.certified_radius)
         safe = self._certificate[split].certified(logits.detach(), y, self.certified_radius)
         self.certified_fraction[split].to(self.device).update(safe.sum(), safe.numel())
         self.log(f"{split}/loss", mean_loss, prog_bar=True)

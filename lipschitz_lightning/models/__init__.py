@@ -2,5 +2,6 @@
 
 from lipschitz_lightning.models.gpt import GPT
 from lipschitz_lightning.models.mlp import MLP
+from lipschitz_lightning.models.vit import ViT
 
-__all__ = ["GPT", "MLP"]
+__all__ = ["GPT", "MLP", "ViT"]

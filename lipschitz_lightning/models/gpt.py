@@ -111,10 +111,17 @@ class GPTConfig:
 class AttentionMask:
     documents: Tensor | None = None  # (batch, seq) document index of every token
     window_blocks: Tensor | None = None  # 0-d integer tensor, at least 1; None: no window
+    causal: bool = True  # False: every token sees every key of its document and window (the ViT's patches)
     _built: dict = field(default_factory=dict, compare=False, repr=False)  # per forward, not per block
 
+    def __post_init__(self):
+        if not self.causal and not self.is_plain:
+            # the bands below stop at the query's own position: a bidirectional mask would need the keys after it
+            raise ValueError("a bidirectional AttentionMask takes no documents or window")
+
     @property
-    def is_causal_only(self) -> bool:
+    def is_plain(self) -> bool:
+        """No mask but causality (or none): SDPA's own flag says it all."""
         return self.documents is None and self.window_blocks is None
 
     def halved(self) -> AttentionMask:
@@ -122,10 +129,10 @@ class AttentionMask:
         ``window // 2`` is 0 blocks at the start, which its block tables treat as 1)."""
         if self.window_blocks is None:
             return self
-        return AttentionMask(self.documents, torch.clamp(self.window_blocks // 2, min=1))
+        return AttentionMask(self.documents, torch.clamp(self.window_blocks // 2, min=1), self.causal)
 
     def allows(self, batch: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        allowed = q_idx >= kv_idx
+        allowed = q_idx >= kv_idx if self.causal else torch.ones_like(q_idx >= kv_idx)
         if self.window_blocks is not None:
             allowed = allowed & (q_idx // BLOCK - kv_idx // BLOCK < self.window_blocks)
         if self.documents is not None:
@@ -176,7 +183,7 @@ class AttentionMask:
             raise ValueError(f"flex attention runs on sequences of a multiple of {BLOCK} tokens, got {seq} (data.seq_len, data.val_seq_len)")
         blocks = torch.arange(seq // BLOCK, device=device)
         q, kv = blocks[:, None], blocks[None, :]
-        some, every = (q >= kv)[None], (q > kv)[None]
+        some, every = ((q >= kv)[None], (q > kv)[None]) if self.causal else ((q >= 0) & (kv >= 0),) * 2
         if self.window_blocks is not None:
             inside = (q - kv < self.window_blocks)[None]
             some, every = some & inside, every & inside
@@ -206,8 +213,8 @@ class AttentionMask:
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: AttentionMask) -> Tensor:
     """SDPA over bands of ``DENSE_BAND`` queries, each against the keys it may see: the mask (which
     SDPA turns into floats) never spans all seq^2 pairs, and a window skips the keys behind it."""
-    if mask.is_causal_only:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    if mask.is_plain:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=mask.causal, scale=scale)
     batch, seq = q.shape[0] if mask.documents is not None else 1, q.shape[-2]
     outputs = []
     for start in range(0, seq, DENSE_BAND):
@@ -240,7 +247,7 @@ def record_logits(q: Tensor, k: Tensor, scale: float, mask: AttentionMask, stats
     batch, heads, seq, _ = q.shape
     if batch * heads * seq * seq > STATS_ENTRIES:
         q, k, batch, seq = q[:1, :, :STATS_QUERIES], k[:1, :, :STATS_QUERIES], 1, min(seq, STATS_QUERIES)
-        mask = AttentionMask(None if mask.documents is None else mask.documents[:1, :seq], mask.window_blocks)
+        mask = AttentionMask(None if mask.documents is None else mask.documents[:1, :seq], mask.window_blocks, mask.causal)
     logits = (q.float() @ k.float().transpose(-2, -1)) * scale
     allowed = mask.dense(batch if mask.documents is not None else 1, seq, q.device)
     largest = logits.abs().masked_fill(~allowed, 0).amax(dim=(0, 2, 3))  # per head

@@ -80,14 +80,17 @@ class PairCertificate:
         return cls(math.sqrt(2) * bound_l2 * (1 - torch.eye(classes, dtype=torch.float64)), "global")
 
     @classmethod
-    def of(cls, net, classes: int) -> PairCertificate:
-        """``net``'s per-pair bound where it has one, else its global ``logit_l2_bound``."""
+    def of(cls, net, classes: int, radius: float) -> PairCertificate:
+        """``net``'s per-pair bound where it has one, else its global ``logit_l2_bound``, for a claim at
+        l2 ``radius``: a network whose bound holds on a domain (the ViT's) gives the one of the domain
+        that radius fills; the MLP's holds everywhere and is the same at every radius."""
         net = lipschitz_network(net)
         if isinstance(net, PairwiseCertificate):
-            return cls(net.pairwise_l2_bound(), "per pair of classes")
-        return cls.global_bound(float(net.logit_l2_bound(0.0)), classes)
+            return cls(net.pairwise_l2_bound(radius), "per pair of classes")
+        return cls.global_bound(float(net.logit_l2_bound(radius)), classes)
 
-    def differences(self, logits: Tensor, labels: Tensor) -> Tensor:
+    @staticmethod
+    def differences(logits: Tensor, labels: Tensor) -> Tensor:
         """``f_y - f_j`` for every class ``j`` (``inf`` at ``j = y``), in float64."""
         logits = logits.double()
         differences = logits.gather(1, labels[:, None]) - logits
@@ -121,3 +124,60 @@ class PairCertificate:
             return {"margin_before": float(before[j]), "margin_after": float(after[j]), "l2_distance": distance,
                     "allowed_drop": float(allowed[j]), "against_class": j}
         return None
+
+
+# ----------------------------------------------------------------------------- around each input
+
+
+class LocalAtRadius:
+    """A network's local certificate at one radius on a set of inputs: ``drops[i, y, j]`` bounds how far
+    ``f_y - f_j`` can fall within l2 ``radius`` of input ``i`` (``local_pairwise_drop``, docs/certificate.md §9),
+    beside ``global_drops[y, j]``, what the network's pair bound allows every input."""
+
+    def __init__(self, logits: Tensor, drops: Tensor, global_drops: Tensor):
+        self.logits, self.drops, self.global_drops = logits, drops, global_drops
+
+    def certified(self, labels: Tensor) -> Tensor:
+        rows = torch.arange(len(labels), device=labels.device)
+        return (PairCertificate.differences(self.logits, labels) > self.drops[rows, labels]).all(dim=1)
+
+    def tightness(self) -> dict[str, float]:
+        """How many times smaller each input's largest drop is than the global one of its class (the
+        logits' argmax: the class a certificate speaks for): median and smallest over the inputs."""
+        rows, predicted = torch.arange(len(self.logits)), self.logits.argmax(dim=1)
+        ratio = self.global_drops[predicted].amax(dim=1) / self.drops[rows, predicted].amax(dim=1)
+        return {"median": float(ratio.median()), "min": float(ratio.min())}
+
+    def violation(self, net64, x: Tensor, delta: Tensor, labels: Tensor, index: int) -> dict | None:
+        """Whether ``x[index] + delta`` contradicts the drops of input ``index`` (float64), as
+        ``PairCertificate.violation`` does for the global one."""
+        x64, d64 = x[index].double()[None], delta.double()[None]
+        label = labels[index].view(1)
+        with torch.no_grad():
+            before, after = (PairCertificate.differences(net64(point), label)[0] for point in (x64, x64 + d64))
+        allowed = self.drops[index, int(label)]
+        excess = torch.where(torch.isfinite(before), (before - after) - allowed * (1 + SLACK), torch.full_like(before, -math.inf))
+        j = int(excess.argmax())
+        if excess[j] > 0:
+            return {"margin_before": float(before[j]), "margin_after": float(after[j]), "l2_distance": float(d64.norm()),
+                    "allowed_drop": float(allowed[j]), "against_class": j, "certificate": "local"}
+        return None
+
+
+class LocalCertificate:
+    """The local certificate of a network that has one (``local_pairwise_drop(x, radius)``: the ViT's) on
+    the inputs ``x``, taken ``batch`` at a time."""
+
+    def __init__(self, net64, x: Tensor, batch: int):
+        self.net64, self.x, self.batch = net64, x, batch
+
+    @classmethod
+    def of(cls, net64, x: Tensor, batch: int) -> LocalCertificate | None:
+        return cls(net64, x, batch) if hasattr(net64, "local_pairwise_drop") else None
+
+    def at(self, radius: float) -> LocalAtRadius:
+        """Both bounds hold: each pair's drop is the smaller (the global one where attention could
+        swing far, a large radius)."""
+        logits, drops = zip(*(self.net64.local_pairwise_drop(part, radius) for part in self.x.split(self.batch)))
+        global_drops = self.net64.pairwise_l2_bound(radius) * radius
+        return LocalAtRadius(torch.cat(logits), torch.minimum(torch.cat(drops), global_drops[None]), global_drops)
