@@ -5,7 +5,7 @@
 
 ``quantization``: per checkpoint and scheme, the fraction of predictions that changed beside the
 fractions certified unchanged (per input, and for every input). ``radius``: certified accuracy
-against the l2 radius (certify's curve), with the published anchors' points beside it; only the
+against the l2 radius (certify's curves: the MLP's and the ViT's), with the published anchors' points beside it; only the
 points a published table gives are drawn (cited in docs/claims.md).
 """
 
@@ -15,7 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
-# certified accuracy (%) of published fully connected networks on CIFAR-10, without extra data:
+# certified accuracy (%) of published fully connected networks on CIFAR-10, without extra data (no
+# attention network has a published certified accuracy there):
 # (name, l2 radius, accuracy); the clean accuracy at radius 0
 ANCHORS = [("AOL-FC (Prach & Lampert 2022)", 0.0, 67.1), ("AOL-FC (Prach & Lampert 2022)", 36 / 255, 58.5)]
 
@@ -61,7 +62,7 @@ def radius(paths: list[Path], out: Path) -> None:
             if result.get("kind") != "classifier":
                 continue
             curve = result["curve"]
-            label = result.get("run") or name
+            label = ", ".join(part for part in (result.get("network", "MLP"), result.get("run") or name) if part)
             ax.plot([255 * r for r in curve["radius"]], [100 * a for a in curve["certified_acc"]], label=f"ours: {label}")
             for row in result["radii"]:
                 ax.plot(255 * row["radius"], 100 * row["empirical_acc"], "x", color="gray")
@@ -70,7 +71,7 @@ def radius(paths: list[Path], out: Path) -> None:
         ax.annotate(f"{name}: {accuracy}%", (255 * r, accuracy), textcoords="offset points", xytext=(6, 4), fontsize=7)
     ax.set_xlabel("l2 radius (x 1/255, pixels in [0, 1])")
     ax.set_ylabel("certified accuracy, % of the 10,000 test images")
-    ax.set_title("CIFAR-10, fully connected: certified accuracy against radius\n(x: the same network attacked by PGD)", fontsize=10)
+    ax.set_title("CIFAR-10: certified accuracy against radius\n(x: the same network attacked by PGD)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -4,6 +4,7 @@ and its local certificate (robustness/local.py) against float64 searches that ca
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -208,3 +209,49 @@ def test_certify_reports_the_local_certificate_and_the_attack_breaks_none_of_it(
         assert row["local_tightness"]["median"] >= 1
     assert report["radii"][0]["certified_acc_local"] > 0
     assert report["curve"]["certified_acc"][0] == report["accuracy"] == 1.0
+
+
+def test_the_certified_experiment_trains_and_certify_reports_its_local_certificate(make_config, tmp_path):
+    """``experiment=cifar_vit_certified``, shrunk: trains with the margin loss against the pair bound of
+    its radius, logs the validation's certified fraction, and ``certify`` loads the checkpoint as a
+    classifier with the local certificate beside the global one."""
+    from test_certify import settings
+
+    from lipschitz_lightning.commands import certify as C
+    from lipschitz_lightning.commands.train import build, train
+
+    cfg = make_config("experiment=cifar_vit_certified", "model.net.width=16", "model.net.num_blocks=1")
+    summary = train(cfg, build(cfg))
+    assert 0 <= summary["val/certified_acc"] <= summary["val/acc"]
+    (result,) = C.certify(settings(summary["checkpoint"], tmp_path, examples=32)).values()
+    assert result["kind"] == "classifier" and result["run"].startswith("muon + spectral_soft_cap, w_max 1")
+    for row in result["radii"]:
+        assert row["certified_acc"] <= row["certified_acc_local"] <= row["empirical_acc"]
+    assert "local drop smaller than the global" in (tmp_path / "certify.md").read_text()
+
+
+def test_patches_that_do_not_tile_the_image_are_refused_before_anything_is_built(make_config):
+    from lipschitz_lightning.config.settings import validate_config
+    from lipschitz_lightning.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^model\.net\.patch_size must be a divisor of model\.net\.image_size=32, got 5$"):
+        validate_config(make_config("model=vit", "model.net.patch_size=5"))
+
+
+def test_quantize_refuses_a_vit_in_one_line(make_config, tmp_path):
+    """No rounding bound is derived for the ViT's attention: quantize says so instead of printing the
+    MLP's bound for it."""
+    from omegaconf import OmegaConf
+
+    from lipschitz_lightning.commands import quantize as Q
+    from lipschitz_lightning.commands.train import build, train
+    from lipschitz_lightning.errors import ConfigError
+
+    cfg = make_config("model=vit", "model.net.width=16", "model.net.num_blocks=1", "trainer.max_steps=1")
+    checkpoint = train(cfg, build(cfg))["checkpoint"]
+    settings = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "quantize.yaml")
+    settings.pop("defaults"), settings.pop("hydra")
+    settings.ckpt_path, settings.out_dir, settings.paths.data_dir = checkpoint, str(tmp_path / "q"), None
+    with pytest.raises(ConfigError, match=r"holds a ViT: quantize certifies the rounding of model=mlp and model=gpt only"):
+        Q.quantize(settings)
+    assert not (tmp_path / "q").exists()

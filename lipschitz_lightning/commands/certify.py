@@ -111,6 +111,7 @@ def certify_classifier(cfg, loaded: Loaded) -> dict:
     )
     return {
         "kind": "classifier",
+        "network": type(loaded.saved.net).__name__,
         "checkpoint": str(loaded.path),
         "run": run_label(loaded.run_config),
         "step": int(loaded.saved.checkpoint.get("global_step", 0)),

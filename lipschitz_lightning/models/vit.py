@@ -5,7 +5,8 @@ Read top to bottom:
       -> N = (32 / p)^2 patches of p x p pixels, each 3 p^2 values minus ``input_shift``
       -> patch embedding: one matrix (3 p^2 -> width), no bias
       -> L of the GPT's blocks, attention bidirectional, RoPE over the patches' raster order
-      -> the mean over the tokens -> head (width -> classes) * final_scale
+      -> the tokens pooled: their mean (width), or all of them side by side (N width)
+      -> head (-> classes) * final_scale
 
 No layer norm, no class token, no bias, no learned position table: every piece's Lipschitz constant
 follows from the weights' norms on a domain the images fill, so the logits have a certificate in
@@ -29,6 +30,8 @@ from lipschitz_lightning.models.gpt import GELUS, TARGET_NORMS, AttentionMask, B
 
 # the kernels that train on a CPU (flex attention's backward is CUDA's only); both give the same bound
 VIT_ATTENTION = ("sdpa", "explicit")
+# mean: the head sees the tokens' mean; flatten: every token at its place (a position-aware head)
+POOLS = ("mean", "flatten")
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ class ViTConfig:
     zero_init: bool = True
     gelu: Literal[GELUS] = "tanh"
     attention: Literal[VIT_ATTENTION] = "sdpa"
+    pool: Literal[POOLS] = "mean"
     # subtracted from every pixel: 0.5 centres them, so a patch's RMS is at most 0.5 and the domain
     # the certificate holds on is the smallest (a network without biases cannot shift them itself)
     input_shift: Annotated[float, at.Interval(ge=0, le=1)] = 0.5
@@ -74,7 +78,7 @@ class ViT(nn.Module):
         self.patch_dim = cfg.channels * cfg.patch_size**2
         self.patch = nn.Linear(self.patch_dim, cfg.width, bias=False)
         self.blocks = nn.ModuleList(Block(cfg.blocks(self.num_patches)) for _ in range(cfg.num_blocks))
-        self.head = nn.Linear(cfg.width, cfg.num_classes, bias=False)
+        self.head = nn.Linear(cfg.width * (self.num_patches if cfg.pool == "flatten" else 1), cfg.num_classes, bias=False)
         cos, sin = rotary_tables(self.num_patches, cfg.width // cfg.num_heads, 10000.0)
         self.register_buffer("rotary_cos", cos, persistent=False)
         self.register_buffer("rotary_sin", sin, persistent=False)
@@ -106,8 +110,11 @@ class ViT(nn.Module):
             x = block(x, rotary, mask, None, str(l))
         return x
 
+    def pooled(self, features: Tensor) -> Tensor:
+        return features.mean(dim=1) if self.config.pool == "mean" else features.flatten(1)
+
     def forward(self, images: Tensor) -> Tensor:
-        return self.head(self.features(images).mean(dim=1)) * self.config.final_scale
+        return self.head(self.pooled(self.features(images))) * self.config.final_scale
 
     # ------------------------------------------------------------------ what the framework needs
 
@@ -162,8 +169,9 @@ class ViT(nn.Module):
         """``||pooled(a) - pooled(b)||_2 <= gain ||a - b||_2`` for images ``a, b`` within ``radius`` of
         ``[0, 1]^3072``: a patch moves by at most ``||a - b||``, so every token by ``||P||_rms / sqrt(3 p^2)``
         times that in RMS; the blocks multiply the largest token's by their bound; the mean over tokens
-        moves by at most the largest; back to l2 over the width."""
-        return self.blocks_certificate(norms, radius=radius).bound * norms["patch"] * math.sqrt(self.config.width / self.patch_dim)
+        moves by at most the largest, all of them side by side by ``sqrt(N)`` times it; back to l2."""
+        tokens = self.num_patches if self.config.pool == "flatten" else 1
+        return self.blocks_certificate(norms, radius=radius).bound * norms["patch"] * math.sqrt(self.config.width * tokens / self.patch_dim)
 
     def _norms_on_device(self) -> dict[str, Tensor]:
         return {name: rms_norm_on_device(weight) for name, weight in self.named_matrices().items()}
@@ -173,14 +181,14 @@ class ViT(nn.Module):
         moved by at most ``radius``."""
         norms = norms if norms is not None else self.layer_norms()
         cfg = self.config
-        l2 = cfg.final_scale * norms["out"] * math.sqrt(cfg.num_classes / cfg.width) * self.pooled_l2_gain(norms, radius)
+        l2 = cfg.final_scale * norms["out"] * math.sqrt(cfg.num_classes / self.head.in_features) * self.pooled_l2_gain(norms, radius)
         return float(l2 * math.sqrt(self.patch_dim * self.num_patches / cfg.num_classes))
 
     def logit_l2_bound(self, radius: float = 0.0) -> Tensor:
         """``||f(a) - f(b)||_2 <= L ||a - b||_2`` for images within ``radius`` of ``[0, 1]^3072``: a 0-d
         tensor on the weights' device, computed without waiting for it (the margin loss asks every step)."""
         norms, cfg = self._norms_on_device(), self.config
-        return cfg.final_scale * norms["out"] * math.sqrt(cfg.num_classes / cfg.width) * self.pooled_l2_gain(norms, radius)
+        return cfg.final_scale * norms["out"] * math.sqrt(cfg.num_classes / self.head.in_features) * self.pooled_l2_gain(norms, radius)
 
     def pairwise_l2_bound(self, radius: float = 0.0) -> Tensor:
         """``K[y, j]``: ``f_y - f_j`` moves by at most ``K[y, j] ||a - b||_2`` between images within ``radius``

@@ -153,8 +153,11 @@ def vit_reach(net, images: Tensor, radius: float) -> VitReach:
     for block in net.blocks:
         reach = block_reach(block, reach, rotary, causal=False)
         after.append(reach)
-    pooled = torch.minimum(reach.token.mean(dim=1), reach.total / math.sqrt(n))
-    logits = (reach.center.mean(dim=1) @ net.head.weight.double().T) * net.config.final_scale
+    if net.config.pool == "mean":
+        pooled = torch.minimum(reach.token.mean(dim=1), reach.total / math.sqrt(n))
+    else:  # the tokens side by side: their moves' 2-norm, or the sequence's
+        pooled = torch.minimum(reach.token.norm(dim=1), reach.total)
+    logits = (net.pooled(reach.center) @ net.head.weight.double().T) * net.config.final_scale
     return VitReach(logits, pooled, after)
 
 
