@@ -56,24 +56,27 @@ def radius(paths: list[Path], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7, 6))
     for path in paths:
         for name, result in json.loads(path.read_text()).items():
             if result.get("kind") != "classifier":
                 continue
             curve = result["curve"]
             label = ", ".join(part for part in (result.get("network", "MLP"), result.get("run") or name) if part)
-            ax.plot([255 * r for r in curve["radius"]], [100 * a for a in curve["certified_acc"]], label=f"ours: {label}")
+            (line,) = ax.plot([255 * r for r in curve["radius"]], [100 * a for a in curve["certified_acc"]], label=f"ours: {label}")
             for row in result["radii"]:
                 ax.plot(255 * row["radius"], 100 * row["empirical_acc"], "x", color="gray")
+            local = [(255 * row["radius"], 100 * row["certified_acc_local"]) for row in result["radii"] if "certified_acc_local" in row]
+            if local:  # the local certificate, around each test image (the ViT's)
+                ax.plot(*zip(*local), "s", color=line.get_color(), label=f"ours: {label}, local certificate")
     for name, r, accuracy in ANCHORS:
         ax.plot(255 * r, accuracy, "o", color="black")
         ax.annotate(f"{name}: {accuracy}%", (255 * r, accuracy), textcoords="offset points", xytext=(6, 4), fontsize=7)
     ax.set_xlabel("l2 radius (x 1/255, pixels in [0, 1])")
     ax.set_ylabel("certified accuracy, % of the 10,000 test images")
-    ax.set_title("CIFAR-10: certified accuracy against radius\n(x: the same network attacked by PGD)", fontsize=10)
+    ax.set_title("CIFAR-10: certified accuracy against radius\n(x: the same network attacked by PGD; squares: the local certificate)", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14))
     fig.tight_layout()
     fig.savefig(out, dpi=130)
 

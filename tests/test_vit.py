@@ -55,11 +55,12 @@ def plain_vit(net: ViT, images: torch.Tensor) -> torch.Tensor:
         y = (weights @ v).transpose(1, 2).reshape(len(x), n, cfg.width) / 3 @ att.out.weight.T
         x = (1 - a) * x + a * y
         x = (1 - a) * x + a * (F.gelu(x @ block.mlp.up.weight.T, approximate="tanh") / GELU_DIVISOR @ block.mlp.down.weight.T)
-    return x.mean(dim=1) @ net.head.weight.T
+    return (x.mean(dim=1) if cfg.pool == "mean" else x.flatten(1)) @ net.head.weight.T
 
 
-def test_the_forward_is_the_plain_pytorch_computation():
-    net = small_vit()
+@pytest.mark.parametrize("pool", ["mean", "flatten"])
+def test_the_forward_is_the_plain_pytorch_computation(pool):
+    net = small_vit(pool=pool)
     images = torch.rand(3, 32, 32, 3, dtype=torch.float64)
     torch.testing.assert_close(net(images), plain_vit(net, images), rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(net(images.flatten(1)), net(images))  # the flattened pixels, as the MLP takes them
@@ -84,10 +85,11 @@ def pair_ratio(net, y: int, j: int):
     return ratio
 
 
-def test_no_pair_of_images_beats_the_pair_bound_of_its_domain():
+@pytest.mark.parametrize("pool", ["mean", "flatten"])
+def test_no_pair_of_images_beats_the_pair_bound_of_its_domain(pool):
     """Images in the pixel box, and images up to ``radius`` outside it (the domain a certified radius
     needs): a float64 search stays under ``K[y, j]`` of that domain."""
-    net = small_vit(qk_scale=2.0)
+    net = small_vit(qk_scale=2.0, pool=pool)
     generator = torch.Generator().manual_seed(0)
     for radius in (0.0, 1.0):
         pairs = net.pairwise_l2_bound(radius)
@@ -136,7 +138,7 @@ def deviations(net, images: torch.Tensor, delta: torch.Tensor) -> dict[str, torc
         x, y = block(x, rotary, mask, None, str(l)), block(y, rotary, mask, None, str(l))
         moved[f"token{l}"] = (x - y).norm(dim=-1)
         moved[f"total{l}"] = (x - y).flatten(1).norm(dim=1)
-    moved["pooled"] = (x.mean(dim=1) - y.mean(dim=1)).norm(dim=1)
+    moved["pooled"] = (net.pooled(x) - net.pooled(y)).norm(dim=1)
     return moved
 
 
@@ -159,13 +161,13 @@ def search_the_ball(net, images: torch.Tensor, radius: float, key: str, steps: i
     return best
 
 
-@pytest.mark.parametrize("radius, reached", [(0.05, 1 / 3), (0.5, 1 / 8)])
-def test_no_image_of_the_ball_moves_an_activation_past_its_local_bound(radius, reached):
+@pytest.mark.parametrize("radius, reached, pool", [(0.05, 1 / 3, "mean"), (0.5, 1 / 8, "mean"), (0.05, 1 / 3, "flatten")])
+def test_no_image_of_the_ball_moves_an_activation_past_its_local_bound(radius, reached, pool):
     """Every bound the local certificate carries (each block's per-token and whole-sequence move, the
     pooled features') against a float64 search over the ball; the search reaches ``reached`` of the
     pooled bound (the softmax's swing makes a larger ball's bound looser), so a bound that much too
     small would fail here."""
-    net = small_vit()
+    net = small_vit(pool=pool)
     images = torch.rand(4, 32, 32, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     reach = vit_reach(net, images, radius)
     last = len(net.blocks) - 1

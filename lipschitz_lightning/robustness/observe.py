@@ -91,7 +91,7 @@ def next_tokens_at_radius(net: nn.Module, batches, radius: float, max_batches: i
     margin = math.sqrt(2) * net.logit_l2_bound(radius) * radius
     correct = certified_count = total = 0
     window = net.window_blocks(1.0)
-    local = local_counter(net, radius)
+    local = local_counter(net, radius, float(margin))
     for index, (tokens, targets) in enumerate(batches):
         if index >= max_batches:
             break
@@ -110,22 +110,23 @@ LOCAL_SEQUENCES = 8
 LOCAL_MAX_VOCABULARY = 4096
 
 
-def local_counter(net: nn.Module, radius: float) -> LocalCount | None:
+def local_counter(net: nn.Module, radius: float, global_drop: float) -> LocalCount | None:
     """The local certificate's count for a network it covers (the plain causal GPT with a vocabulary
     small enough for its per-pair table), else None."""
     cfg = net.config
     if cfg.vocab_size > LOCAL_MAX_VOCABULARY or cfg.document_token is not None or cfg.window_pattern is not None \
             or cfg.layernorm_substitute != "none":
         return None
-    return LocalCount(net, radius)
+    return LocalCount(net, radius, global_drop)
 
 
 class LocalCount:
     """Next-token predictions certified by the local certificate (``robustness.local.gpt_reach``, per pair
-    of tokens ``|c| ||W_y - W_j||`` times the position's bound), counted batch by batch in float64."""
+    of tokens ``|c| ||W_y - W_j||`` times the position's bound, or the global ``global_drop`` where that is
+    smaller: both hold), counted batch by batch in float64."""
 
-    def __init__(self, net: nn.Module, radius: float):
-        self.net64, self.radius, self.certified = frozen(net, torch.float64), radius, 0
+    def __init__(self, net: nn.Module, radius: float, global_drop: float):
+        self.net64, self.radius, self.global_drop, self.certified = frozen(net, torch.float64), radius, global_drop, 0
         self.pairs = abs(net.config.final_scale) * head_row_distances(self.net64.head.weight)
 
     def update(self, tokens: Tensor, targets: Tensor) -> None:
@@ -133,4 +134,5 @@ class LocalCount:
             logits, moves = gpt_reach(self.net64, part, self.radius)
             logits, labels, moves = logits.flatten(0, 1), labels.flatten(), moves.flatten()
             differences = PairCertificate.differences(logits, labels)
-            self.certified += int((differences > self.pairs[labels] * moves[:, None]).all(dim=1).sum())
+            drops = (self.pairs[labels] * moves[:, None]).clamp(max=self.global_drop)
+            self.certified += int((differences > drops).all(dim=1).sum())
