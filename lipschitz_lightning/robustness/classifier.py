@@ -242,18 +242,22 @@ def autoattack_beside_pgd(autoattack: AutoAttack, net, net64, x, y, logits, cert
                           survived: dict, eps: float, batch: int, seed: int, where: str) -> dict | None:
     """AutoAttack (l2, ``autoattack.version``) at radius ``eps`` on the first ``autoattack.examples``
     points, beside PGD's result on the same points (``survived[eps]``): where AutoAttack breaks points
-    PGD left standing, our attack is weak. A certified point it flips raises, as for PGD."""
+    PGD left standing, our attack is weak. A certified point it flips (by the pair bound, or by the
+    local certificate where the network has one) raises, as for PGD."""
     count = min(autoattack.examples, len(x))
     if count == 0:
         return None
+    local = LocalCertificate.of(net64, x[:count], LOCAL_BATCH)
+    locally = local.at(eps) if local is not None else None
     points = torch.arange(count)
     correct = points[margins(logits[:count], y[:count]) > 0]
     started = time.perf_counter()
     hit, delta = autoattack_l2(autoattack.attack, net, x[correct], y[correct], eps, version=autoattack.version, seed=seed,
                                batch=batch)
     safe = certificate.certified(logits[:count], y[:count], eps)
-    for i in (safe[correct] & hit).nonzero()[:, 0].tolist():
-        if not confirmed_break(net64, x, delta[i], y, int(correct[i]), eps, bound, certificate, where, "AutoAttack"):
+    checked = safe | locally.certified(y[:count]) if locally is not None else safe
+    for i in (checked[correct] & hit).nonzero()[:, 0].tolist():
+        if not confirmed_break(net64, x, delta[i], y, int(correct[i]), eps, bound, certificate, where, "AutoAttack", locally):
             hit[i] = False  # float32's rounding, as for PGD
     autoattack_survivors = torch.zeros(count, dtype=torch.bool)
     autoattack_survivors[correct] = ~hit
