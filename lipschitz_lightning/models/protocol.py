@@ -4,7 +4,7 @@ A network the framework constrains and certifies is a ``LipschitzNetwork``: the 
 callback finds its weights through ``param_specs()`` and logs ``layer_norms()`` and
 ``certified_bound()`` at every validation; the certified-margin loss asks ``logit_l2_bound()`` every
 step; checkpoints store ``config_dict()`` to rebuild it. A language model is a ``LanguageNetwork``
-on top. ``models.MLP`` and ``models.GPT`` implement them; a plain ``nn.Sequential`` of linear layers
+on top. ``models.MLP``, ``models.ViT`` and ``models.GPT`` implement them; a plain ``nn.Sequential`` of linear layers
 and activations of known slope implements none and needs none: ``PlainNetwork`` reads the same
 answers off its layers. Pure torch.
 """
