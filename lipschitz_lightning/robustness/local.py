@@ -157,6 +157,7 @@ def vit_reach(net, images: Tensor, radius: float) -> VitReach:
         pooled = torch.minimum(reach.token.mean(dim=1), reach.total / math.sqrt(n))
     else:  # the tokens side by side: their moves' 2-norm, or the sequence's
         pooled = torch.minimum(reach.token.norm(dim=1), reach.total)
+    pooled = torch.nan_to_num(pooled, nan=math.inf)  # inf * 0 past an overflow: no bound here, the global one holds
     logits = (net.pooled(reach.center) @ net.head.weight.double().T) * net.config.final_scale
     return VitReach(logits, pooled, after)
 
@@ -177,7 +178,7 @@ def gpt_reach(net, tokens: Tensor, radius: float) -> tuple[Tensor, Tensor]:
                   torch.full((batch,), move * math.sqrt(n), dtype=torch.float64, device=x.device))
     for block in net.blocks:
         reach = block_reach(block, reach, (net.rotary_cos, net.rotary_sin), causal=True)
-    return net.logits(reach.center), reach.token
+    return net.logits(reach.center), torch.nan_to_num(reach.token, nan=math.inf)  # past an overflow: no local bound
 
 
 class LocalNotSupported(ValueError):
