@@ -180,15 +180,17 @@ class ViT(nn.Module):
         """The logits' Lipschitz bound in RMS units (pixels -> logits) over images in ``[0, 1]^3072``
         moved by at most ``radius``."""
         norms = norms if norms is not None else self.layer_norms()
-        cfg = self.config
-        l2 = cfg.final_scale * norms["out"] * math.sqrt(cfg.num_classes / self.head.in_features) * self.pooled_l2_gain(norms, radius)
-        return float(l2 * math.sqrt(self.patch_dim * self.num_patches / cfg.num_classes))
+        return float(self._logit_l2(norms, radius) * math.sqrt(self.patch_dim * self.num_patches / self.config.num_classes))
 
     def logit_l2_bound(self, radius: float = 0.0) -> Tensor:
         """``||f(a) - f(b)||_2 <= L ||a - b||_2`` for images within ``radius`` of ``[0, 1]^3072``: a 0-d
         tensor on the weights' device, computed without waiting for it (the margin loss asks every step)."""
-        norms, cfg = self._norms_on_device(), self.config
-        return cfg.final_scale * norms["out"] * math.sqrt(cfg.num_classes / self.head.in_features) * self.pooled_l2_gain(norms, radius)
+        return self._logit_l2(self._norms_on_device(), radius)
+
+    def _logit_l2(self, norms: dict, radius: float) -> float | Tensor:
+        """``|c| sigma_max(W_out)`` (its RMS->RMS norm back in l2) times ``pooled_l2_gain``."""
+        sigma_head = norms["out"] * math.sqrt(self.config.num_classes / self.head.in_features)
+        return self.config.final_scale * sigma_head * self.pooled_l2_gain(norms, radius)
 
     def pairwise_l2_bound(self, radius: float = 0.0) -> Tensor:
         """``K[y, j]``: ``f_y - f_j`` moves by at most ``K[y, j] ||a - b||_2`` between images within ``radius``

@@ -111,19 +111,23 @@ class PairCertificate:
         """Whether ``x`` and ``x + delta`` contradict the bound (float64): some ``f_y - f_j`` fell by more
         than ``pairs[y, j] ||delta||``. The numbers of the worst pair when it did, else None (a float32
         artefact of the attack)."""
-        x64, d64 = x.double()[None], delta.double()[None]
-        labels = label.view(1)
-        with torch.no_grad():
-            before, after = (self.differences(net64(point), labels)[0] for point in (x64, x64 + d64))
-        distance = float(d64.norm())
-        allowed = self.pairs[int(label)].to(before.device) * distance
-        finite = torch.isfinite(before)
-        excess = torch.where(finite, (before - after) - allowed * (1 + SLACK), torch.full_like(before, -math.inf))
-        j = int(excess.argmax())
-        if excess[j] > 0:
-            return {"margin_before": float(before[j]), "margin_after": float(after[j]), "l2_distance": distance,
-                    "allowed_drop": float(allowed[j]), "against_class": j}
-        return None
+        return drop_violation(net64, x, delta, label, lambda distance: self.pairs[int(label)] * distance)
+
+
+def drop_violation(net64, x: Tensor, delta: Tensor, label: Tensor, allowed_at) -> dict | None:
+    """Whether some ``f_y - f_j`` fell from ``x`` to ``x + delta`` (float64) by more than
+    ``allowed_at(||delta||)[j]``: the numbers of the worst pair when it did, else None."""
+    x64, d64 = x.double()[None], delta.double()[None]
+    with torch.no_grad():
+        before, after = (PairCertificate.differences(net64(point), label.view(1))[0] for point in (x64, x64 + d64))
+    distance = float(d64.norm())
+    allowed = allowed_at(distance).to(before.device)
+    excess = torch.where(torch.isfinite(before), (before - after) - allowed * (1 + SLACK), torch.full_like(before, -math.inf))
+    j = int(excess.argmax())
+    if excess[j] > 0:
+        return {"margin_before": float(before[j]), "margin_after": float(after[j]), "l2_distance": distance,
+                "allowed_drop": float(allowed[j]), "against_class": j}
+    return None
 
 
 # ----------------------------------------------------------------------------- around each input
@@ -150,18 +154,9 @@ class LocalAtRadius:
 
     def violation(self, net64, x: Tensor, delta: Tensor, labels: Tensor, index: int) -> dict | None:
         """Whether ``x[index] + delta`` contradicts the drops of input ``index`` (float64), as
-        ``PairCertificate.violation`` does for the global one."""
-        x64, d64 = x[index].double()[None], delta.double()[None]
-        label = labels[index].view(1)
-        with torch.no_grad():
-            before, after = (PairCertificate.differences(net64(point), label)[0] for point in (x64, x64 + d64))
-        allowed = self.drops[index, int(label)]
-        excess = torch.where(torch.isfinite(before), (before - after) - allowed * (1 + SLACK), torch.full_like(before, -math.inf))
-        j = int(excess.argmax())
-        if excess[j] > 0:
-            return {"margin_before": float(before[j]), "margin_after": float(after[j]), "l2_distance": float(d64.norm()),
-                    "allowed_drop": float(allowed[j]), "against_class": j, "certificate": "local"}
-        return None
+        ``PairCertificate.violation`` does for the global one (the drops hold for every ``delta`` of the ball)."""
+        violation = drop_violation(net64, x[index], delta, labels[index], lambda distance: self.drops[index, int(labels[index])])
+        return violation | {"certificate": "local"} if violation is not None else None
 
 
 class LocalCertificate:

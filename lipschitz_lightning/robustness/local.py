@@ -162,14 +162,19 @@ def vit_reach(net, images: Tensor, radius: float) -> VitReach:
     return VitReach(logits, pooled, after)
 
 
+def covers_gpt(net) -> bool:
+    """Whether ``gpt_reach`` covers this GPT: its mask plain causal, no layer-norm substitute."""
+    cfg = net.config
+    return cfg.document_token is None and cfg.window_pattern is None and cfg.layernorm_substitute == "none"
+
+
 @torch.no_grad()
 def gpt_reach(net, tokens: Tensor, radius: float) -> tuple[Tensor, Tensor]:
     """A ``models.gpt.GPT``'s logits ``(batch, T, vocab)`` at the embedded ``tokens`` and, per position, a
     bound on how far its last features move (l2) for every input within token-RMS distance ``radius``
     of them (each token vector moved by at most ``sqrt(d) radius`` in l2). The plain causal mask only
     (no documents, no window) and no layer-norm substitute: ``LocalNotSupported`` otherwise."""
-    cfg = net.config
-    if cfg.document_token is not None or cfg.window_pattern is not None or cfg.layernorm_substitute != "none":
+    if not covers_gpt(net):
         raise LocalNotSupported("the local certificate covers the plain causal GPT (no document mask, no window, no layer-norm substitute)")
     x = net.embed(tokens).double()
     batch, n, d = x.shape

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from lipschitz_lightning.core.bounds import head_row_distances
 from lipschitz_lightning.errors import CertificateBroken, DataError
 from lipschitz_lightning.robustness.certified import PairCertificate
-from lipschitz_lightning.robustness.local import gpt_reach
+from lipschitz_lightning.robustness.local import covers_gpt, gpt_reach
 from lipschitz_lightning.robustness.precision import frozen
 
 
@@ -113,9 +113,7 @@ LOCAL_MAX_VOCABULARY = 4096
 def local_counter(net: nn.Module, radius: float, global_drop: float) -> LocalCount | None:
     """The local certificate's count for a network it covers (the plain causal GPT with a vocabulary
     small enough for its per-pair table), else None."""
-    cfg = net.config
-    if cfg.vocab_size > LOCAL_MAX_VOCABULARY or cfg.document_token is not None or cfg.window_pattern is not None \
-            or cfg.layernorm_substitute != "none":
+    if net.config.vocab_size > LOCAL_MAX_VOCABULARY or not covers_gpt(net):
         return None
     return LocalCount(net, radius, global_drop)
 
