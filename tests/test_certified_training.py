@@ -139,20 +139,21 @@ def test_the_module_logs_the_certified_fraction_of_training_and_validation(make_
 # ----------------------------------------------------------------------------- the data
 
 
-def test_crop_and_flip_equals_the_per_image_reference():
+@pytest.mark.parametrize("padding, flip", [(2, True), (0, True), (3, False)])
+def test_crop_and_flip_equals_the_per_image_reference(padding, flip):
     torch.manual_seed(0)
-    images = torch.randint(0, 256, (16, 8, 8, 3), dtype=torch.uint8)
-    out = crop_and_flip(images, 2, True, torch.Generator().manual_seed(5))
+    images = torch.randint(0, 256, (16, 8, 6, 3), dtype=torch.uint8)
+    out = crop_and_flip(images, padding, flip, torch.Generator().manual_seed(5))
     generator = torch.Generator().manual_seed(5)
-    shifts = torch.randint(0, 5, (2, 16), generator=generator)
-    flips = torch.rand(16, generator=generator) < 0.5
-    padded = F.pad(images, (0, 0, 2, 2, 2, 2))
+    shifts = torch.randint(0, 2 * padding + 1, (2, 16), generator=generator)
+    flips = torch.rand(16, generator=generator) < 0.5 if flip else torch.zeros(16, dtype=torch.bool)
+    padded = F.pad(images, (0, 0, padding, padding, padding, padding))
     for i in range(16):
-        expected = padded[i, shifts[0, i] : shifts[0, i] + 8, shifts[1, i] : shifts[1, i] + 8]
+        expected = padded[i, shifts[0, i] : shifts[0, i] + 8, shifts[1, i] : shifts[1, i] + 6]
         if flips[i]:
             expected = expected.flip(1)
         assert torch.equal(out[i], expected)
-    assert 0 < int(flips.sum()) < 16
+    assert not flip or 0 < int(flips.sum()) < 16
 
 
 def test_every_micro_batch_and_every_rank_draws_its_own_crops_and_a_resume_draws_them_again():
