@@ -617,7 +617,11 @@ def test_fp8_activations_bound_each_input_whatever_its_batch_holds():
     scheme = Q.schemes()["fp8_act"]
     deployed = Q.quantized(net, scheme)
     with torch.no_grad():
-        torch.testing.assert_close(deployed(x)[:1], deployed(x[:1]), rtol=0, atol=0)
+        # the same batch shape on both sides (the small input beside a copy of itself): a GEMM kernel
+        # picked for another batch size may sum in another order (MKL on an Intel AVX-512 core does
+        # for 1 row against 2), which is not what this test is about
+        alone = torch.stack([x[0], x[0]])
+        torch.testing.assert_close(deployed(x)[:1], deployed(alone)[:1], rtol=0, atol=0)
     result = C.quantize_classifier(COMMAND, constructed(net, [(x, torch.zeros(2, dtype=torch.int64))]), {"fp8_act": scheme})
     row = result["schemes"]["fp8_act"]
     print(f"\nlargest change over its every-input bound: {row['observed_over_bound_max']:.3g}")
