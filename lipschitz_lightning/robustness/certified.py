@@ -165,6 +165,7 @@ class LocalCertificate:
 
     def __init__(self, net64, x: Tensor, batch: int):
         self.net64, self.x, self.batch = net64, x, batch
+        self._at: dict[float, LocalAtRadius] = {}  # certify asks twice at its first radius (PGD, AutoAttack)
 
     @classmethod
     def of(cls, net64, x: Tensor, batch: int) -> LocalCertificate | None:
@@ -173,6 +174,8 @@ class LocalCertificate:
     def at(self, radius: float) -> LocalAtRadius:
         """Both bounds hold: each pair's drop is the smaller (the global one where attention could
         swing far, a large radius)."""
-        logits, drops = zip(*(self.net64.local_pairwise_drop(part, radius) for part in self.x.split(self.batch)))
-        global_drops = self.net64.pairwise_l2_bound(radius) * radius
-        return LocalAtRadius(torch.cat(logits), torch.minimum(torch.cat(drops), global_drops[None]), global_drops)
+        if radius not in self._at:
+            logits, drops = zip(*(self.net64.local_pairwise_drop(part, radius) for part in self.x.split(self.batch)))
+            global_drops = self.net64.pairwise_l2_bound(radius) * radius
+            self._at[radius] = LocalAtRadius(torch.cat(logits), torch.minimum(torch.cat(drops), global_drops[None]), global_drops)
+        return self._at[radius]

@@ -147,8 +147,8 @@ def classifier_report(net: nn.Module, x: Tensor, y: Tensor, *, radii, attack: At
     autoattack_row = None
     if autoattack is not None:  # at the first radius
         first = min(float(r) for r in radii)
-        autoattack_row = autoattack_beside_pgd(autoattack, net, net64, x, y, logits, certificate_at(first), bound, survived,
-                                               first, attack.batch, seed, where)
+        autoattack_row = autoattack_beside_pgd(autoattack, net, net64, x, y, logits, certificate_at(first), local, bound,
+                                               survived, first, attack.batch, seed, where)
     started = time.perf_counter()
     lower = search_lower_bound(net, net64, x, bound, lower_bound, where)
     lower_bound_s = time.perf_counter() - started
@@ -238,24 +238,24 @@ def confirmed_break(net64, x, delta, y, index: int, eps: float, bound: float, ce
     )
 
 
-def autoattack_beside_pgd(autoattack: AutoAttack, net, net64, x, y, logits, certificate: PairCertificate, bound: float,
-                          survived: dict, eps: float, batch: int, seed: int, where: str) -> dict | None:
+def autoattack_beside_pgd(autoattack: AutoAttack, net, net64, x, y, logits, certificate: PairCertificate,
+                          local: LocalCertificate | None, bound: float, survived: dict, eps: float, batch: int, seed: int,
+                          where: str) -> dict | None:
     """AutoAttack (l2, ``autoattack.version``) at radius ``eps`` on the first ``autoattack.examples``
     points, beside PGD's result on the same points (``survived[eps]``): where AutoAttack breaks points
     PGD left standing, our attack is weak. A certified point it flips (by the pair bound, or by the
-    local certificate where the network has one) raises, as for PGD."""
+    local certificate ``local`` on all of ``x``, where the network has one) raises, as for PGD."""
     count = min(autoattack.examples, len(x))
     if count == 0:
         return None
-    local = LocalCertificate.of(net64, x[:count], LOCAL_BATCH)
-    locally = local.at(eps) if local is not None else None
+    locally = local.at(eps) if local is not None else None  # PGD's, at this radius
     points = torch.arange(count)
     correct = points[margins(logits[:count], y[:count]) > 0]
     started = time.perf_counter()
     hit, delta = autoattack_l2(autoattack.attack, net, x[correct], y[correct], eps, version=autoattack.version, seed=seed,
                                batch=batch)
     safe = certificate.certified(logits[:count], y[:count], eps)
-    checked = safe | locally.certified(y[:count]) if locally is not None else safe
+    checked = safe | locally.certified(y)[:count] if locally is not None else safe
     for i in (checked[correct] & hit).nonzero()[:, 0].tolist():
         if not confirmed_break(net64, x, delta[i], y, int(correct[i]), eps, bound, certificate, where, "AutoAttack", locally):
             hit[i] = False  # float32's rounding, as for PGD
